@@ -1,0 +1,159 @@
+"""Case: one loss problem (inputs plus loss spec), and the loss semantics every part shares.
+
+Semantics follow PyTorch where frameworks differ, so that a number here can be compared with
+``torch.nn.functional.cross_entropy`` / ``binary_cross_entropy_with_logits``:
+
+* softmax, integer labels: per-example ``w[t] * -log p_t``; ``mean`` divides by the sum of
+  ``w[t]`` over the counted examples; ``ignore_index`` rows count nowhere. Label smoothing
+  ``e`` mixes in ``e/C`` of ``-sum_c w_c log p_c`` (``F.cross_entropy(label_smoothing=e)``).
+* softmax, one-hot or probability labels: ``-sum_c w_c y'_c log p_c`` with
+  ``y' = (1-e) y + e/C``; ``mean`` divides by the number of examples.
+* sigmoid: per element ``-w (pw z log s + (1-z) log(1-s))``; ``mean`` divides by the number
+  of counted elements; targets equal to ``ignore_index`` count nowhere.
+* ``from_logits: false``: the inputs are probabilities; softmax rows are renormalised to sum
+  to 1 (Keras); the ``clipped`` pipeline also clips them to [1e-7, 1 - 1e-7].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .precision import FloatArray
+
+Family = Literal["softmax", "sigmoid"]
+Reduction = Literal["none", "sum", "mean"]
+LabelKind = Literal["index", "dense", "binary"]
+
+FAMILIES: tuple[str, ...] = ("softmax", "sigmoid")
+REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What loss is asked for, independent of the data."""
+
+    family: Family = "softmax"
+    from_logits: bool = True
+    class_weights: FloatArray | None = None
+    pos_weight: FloatArray | None = None
+    label_smoothing: float = 0.0
+    ignore_index: int | None = None
+    reduction: Reduction = "mean"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One loss problem.
+
+    ``logits`` keeps the dtype it was given in (a float16 file stays float16). For softmax its
+    last axis holds the C classes and ``labels`` has the leading shape (``label_kind`` =
+    ``"index"``) or the full shape (``"dense"``: one-hot or probability rows). For sigmoid
+    ``labels`` has the full shape (``"binary"``: targets in [0, 1]).
+    """
+
+    name: str
+    logits: FloatArray
+    labels: FloatArray
+    label_kind: LabelKind
+    spec: LossSpec
+    source: str = "<inline>"
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.logits.shape)
+
+    @property
+    def classes(self) -> int:
+        return self.shape[-1] if len(self.shape) >= 1 and self.logits.ndim > 1 else (
+            1 if self.spec.family == "sigmoid" else self.shape[-1]
+        )
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """Shape of the per-example losses (``reduction: none``)."""
+        if self.spec.family == "softmax":
+            return self.shape[:-1]
+        return self.shape
+
+    @property
+    def rows(self) -> int:
+        """Number of rows the input flattens to: examples (softmax) or element rows (sigmoid)."""
+        return int(np.prod(self.shape[:-1])) if self.logits.ndim > 1 else (
+            1 if self.spec.family == "softmax" else self.shape[0]
+        )
+
+    def logits_rows(self, start: int = 0, stop: int | None = None) -> FloatArray:
+        """Rows ``start:stop`` of the logits as a 2-D ``(rows, C)`` view."""
+        return self.logits.reshape(self.rows, self.classes)[start:stop]
+
+    def labels_rows(self, start: int = 0, stop: int | None = None) -> FloatArray:
+        if self.label_kind == "index":
+            return self.labels.reshape(self.rows)[start:stop]
+        return self.labels.reshape(self.rows, self.classes)[start:stop]
+
+    def unravel_row(self, row: int) -> tuple[int, ...]:
+        """A flat row number in the input's own leading coordinates."""
+        leading = self.shape[:-1] if self.logits.ndim > 1 else ()
+        if not leading:
+            return (row,) if self.spec.family == "sigmoid" else ()
+        return tuple(int(i) for i in np.unravel_index(row, leading))
+
+
+def valid_rows(case: Case, labels: FloatArray) -> FloatArray:
+    """Rows that count: every row, less integer-label rows equal to ``ignore_index``."""
+    if case.label_kind == "index" and case.spec.ignore_index is not None:
+        return np.asarray(labels) != case.spec.ignore_index
+    return np.ones(len(labels), dtype=bool)
+
+
+def valid_elements(case: Case, labels: FloatArray) -> FloatArray:
+    """Sigmoid targets that count (those not equal to ``ignore_index``)."""
+    if case.spec.ignore_index is not None:
+        return np.asarray(labels) != case.spec.ignore_index
+    return np.ones(np.shape(labels), dtype=bool)
+
+
+def softmax_coefficients(case: Case, labels: FloatArray) -> FloatArray:
+    """The float64 weights a[i, c] with ``loss_i = -sum_c a[i, c] log p[i, c]``.
+
+    Integer labels, one-hot and probability labels, class weights and label smoothing all
+    reduce to these non-negative coefficients; ignored rows get zeros.
+    """
+    spec = case.spec
+    classes = case.classes
+    weights = (
+        np.ones(classes) if spec.class_weights is None
+        else np.asarray(spec.class_weights, dtype=np.float64)
+    )
+    smoothing = float(spec.label_smoothing)
+    if case.label_kind == "index":
+        index = np.asarray(labels).astype(np.int64)
+        keep = valid_rows(case, index)
+        safe = np.where(keep, index, 0)
+        coef = np.zeros((len(index), classes))
+        target_weight = weights[safe] * keep
+        np.put_along_axis(coef, safe[:, None], ((1.0 - smoothing) * target_weight)[:, None], -1)
+        if smoothing:
+            coef += keep[:, None] * (smoothing / classes) * weights[None, :]
+        return coef
+    dense = np.asarray(labels, dtype=np.float64)
+    if smoothing:
+        dense = dense * (1.0 - smoothing) + smoothing / classes
+    return dense * weights[None, :]
+
+
+def softmax_mean_denominator(case: Case, labels: FloatArray, weights: FloatArray | None) -> float:
+    """What ``mean`` divides by, given (possibly rounded) class weights, in float64."""
+    if case.label_kind != "index":
+        return float(len(labels))
+    index = np.asarray(labels).astype(np.int64)
+    keep = valid_rows(case, index)
+    if weights is None:
+        return float(np.count_nonzero(keep))
+    w = np.asarray(weights, dtype=np.float64)
+    return float(np.sum(w[np.where(keep, index, 0)] * keep))

@@ -1,0 +1,340 @@
+"""The evaluator: runs pipelines in precisions over a case and measures them against the reference.
+
+There is one way to run a pipeline (:mod:`xentcheck.execution`) and one reference
+(:mod:`xentcheck.reference`); this module feeds both the same blocks of rows, in one pass
+over the input, and turns what they produced into findings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from itertools import combinations
+
+import numpy as np
+
+from . import reference as ref
+from .case import Case, softmax_coefficients, valid_elements
+from .findings import (
+    FLAGS,
+    Finding,
+    InputStats,
+    Mismatch,
+    ReferenceValue,
+    ScenarioResult,
+    Tolerance,
+)
+from .execution import Denominators, PipelineRun, blocks
+from .limits import pipeline_limit
+from .pipelines import Block, Pipeline
+from .precision import FloatArray, Precision
+from .stages import StageEvent, StageRunner
+
+# -- the reference ---------------------------------------------------------------------------
+
+
+def reference_per_example(block: Block) -> FloatArray:
+    """Reference losses of one block: ``(N,)`` for softmax, ``(N, K)`` for sigmoid."""
+    case = block.case
+    spec = case.spec
+    if spec.family == "softmax":
+        coef = softmax_coefficients(case, block.labels)
+        if spec.from_logits:
+            return ref.softmax_losses(block.logits, coef)
+        return ref.softmax_probability_losses(block.logits, coef)
+    loss_fn = ref.sigmoid_losses if spec.from_logits else ref.sigmoid_probability_losses
+    losses = loss_fn(block.logits, block.labels, spec.pos_weight, spec.class_weights)
+    return np.where(valid_elements(case, block.labels), losses, 0.0)
+
+
+def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Block:
+    """The block with its float inputs rounded to D (as a pipeline in D first does)."""
+    labels = block.labels
+    if block.case.label_kind != "index":
+        labels = precision.round(labels).astype(np.float64)
+    logits = precision.round(block.logits).astype(np.float64)
+    return Block(rounded_case, logits, labels, block.start)
+
+
+def _rounded_case(case: Case, precision: Precision) -> Case:
+    def rnd(values: FloatArray | None) -> FloatArray | None:
+        return None if values is None else precision.round(values).astype(np.float64)
+
+    spec = replace(
+        case.spec, class_weights=rnd(case.spec.class_weights), pos_weight=rnd(case.spec.pos_weight)
+    )
+    return replace(case, spec=spec)
+
+
+def _reduce_reference(case: Case, per_example: FloatArray, denominator: float) -> float | None:
+    if case.spec.reduction == "none":
+        return None
+    return ref.reduce(per_example, case.spec.reduction, denominator)
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def _errors(
+    computed: FloatArray, truth: FloatArray, precision: Precision
+) -> tuple[float, float, float, int | None]:
+    """Largest absolute, relative and ulp errors over the values, and where the worst is.
+
+    Equal infinities count as exact; a NaN anywhere makes every error NaN.
+    """
+    c = np.asarray(computed, dtype=np.float64).ravel()
+    t = np.asarray(truth, dtype=np.float64).ravel()
+    if c.size == 0:
+        return 0.0, 0.0, 0.0, None
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        same = c == t  # covers equal infinities
+        abs_err = np.where(same, 0.0, np.abs(c - t))
+        rel_err = np.where(same, 0.0, abs_err / np.abs(t))
+        ulp_err = np.where(same, 0.0, abs_err / precision.ulp(t))
+    if np.isnan(abs_err).any():
+        worst = int(np.argmax(np.isnan(abs_err)))
+        return float("nan"), float("nan"), float("nan"), worst
+    worst = int(np.argmax(ulp_err))
+    return float(abs_err.max()), float(rel_err.max()), float(ulp_err.max()), worst
+
+
+def _beyond(computed: FloatArray, truth: FloatArray, tolerance: Tolerance) -> bool:
+    """Whether any value is farther from the truth than the tolerance allows."""
+    c = np.asarray(computed, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = (c == t) | (np.abs(c - t) <= tolerance.abs + tolerance.rel * np.abs(t))
+    return not bool(ok.all())
+
+
+def _flags(
+    computed: FloatArray,
+    runner: StageRunner,
+    beyond_rounded: bool,
+    input_rounding: bool,
+    rounded_finite: bool,
+) -> tuple[str, ...]:
+    values = np.asarray(computed, dtype=np.float64)
+    kinds = {e.kind for e in runner.events}
+    raised = {
+        "nan": bool(np.isnan(values).any()),
+        "inf": bool(np.isinf(values).any()),
+        "overflow": "overflow" in kinds,
+        "underflow": "underflow" in kinds,
+        "precision_loss": bool(np.isfinite(values).all()) and rounded_finite and beyond_rounded,
+        "input_rounding": input_rounding,
+    }
+    return tuple(flag for flag in FLAGS if raised[flag])
+
+
+def _mismatches(
+    findings: Sequence[Finding], tolerances: Mapping[str, Tolerance], case: Case
+) -> list[Mismatch]:
+    """Pipelines of one precision that disagree: finiteness, or values beyond tolerance."""
+    out: list[Mismatch] = []
+    by_dtype: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_dtype.setdefault(f.dtype, []).append(f)
+    for dtype, group in by_dtype.items():
+        tol = tolerances[dtype]
+        for a, b in combinations(group, 2):
+            va = _values(a, case)
+            vb = _values(b, case)
+            fa, fb = np.isfinite(va), np.isfinite(vb)
+            if (fa != fb).any():
+                i = int(np.argmax(fa != fb))
+                out.append(Mismatch(dtype, (a.pipeline, b.pipeline), "finiteness",
+                                    (float(va[i]), float(vb[i])), float("inf")))
+                continue
+            with np.errstate(invalid="ignore"):
+                both = fa & fb
+                diff = np.where(both, np.abs(va - vb), 0.0)
+                allowed = tol.abs + tol.rel * np.maximum(np.abs(va), np.abs(vb))
+            bad = both & (diff > allowed)
+            if bad.any():
+                i = int(np.argmax(np.where(bad, diff, -1.0)))
+                out.append(Mismatch(dtype, (a.pipeline, b.pipeline), "value",
+                                    (float(va[i]), float(vb[i])), float(diff[i])))
+    return out
+
+
+def _values(finding: Finding, case: Case) -> FloatArray:
+    if finding.loss is not None:
+        return np.array([finding.loss])
+    assert finding.per_example is not None
+    return np.asarray(finding.per_example, dtype=np.float64).ravel()
+
+
+# -- input statistics ------------------------------------------------------------------------
+
+
+def _block_stats(block: Block) -> tuple[float, float, float | None]:
+    """Largest logit, largest |logit|, largest spread (row max minus a weighted class's logit)."""
+    x = np.asarray(block.logits, dtype=np.float64)
+    if x.size == 0:
+        return -np.inf, 0.0, None
+    spread = None
+    case = block.case
+    if case.spec.family == "softmax" and case.spec.from_logits:
+        weighted = softmax_coefficients(case, block.labels) > 0
+        gaps = np.where(weighted, x.max(axis=-1, keepdims=True) - x, -np.inf)
+        spread = float(gaps.max()) if weighted.any() else None
+    return float(x.max()), float(np.abs(x).max()), spread
+
+
+# -- the whole evaluation --------------------------------------------------------------------
+
+
+def evaluate(
+    case: Case,
+    precisions: Sequence[Precision],
+    pipelines: Sequence[Pipeline],
+    tolerances: Mapping[str, Tolerance] | None = None,
+) -> ScenarioResult:
+    """Run every (pipeline, precision) pair on the case and measure it against the reference.
+
+    Parameters
+    ----------
+    case
+        The loss problem.
+    precisions
+        Storage dtypes (with their accumulate policy) to evaluate in.
+    pipelines
+        Formulations applicable to the case's family and input kind.
+    tolerances
+        Per dtype name; a dtype missing here gets its default (see
+        :meth:`Precision.default_rel_tolerance`).
+    """
+    tolerances = dict(tolerances or {})
+    for p in precisions:
+        tolerances.setdefault(p.name, Tolerance(rel=p.default_rel_tolerance()))
+    distinct = list(dict.fromkeys(p.name for p in precisions))
+    rounding = {name: Precision(name) for name in distinct}
+    rounded_cases = {name: _rounded_case(case, rounding[name]) for name in distinct}
+
+    runs = [PipelineRun(pipe, prec) for prec in precisions for pipe in pipelines]
+    denominators = Denominators(np.zeros(case.classes))
+    ref_parts: list[FloatArray] = []
+    rounded_parts: dict[str, list[FloatArray]] = {name: [] for name in distinct}
+    max_logit, max_abs, max_spread = -np.inf, 0.0, None
+    for block in blocks(case):
+        denominators.add(case, block)
+        ref_parts.append(reference_per_example(block))
+        for name in distinct:
+            rb = rounded_block(block, rounding[name], rounded_cases[name])
+            with np.errstate(all="ignore"):  # rounding may overflow; that is what we measure
+                rounded_parts[name].append(reference_per_example(rb))
+        for run in runs:
+            run.feed(case, block)
+        top, big, spread = _block_stats(block)
+        max_logit, max_abs = max(max_logit, top), max(max_abs, big)
+        if spread is not None:
+            max_spread = spread if max_spread is None else max(max_spread, spread)
+
+    ref_per_example = np.concatenate(ref_parts)
+    ref_loss = _reduce_reference(
+        case, ref_per_example, denominators.mean_denominator(case, case.spec.class_weights)
+    )
+    truth = ref_per_example if ref_loss is None else np.array(ref_loss)
+    rounded_truth: dict[str, FloatArray] = {}
+    rounded_loss: dict[str, float | None] = {}
+    for name in distinct:
+        per = np.concatenate(rounded_parts[name])
+        weights = rounded_cases[name].spec.class_weights
+        with np.errstate(all="ignore"):
+            loss = _reduce_reference(case, per, denominators.mean_denominator(case, weights))
+        rounded_loss[name] = loss
+        rounded_truth[name] = per if loss is None else np.array(loss)
+
+    counted = _counted_mask(case, ref_per_example) if ref_loss is None else None
+    findings = []
+    for run in runs:
+        loss, per_example = run.finish(case, denominators)
+        name = run.precision.name
+        tol = tolerances[name]
+        computed = per_example if ref_loss is None else np.asarray(loss)
+        t, rt = truth, rounded_truth[name]
+        if counted is not None:
+            computed, t, rt = computed[counted], t[counted], rt[counted]
+        abs_e, rel_e, ulp_e, worst = _errors(computed, t, run.precision)
+        _, arith_rel, _, _ = _errors(computed, rt, run.precision)
+        rounded_finite = bool(np.isfinite(rt).all())
+        input_rounding = (not rounded_finite and bool(np.isfinite(t).all())) or _beyond(rt, t, tol)
+        worst_index = None
+        if counted is not None and worst is not None:
+            worst_index = _example_index(case, np.flatnonzero(counted)[worst])
+        findings.append(Finding(
+            pipeline=run.pipeline.name,
+            dtype=name,
+            accumulate=run.precision.accumulate_label,
+            loss=None if ref_loss is None else float(loss),
+            per_example=None if ref_loss is None else None,
+            abs_error=abs_e,
+            rel_error=rel_e,
+            ulp_error=ulp_e,
+            arithmetic_rel_error=arith_rel,
+            flags=_flags(computed, run.runner, _beyond(computed, rt, tol), input_rounding,
+                         rounded_finite),
+            first_bad=_located(case, run.runner.first_event()),
+            events=tuple(e for e in map(lambda e: _located(case, e), run.runner.events) if e),
+            limit=pipeline_limit(run.pipeline, run.precision, case.classes),
+            tolerance=tol,
+            worst_index=worst_index,
+        ))
+        if ref_loss is None:
+            findings[-1] = replace(
+                findings[-1], per_example=per_example.reshape(case.example_shape)
+            )
+
+    reference = ReferenceValue(
+        loss=ref_loss,
+        per_example=None if ref_loss is not None else ref_per_example.reshape(case.example_shape),
+        rounded=rounded_loss,
+    )
+    stats = InputStats(
+        input_dtype=str(case.logits.dtype),
+        max_abs_logit=max_abs,
+        max_logit=max_logit,
+        max_spread=max_spread,
+    )
+    return ScenarioResult(
+        name=case.name,
+        source=case.source,
+        description=case.description,
+        family=case.spec.family,
+        from_logits=case.spec.from_logits,
+        label_kind=case.label_kind,
+        shape=case.shape,
+        classes=case.classes,
+        reduction=case.spec.reduction,
+        stats=stats,
+        reference=reference,
+        findings=tuple(findings),
+        mismatches=tuple(_mismatches(findings, tolerances, case)),
+    )
+
+
+def _counted_mask(case: Case, per_example: FloatArray) -> FloatArray:
+    """For ``reduction: none``: the flat positions that count (not ``ignore_index``)."""
+    if case.spec.family == "sigmoid":
+        return np.asarray(valid_elements(case, case.labels_rows())).ravel()
+    if case.label_kind == "index" and case.spec.ignore_index is not None:
+        return np.asarray(case.labels_rows()) != case.spec.ignore_index
+    return np.ones(per_example.size, dtype=bool)
+
+
+def _example_index(case: Case, flat: int) -> tuple[int, ...]:
+    """A flat per-example position in the shape of the per-example losses."""
+    shape = case.example_shape
+    return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
+
+
+def _located(case: Case, event: StageEvent | None) -> StageEvent | None:
+    """A stage event with its row number turned into the input's own leading coordinates."""
+    if event is None or not event.index:
+        return event
+    row, *rest = event.index
+    leading = case.unravel_row(row)
+    if case.logits.ndim == 1 and case.spec.family == "sigmoid":
+        rest = []  # a 1-D sigmoid input was viewed as (N, 1): the column is not a coordinate
+    return replace(event, index=(*leading, *rest))

@@ -1,0 +1,98 @@
+"""Running a pipeline in a precision over a case, block by block: the one way it is done.
+
+The evaluator (``run``), the sweeps and the limit bisection all execute pipelines through
+:class:`PipelineRun`, so a formulation behaves identically whichever command asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .case import Case
+from .pipelines import Block, Pipeline, reduce_losses
+from .precision import FloatArray, Precision
+from .stages import StageRunner
+
+# Values per block: large enough that numpy's per-call overhead vanishes, small enough that
+# a block and its temporaries (a dozen float64 copies) stay within a few hundred MiB.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def blocks(case: Case, block_elements: int = BLOCK_ELEMENTS) -> Iterator[Block]:
+    """The case's rows in consecutive blocks of about ``block_elements`` values."""
+    step = max(1, block_elements // max(1, case.classes))
+    for start in range(0, case.rows, step):
+        stop = min(case.rows, start + step)
+        yield Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start)
+
+
+@dataclass
+class Denominators:
+    """Running counts from which every ``mean`` denominator follows."""
+
+    class_counts: FloatArray
+    counted: int = 0
+    rows: int = 0
+
+    def add(self, case: Case, block: Block) -> None:
+        self.rows += len(block.labels)
+        if case.spec.family == "sigmoid":
+            self.counted += int(np.count_nonzero(block.valid_elements))
+        elif case.label_kind == "index":
+            keep = block.valid
+            self.counted += int(np.count_nonzero(keep))
+            self.class_counts += np.bincount(block.target[keep], minlength=case.classes)
+
+    def mean_denominator(self, case: Case, weights: FloatArray | None) -> float:
+        """Sum of the counted labels' weights (softmax, integer labels), else the count."""
+        if case.spec.family == "sigmoid":
+            return float(self.counted)
+        if case.label_kind != "index":
+            return float(self.rows)
+        if weights is None:
+            return float(self.counted)
+        return float(np.dot(self.class_counts, np.asarray(weights, dtype=np.float64)))
+
+
+class PipelineRun:
+    """One pipeline in one precision, fed block by block, then reduced."""
+
+    def __init__(self, pipeline: Pipeline, precision: Precision) -> None:
+        self.pipeline = pipeline
+        self.precision = precision
+        self.runner = StageRunner(precision, pipeline.all_stages)
+        self._parts: list[FloatArray] = []
+
+    def feed(self, case: Case, block: Block) -> None:
+        # Softmax rows that are ignored are not watched; sigmoid masks element by element.
+        watched = block.valid if case.spec.family == "softmax" else np.ones(len(block.labels), bool)
+        self.runner.bind(watched, block.start)
+        self._parts.append(self.pipeline.per_example(self.runner, block))
+
+    def finish(self, case: Case, denominators: Denominators) -> tuple[FloatArray, FloatArray]:
+        """The reduced loss (the per-example array for ``none``) and the per-example losses."""
+        per_example = np.concatenate(self._parts) if self._parts else np.zeros(0)
+        weights = case.spec.class_weights
+        if weights is not None:
+            weights = self.precision.round(weights).astype(np.float64)
+        loss = reduce_losses(
+            self.runner, per_example, case.spec.reduction,
+            denominators.mean_denominator(case, weights),
+        )
+        return loss, per_example
+
+
+def run_pipeline(
+    pipeline: Pipeline, precision: Precision, case: Case
+) -> tuple[FloatArray, FloatArray, StageRunner]:
+    """Run one pipeline in one precision over a whole case: (loss, per-example, runner)."""
+    run = PipelineRun(pipeline, precision)
+    denominators = Denominators(np.zeros(case.classes))
+    for block in blocks(case):
+        run.feed(case, block)
+        denominators.add(case, block)
+    loss, per_example = run.finish(case, denominators)
+    return loss, per_example, run.runner

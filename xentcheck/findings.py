@@ -1,0 +1,113 @@
+"""Findings: what each pipeline did in each precision, and the scenario they belong to.
+
+Plain data, computed by the evaluator and rendered by the reports (which never compute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .precision import FloatArray
+from .stages import StageEvent
+
+# The flag vocabulary of DESIGN.md, in display order.
+FLAGS: tuple[str, ...] = ("nan", "inf", "overflow", "underflow", "precision_loss", "input_rounding")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|computed - reference| <= abs + rel * |reference|`` passes."""
+
+    rel: float
+    abs: float = 0.0
+
+    def allows(self, error: float, reference: float) -> bool:
+        return bool(error <= self.abs + self.rel * abs(reference))
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Edges of one pipeline in one precision for a class count (None: no such edge)."""
+
+    largest_safe_logit: float | None
+    largest_safe_spread: float | None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One pipeline in one precision on one case.
+
+    For ``reduction: none`` ``loss`` is None, ``per_example`` holds the losses, and the errors
+    are the largest over the counted examples (element-wise), at ``worst_index``.
+    """
+
+    pipeline: str
+    dtype: str
+    accumulate: str
+    loss: float | None
+    per_example: FloatArray | None
+    abs_error: float
+    rel_error: float
+    ulp_error: float
+    arithmetic_rel_error: float
+    flags: tuple[str, ...]
+    first_bad: StageEvent | None
+    events: tuple[StageEvent, ...]
+    limit: Limit
+    tolerance: Tolerance
+    worst_index: tuple[int, ...] | None = None
+
+    @property
+    def first_bad_stage(self) -> str | None:
+        return self.first_bad.stage if self.first_bad else None
+
+    @property
+    def first_bad_index(self) -> list[int] | None:
+        return list(self.first_bad.index) if self.first_bad else None
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Two pipelines that disagree in one precision."""
+
+    dtype: str
+    pipelines: tuple[str, str]
+    kind: str  # "finiteness" (one finite, the other not) or "value" (apart beyond tolerance)
+    losses: tuple[float, float]
+    difference: float
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """What the input itself looks like next to the limits."""
+
+    input_dtype: str
+    max_abs_logit: float
+    max_logit: float
+    max_spread: float | None  # largest (row max - target logit) over counted rows; softmax only
+
+
+@dataclass(frozen=True)
+class ReferenceValue:
+    """The reference loss of the inputs as given, and of the inputs rounded to each dtype."""
+
+    loss: float | None
+    per_example: FloatArray | None
+    rounded: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    name: str
+    source: str
+    description: str
+    family: str
+    from_logits: bool
+    label_kind: str
+    shape: tuple[int, ...]
+    classes: int
+    reduction: str
+    stats: InputStats
+    reference: ReferenceValue
+    findings: tuple[Finding, ...]
+    mismatches: tuple[Mismatch, ...]

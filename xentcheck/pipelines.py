@@ -1,0 +1,391 @@
+"""Pipelines: each formulation of the loss, written once, generic over the precision.
+
+A pipeline turns a block of rows into per-example losses in the storage dtype by calling
+named steps on a :class:`~xentcheck.stages.StageRunner`, which rounds and watches every step.
+The batch reduction (``sum``/``mean``) is the same for every pipeline and lives in
+:func:`reduce_losses`. Adding a formulation means adding a class here and registering it;
+the evaluator, the reference and the reports do not change.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import numpy as np
+
+from .case import Case, valid_elements, valid_rows
+from .errors import UsageError
+from .precision import FloatArray
+from .stages import StageRunner
+
+# Keras' backend epsilon, the bound ``clipped`` clips probabilities to.
+KERAS_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``start : start + len(logits)`` of a case, as 2-D arrays."""
+
+    case: Case
+    logits: FloatArray
+    labels: FloatArray
+    start: int = 0
+
+    @cached_property
+    def valid(self) -> FloatArray:
+        """``(N,)``: rows that count."""
+        return valid_rows(self.case, self.labels)
+
+    @cached_property
+    def valid_elements(self) -> FloatArray:
+        """``(N, K)`` for sigmoid: targets that count."""
+        return valid_elements(self.case, self.labels)
+
+    @cached_property
+    def target(self) -> FloatArray:
+        """Integer labels with ignored rows pointed at class 0 (their losses are dropped)."""
+        labels = np.asarray(self.labels).astype(np.int64)
+        return np.where(self.valid, labels, 0)
+
+
+class Pipeline(ABC):
+    """One formulation of the loss."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    from_logits: ClassVar[bool]
+    formula: ClassVar[str]
+    stages: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        """Per-example losses in the storage dtype, zero at positions that do not count.
+
+        Softmax: shape ``(N,)``; sigmoid: ``(N, K)``.
+        """
+
+    @property
+    def all_stages(self) -> tuple[str, ...]:
+        return (*self.stages, "reduce")
+
+
+# -- softmax family --------------------------------------------------------------------------
+
+_NLL_STAGES = ("gather", "weight", "smooth", "nll")
+
+
+def _softmax_nll(run: StageRunner, block: Block, logp: FloatArray) -> FloatArray:
+    """``-sum_c a_c log p_c`` from log-probabilities in D, in the order PyTorch computes it."""
+    spec = block.case.spec
+    classes = block.case.classes
+    smoothing = float(spec.label_smoothing)
+    weights = None
+    if spec.class_weights is not None:
+        weights = run.cast("cast", np.asarray(spec.class_weights)[None, :])
+    if block.case.label_kind == "index":
+        loss = run.negate("gather", run.gather("gather", logp, block.target))
+        if weights is not None:
+            loss = run.multiply("weight", loss, weights[0, block.target])
+        if smoothing:
+            # F.cross_entropy: (1 - e) * nll + e / C * (-sum_c w_c log p_c)
+            terms = logp if weights is None else run.multiply("smooth", logp, weights)
+            smooth = run.negate("smooth", run.sum("smooth", terms))
+            loss = run.add(
+                "smooth",
+                run.multiply("smooth", loss, 1.0 - smoothing),
+                run.multiply("smooth", smooth, smoothing / classes),
+            )
+    else:
+        target = run.cast("cast", block.labels)
+        if smoothing:
+            target = run.add("smooth", run.multiply("smooth", target, 1.0 - smoothing),
+                             smoothing / classes)
+        if weights is not None:
+            target = run.multiply("weight", target, weights)
+        loss = run.negate("nll", run.sum("nll", run.multiply("nll", target, logp)))
+    return run.select("nll", block.valid, loss, 0.0)
+
+
+def _textbook_critical(block: Block) -> FloatArray:
+    """Where a formulation that logs every probability needs that probability positive.
+
+    ``-sum(y * log(p))`` takes the log of every class, and ``0 * log(0)`` is NaN, so with
+    one-hot or probability labels or label smoothing every probability matters; with plain
+    integer labels only the target's does.
+    """
+    case = block.case
+    if case.label_kind == "index" and not case.spec.label_smoothing:
+        return _target_mask(block)
+    return np.ones(block.logits.shape, dtype=bool)
+
+
+def _target_mask(block: Block) -> FloatArray:
+    mask = np.zeros(block.logits.shape, dtype=bool)
+    np.put_along_axis(mask, block.target[:, None], True, axis=-1)
+    return mask
+
+
+class SoftmaxNaive(Pipeline):
+    name = "naive"
+    family = "softmax"
+    from_logits = True
+    formula = "p = exp(x) / sum(exp(x)); loss = -sum(y * log(p))"
+    stages = ("cast", "exp", "sum", "divide", "log", *_NLL_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        critical = _textbook_critical(block)
+        x = run.cast("cast", block.logits)
+        e = run.exp("exp", x, critical=critical)
+        p = run.divide("divide", e, run.sum("sum", e, keepdims=True), critical=critical)
+        return _softmax_nll(run, block, run.log("log", p, where=critical))
+
+
+class SoftmaxShifted(Pipeline):
+    name = "shifted"
+    family = "softmax"
+    from_logits = True
+    formula = "p = exp(x - max x) / sum(exp(x - max x)); loss = -sum(y * log(p))"
+    stages = ("cast", "shift", "exp", "sum", "divide", "log", *_NLL_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        critical = _textbook_critical(block)
+        x = run.cast("cast", block.logits)
+        z = run.subtract("shift", x, run.max("shift", x))
+        e = run.exp("exp", z, critical=critical)
+        p = run.divide("divide", e, run.sum("sum", e, keepdims=True), critical=critical)
+        return _softmax_nll(run, block, run.log("log", p, where=critical))
+
+
+class SoftmaxStable(Pipeline):
+    name = "stable"
+    family = "softmax"
+    from_logits = True
+    formula = "z = x - max x; log_softmax = z - log(sum(exp(z))); loss = -sum(y * log_softmax)"
+    stages = ("cast", "shift", "exp", "sum", "log", "log_softmax", *_NLL_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        x = run.cast("cast", block.logits)
+        z = run.subtract("shift", x, run.max("shift", x))
+        log_sum = run.log("log", run.sum("sum", run.exp("exp", z), keepdims=True))
+        return _softmax_nll(run, block, run.subtract("log_softmax", z, log_sum))
+
+
+def _normalised_probabilities(run: StageRunner, block: Block, critical: FloatArray) -> FloatArray:
+    """Keras' first step for probability inputs: rows divided by their sum."""
+    given_positive = np.asarray(block.logits) > 0  # a given zero is exact, not an underflow
+    p = run.cast("cast", block.logits, critical=critical & given_positive)
+    total = run.sum("sum", p, keepdims=True)
+    return run.divide("normalize", p, total, critical=critical & given_positive)
+
+
+class SoftmaxProbabilitiesNaive(Pipeline):
+    name = "naive"
+    family = "softmax"
+    from_logits = False
+    formula = "p = p / sum(p); loss = -sum(y * log(p))"
+    stages = ("cast", "sum", "normalize", "log", *_NLL_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        critical = _textbook_critical(block)
+        p = _normalised_probabilities(run, block, critical)
+        return _softmax_nll(run, block, run.log("log", p, where=critical))
+
+
+class SoftmaxProbabilitiesClipped(Pipeline):
+    name = "clipped"
+    family = "softmax"
+    from_logits = False
+    formula = "p = clip(p / sum(p), 1e-7, 1 - 1e-7); loss = -sum(y * log(p))  (Keras)"
+    stages = ("cast", "sum", "normalize", "clip", "log", *_NLL_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        critical = _textbook_critical(block)
+        p = _normalised_probabilities(run, block, critical)
+        p = run.clip("clip", p, KERAS_EPSILON, 1.0 - KERAS_EPSILON, critical=critical)
+        return _softmax_nll(run, block, run.log("log", p, where=critical))
+
+
+# -- sigmoid family --------------------------------------------------------------------------
+
+_BINARY_STAGES = ("combine", "weight", "nll")
+
+
+def _binary_weights(run: StageRunner, block: Block) -> tuple[FloatArray | None, FloatArray | None]:
+    spec = block.case.spec
+    pos = None if spec.pos_weight is None else run.cast("cast", np.asarray(spec.pos_weight))
+    weights = (
+        None if spec.class_weights is None else run.cast("cast", np.asarray(spec.class_weights))
+    )
+    return pos, weights
+
+
+def _binary_from_logs(
+    run: StageRunner, block: Block, target: FloatArray, log_s: FloatArray, log_q: FloatArray
+) -> FloatArray:
+    """``-(pw z log s + (1 - z) log(1 - s))``, then the element weight."""
+    pos_weight, weights = _binary_weights(run, block)
+    positive = run.multiply("combine", target, log_s)
+    if pos_weight is not None:
+        positive = run.multiply("combine", positive, pos_weight)
+    negative = run.multiply("combine", run.subtract("combine", 1.0, target), log_q)
+    loss = run.negate("combine", run.add("combine", positive, negative))
+    if weights is not None:
+        loss = run.multiply("weight", loss, weights)
+    return run.select("nll", block.valid_elements, loss, 0.0)
+
+
+class SigmoidNaive(Pipeline):
+    name = "naive"
+    family = "sigmoid"
+    from_logits = True
+    formula = "s = 1 / (1 + exp(-x)); loss = -(z log(s) + (1 - z) log(1 - s))"
+    stages = ("cast", "exp", "add", "divide", "complement", "log", *_BINARY_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        # Both logs are taken everywhere and 0 * log(0) is NaN: every s and 1 - s matters.
+        critical = block.valid_elements
+        x = run.cast("cast", block.logits)
+        target = run.cast("cast", block.labels)
+        e = run.exp("exp", run.negate("exp", x))
+        s = run.divide("divide", 1.0, run.add("add", 1.0, e), critical=critical)
+        q = run.subtract("complement", 1.0, s, critical=critical)
+        return _binary_from_logs(
+            run, block, target, run.log("log", s, where=critical), run.log("log", q, where=critical)
+        )
+
+
+class SigmoidStable(Pipeline):
+    name = "stable"
+    family = "sigmoid"
+    from_logits = True
+    formula = "max(x, 0) - x z + log1p(exp(-|x|))  (with pos_weight: TF/PyTorch weighted form)"
+    stages = ("cast", "relu", "product", "exp", "log1p", "combine", "weight", "nll")
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        x = run.cast("cast", block.logits)
+        target = run.cast("cast", block.labels)
+        pos_weight, weights = _binary_weights(run, block)
+        softplus_tail = run.log1p("log1p", run.exp("exp", run.negate("exp", run.abs("exp", x))))
+        if pos_weight is None:
+            loss = run.add(
+                "combine",
+                run.subtract("combine", run.maximum("relu", x, 0.0),
+                             run.multiply("product", x, target)),
+                softplus_tail,
+            )
+        else:
+            # (1 - z) x + (1 + (pw - 1) z) (log1p(exp(-|x|)) + max(-x, 0))
+            log_weight = run.add(
+                "product", 1.0,
+                run.multiply("product", run.subtract("product", pos_weight, 1.0), target),
+            )
+            loss = run.add(
+                "combine",
+                run.multiply("product", run.subtract("product", 1.0, target), x),
+                run.multiply(
+                    "combine", log_weight,
+                    run.add("combine", softplus_tail,
+                            run.maximum("relu", run.negate("relu", x), 0.0)),
+                ),
+            )
+        if weights is not None:
+            loss = run.multiply("weight", loss, weights)
+        return run.select("nll", block.valid_elements, loss, 0.0)
+
+
+class SigmoidProbabilitiesNaive(Pipeline):
+    name = "naive"
+    family = "sigmoid"
+    from_logits = False
+    formula = "loss = -(z log(p) + (1 - z) log(1 - p))"
+    stages = ("cast", "complement", "log", *_BINARY_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        critical = block.valid_elements
+        given = np.asarray(block.logits)
+        p = run.cast("cast", given, critical=critical & (given > 0))
+        target = run.cast("cast", block.labels)
+        q = run.subtract("complement", 1.0, p, critical=critical & (given < 1))
+        return _binary_from_logs(
+            run, block, target, run.log("log", p, where=critical), run.log("log", q, where=critical)
+        )
+
+
+class SigmoidProbabilitiesClipped(Pipeline):
+    name = "clipped"
+    family = "sigmoid"
+    from_logits = False
+    formula = "p = clip(p, 1e-7, 1 - 1e-7); loss = -(z log(p) + (1 - z) log(1 - p))  (Keras)"
+    stages = ("cast", "clip", "complement", "log", *_BINARY_STAGES)
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        critical = block.valid_elements
+        p = run.cast("cast", block.logits)
+        target = run.cast("cast", block.labels)
+        p = run.clip("clip", p, KERAS_EPSILON, 1.0 - KERAS_EPSILON, critical=critical)
+        q = run.subtract("complement", 1.0, p, critical=critical)
+        return _binary_from_logs(
+            run, block, target, run.log("log", p, where=critical), run.log("log", q, where=critical)
+        )
+
+
+# -- the batch reduction and the registry ----------------------------------------------------
+
+
+def reduce_losses(
+    run: StageRunner, per_example: FloatArray, reduction: str, denominator: float
+) -> FloatArray:
+    """The batch reduction every pipeline shares: accumulate, divide for ``mean``, round to D.
+
+    ``mean`` is one rounding of ``sum / denominator`` evaluated in the accumulate dtype, as
+    ``torch.mean`` and ``nll_loss`` do for half tensors; ``sum`` rounds the sum to D (so a
+    float16 sum of 100,000 ones is inf).
+    """
+    if reduction == "none":
+        return per_example
+    flat = np.asarray(per_example).reshape(-1)
+    run.bind(np.ones(1, dtype=bool))
+    total = run.accumulate(flat)
+    if reduction == "mean":
+        with np.errstate(all="ignore"):
+            total = total / np.asarray(denominator, dtype=total.dtype)
+    out = run.precision.round(total)
+    run.watch_reduction("reduce", out, flat)
+    return out
+
+
+PIPELINES: tuple[Pipeline, ...] = (
+    SoftmaxNaive(),
+    SoftmaxShifted(),
+    SoftmaxStable(),
+    SoftmaxProbabilitiesNaive(),
+    SoftmaxProbabilitiesClipped(),
+    SigmoidNaive(),
+    SigmoidStable(),
+    SigmoidProbabilitiesNaive(),
+    SigmoidProbabilitiesClipped(),
+)
+
+
+def available(family: str, from_logits: bool) -> tuple[Pipeline, ...]:
+    """The pipelines that apply to a loss family and input kind, in display order."""
+    return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits)
+
+
+def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:
+    """The named pipelines (all applicable ones when ``names`` is empty or None)."""
+    choices = available(family, from_logits)
+    if not names:
+        return choices
+    by_name = {p.name: p for p in choices}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        kind = "logits" if from_logits else "probabilities"
+        raise UsageError(
+            f"unknown pipeline {unknown[0]!r} for {family} {kind}; "
+            f"choose from {', '.join(by_name)}"
+        )
+    return tuple(by_name[n] for n in dict.fromkeys(names))

@@ -1,0 +1,161 @@
+"""Precision: the storage dtype a pipeline computes in, and how its reductions accumulate.
+
+The model is eager PyTorch on half tensors: inputs are rounded to the storage dtype D,
+every elementwise step computes in at least float32 and rounds its result to D, and a
+reduction accumulates in the accumulate dtype before rounding its result to D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from .errors import UsageError
+
+FloatArray = npt.NDArray[Any]
+
+STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
+DTYPE_NAMES: tuple[str, ...] = tuple(STORAGE_DTYPES)
+
+AccumulateName = Literal["default", "same", "float32", "float64"]
+ACCUMULATE_CHOICES: tuple[str, ...] = ("default", "same", "float32", "float64")
+
+# Default tolerance: a relative error of this many machine epsilons of D (8 to 16 units in
+# the last place, depending on where in its binade the loss falls). That admits the handful
+# of roundings a well-conditioned formulation makes, plus the slow growth of a pairwise sum,
+# and flags a formulation that lost more than three or four of D's bits.
+DEFAULT_TOLERANCE_EPS = 8.0
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Storage dtype ``name`` with reductions accumulating per ``accumulate``.
+
+    ``accumulate`` is ``"default"`` (float32 for 16-bit storage, D itself otherwise, both
+    summed pairwise as numpy and PyTorch's CPU kernels do), ``"float32"``/``"float64"``
+    (pairwise in that dtype), or ``"same"`` (a plain running sum in D, the worst case, where a
+    bfloat16 sum of ones stalls at 256).
+    """
+
+    name: str
+    accumulate: AccumulateName = "default"
+
+    def __post_init__(self) -> None:
+        if self.name not in STORAGE_DTYPES:
+            raise UsageError(
+                f"unknown dtype {self.name!r}; choose from {', '.join(DTYPE_NAMES)}"
+            )
+        if self.accumulate not in ACCUMULATE_CHOICES:
+            raise UsageError(
+                f"unknown accumulate dtype {self.accumulate!r}; "
+                f"choose from {', '.join(ACCUMULATE_CHOICES)}"
+            )
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return STORAGE_DTYPES[self.name]
+
+    @property
+    def is_16bit(self) -> bool:
+        return self.dtype.itemsize == 2
+
+    @property
+    def compute_dtype(self) -> np.dtype[Any]:
+        """Where elementwise steps are evaluated before rounding to D.
+
+        float32 carries more than twice the significand of float16 and bfloat16 plus two
+        bits, so a basic operation evaluated there and rounded to D is correctly rounded.
+        """
+        return np.dtype(np.float32) if self.is_16bit else self.dtype
+
+    @property
+    def sequential_sum(self) -> bool:
+        return self.accumulate == "same"
+
+    @property
+    def accumulate_dtype(self) -> np.dtype[Any]:
+        if self.accumulate in ("float32", "float64"):
+            return np.dtype(self.accumulate)
+        if self.accumulate == "default":
+            return self.compute_dtype
+        return self.compute_dtype  # "same": each partial sum is rounded to D explicitly
+
+    @property
+    def accumulate_label(self) -> str:
+        """The accumulate dtype as reported (``same`` is reported as D's own name)."""
+        if self.accumulate == "same":
+            return self.name
+        return str(self.accumulate_dtype)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.accumulate == "default" else f"{self.name}/acc={self.accumulate}"
+
+    @cached_property
+    def _finfo(self) -> Any:
+        return ml_dtypes.finfo(self.dtype)
+
+    @property
+    def max(self) -> float:
+        return float(self._finfo.max)
+
+    @property
+    def tiny(self) -> float:
+        """Smallest positive normal number."""
+        return float(self._finfo.tiny)
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return float(self._finfo.smallest_subnormal)
+
+    @property
+    def eps(self) -> float:
+        return float(self._finfo.eps)
+
+    @property
+    def mantissa_bits(self) -> int:
+        """Explicitly stored significand bits (10 for float16, 7 for bfloat16)."""
+        return int(self._finfo.nmant)
+
+    @property
+    def min_exponent(self) -> int:
+        """Exponent of the smallest normal number (-14 for float16)."""
+        return int(self._finfo.minexp)
+
+    def default_rel_tolerance(self) -> float:
+        return DEFAULT_TOLERANCE_EPS * self.eps
+
+    def round(self, values: FloatArray) -> FloatArray:
+        """Round to D (round to nearest even; values beyond D's range become ±inf)."""
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            return np.asarray(values).astype(self.dtype)
+
+    def ulp(self, values: FloatArray) -> FloatArray:
+        """The spacing of D at ``|values|``, in float64 (D's smallest subnormal at 0).
+
+        For x in [2**e, 2**(e+1)) the spacing is 2**(e - mantissa_bits); below the smallest
+        normal it is the subnormal spacing 2**(min_exponent - mantissa_bits).
+        """
+        magnitude = np.abs(np.asarray(values, dtype=np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            _, exponent = np.frexp(magnitude)  # magnitude = f * 2**exponent, f in [0.5, 1)
+        binade = np.where(
+            magnitude > 0, np.maximum(exponent.astype(np.int64) - 1, self.min_exponent),
+            self.min_exponent,
+        )
+        spacing = np.ldexp(1.0, binade - self.mantissa_bits)
+        return np.where(np.isfinite(magnitude), spacing, np.inf)
+
+
+def precisions_for(dtypes: list[str] | tuple[str, ...], accumulate: str = "default") -> list[Precision]:
+    return [Precision(name, accumulate) for name in dtypes]  # type: ignore[arg-type]

@@ -1,0 +1,267 @@
+"""Stage-by-stage execution of a pipeline in one precision, watching every stage.
+
+A pipeline is written as a sequence of calls on a :class:`StageRunner`, each naming the
+stage it belongs to. The runner evaluates the step the way the precision dictates (compute
+in at least float32, round the result to D; reductions accumulate in the accumulate dtype)
+and records the first place where the step *created* trouble from clean operands:
+
+``overflow``
+    finite operands, infinite result (exp past ln(max), a sum past max, a cast past max);
+``nan``
+    non-NaN operands, NaN result (inf/inf, 0 * inf, inf - inf);
+``log_of_zero`` / ``division_by_zero``
+    a pole was hit: the operand was an exact zero (usually flushed by an earlier stage);
+``underflow``
+    at a position the pipeline marks *critical* (a value that will be logged or divided by,
+    whose exact value is positive), the result is zero or subnormal while no operand was.
+
+Trouble is only looked for at the positions that reach the loss (``where``; by default every
+row that is not ignored), so the harmless underflow of exp for a non-target class or a NaN in
+an ignored padding row is not reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .precision import FloatArray, Precision
+
+EVENT_KINDS = ("overflow", "nan", "underflow", "log_of_zero", "division_by_zero")
+
+Mask = Any  # boolean array broadcastable to a stage's output, or None for "everywhere"
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """The first position at which ``stage`` created ``kind`` (row index first)."""
+
+    stage: str
+    kind: str
+    index: tuple[int, ...]
+
+
+class StageRunner:
+    """Evaluates one pipeline's steps in ``precision`` over a block of rows.
+
+    Parameters
+    ----------
+    precision
+        The storage and accumulate dtypes.
+    stages
+        The stage names the pipeline declared, in execution order.
+
+    :meth:`bind` sets, for each block of rows, which rows count (False for ``ignore_index``
+    rows) and the block's first row in the whole input, so that reported indices are in the
+    input's own coordinates when the input streams through in blocks.
+    """
+
+    def __init__(self, precision: Precision, stages: Sequence[str]) -> None:
+        self.precision = precision
+        self.stages = tuple(stages)
+        self.valid_rows: FloatArray = np.ones(0, dtype=bool)
+        self.row_offset = 0
+        self.events: list[StageEvent] = []
+        self._seen: set[tuple[str, str]] = set()
+
+    def bind(self, valid_rows: FloatArray, row_offset: int = 0) -> StageRunner:
+        """Point the runner at the next block of rows; events found so far are kept."""
+        self.valid_rows = np.asarray(valid_rows, dtype=bool)
+        self.row_offset = row_offset
+        return self
+
+    # -- rounding ---------------------------------------------------------------------------
+
+    def _to_compute(self, x: FloatArray) -> FloatArray:
+        return np.asarray(x).astype(self.precision.compute_dtype, copy=False)
+
+    def _round(self, x: FloatArray) -> FloatArray:
+        return self.precision.round(x)
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def _where(self, shape: tuple[int, ...], where: Mask) -> FloatArray:
+        if not shape:
+            mask = np.asarray(True)
+        else:
+            rows = self.valid_rows.reshape((-1,) + (1,) * (len(shape) - 1))
+            mask = np.broadcast_to(rows, shape)
+        if where is not None:
+            mask = mask & np.broadcast_to(np.asarray(where, dtype=bool), shape)
+        return mask
+
+    def _record(self, stage: str, kind: str, mask: FloatArray) -> None:
+        if (stage, kind) in self._seen or not mask.any():
+            return
+        if mask.ndim == 0:
+            index: tuple[int, ...] = ()
+        else:
+            first = np.unravel_index(int(np.argmax(mask.ravel())), mask.shape)
+            index = (int(first[0]) + self.row_offset, *(int(i) for i in first[1:]))
+        self._seen.add((stage, kind))
+        self.events.append(StageEvent(stage, kind, index))
+
+    def _watch(
+        self,
+        stage: str,
+        out: FloatArray,
+        operands: Sequence[FloatArray],
+        *,
+        where: Mask,
+        critical: Mask = None,
+        pole: str | None = None,
+        pole_operand: FloatArray | None = None,
+        reduced_axis: int | None = None,
+        fresh_tiny: bool = False,
+    ) -> None:
+        """Record what this step created. ``reduced_axis``: the operand axis a sum removed."""
+        if stage not in self.stages:
+            raise ValueError(f"stage {stage!r} is not declared by the pipeline")
+        out_finite = np.isfinite(out)
+        watch_underflow = critical is not None and bool(np.any(critical))
+        if not watch_underflow and out_finite.all():
+            return  # the common case costs one pass over the output
+
+        def per_output(flags: FloatArray) -> FloatArray:
+            # Bring an operand-shaped property to the output's shape.
+            if reduced_axis is not None:
+                flags = flags.any(axis=reduced_axis)
+            return np.broadcast_to(flags, out.shape)
+
+        mask = self._where(out.shape, where)
+        if not out_finite.all():
+            operand_nonfinite = np.zeros(out.shape, dtype=bool)
+            operand_nan = np.zeros(out.shape, dtype=bool)
+            for operand in operands:
+                value = np.asarray(operand)
+                operand_nonfinite = operand_nonfinite | per_output(~np.isfinite(value))
+                operand_nan = operand_nan | per_output(np.isnan(value))
+            self._record(stage, "nan", np.isnan(out) & ~operand_nan & mask)
+            new_inf = np.isinf(out) & ~operand_nonfinite & mask
+            if pole is not None and pole_operand is not None:
+                at_pole = per_output(np.asarray(pole_operand) == 0)
+                self._record(stage, pole, new_inf & at_pole)
+                new_inf = new_inf & ~at_pole
+            self._record(stage, "overflow", new_inf)
+
+        if watch_underflow:
+            tiny = np.abs(out.astype(np.float64)) < self.precision.tiny
+            if not fresh_tiny:
+                # A zero that came in is not this step's doing; it was reported where it began.
+                for operand in operands:
+                    value = np.abs(np.asarray(operand).astype(np.float64))
+                    tiny = tiny & ~per_output(value < self.precision.tiny)
+            self._record(stage, "underflow", tiny & mask & np.broadcast_to(critical, out.shape))
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def cast(self, stage: str, x: FloatArray, *, critical: Mask = None) -> FloatArray:
+        """Round an input to D; overflow past D's range and harmful flushes are recorded."""
+        out = self._round(x)
+        if critical is not None:
+            # A value that was already below D's normal range is not flushed by this cast.
+            critical = np.asarray(critical) & (np.abs(np.asarray(x, dtype=np.float64))
+                                               >= self.precision.tiny)
+        self._watch(stage, out, [x], where=None, critical=critical, fresh_tiny=True)
+        return out
+
+    def _elementwise(
+        self,
+        stage: str,
+        fn: Callable[..., FloatArray],
+        *operands: FloatArray,
+        where: Mask = None,
+        critical: Mask = None,
+        pole: str | None = None,
+        pole_operand: FloatArray | None = None,
+    ) -> FloatArray:
+        with np.errstate(all="ignore"):  # the watch below reports what these warnings would
+            out = self._round(fn(*(self._to_compute(o) for o in operands)))
+        self._watch(
+            stage, out, operands, where=where, critical=critical,
+            pole=pole, pole_operand=pole_operand,
+        )
+        return out
+
+    def exp(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.exp, x, **kw)
+
+    def log(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.log, x, pole="log_of_zero", pole_operand=x, **kw)
+
+    def log1p(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.log1p, x, **kw)
+
+    def add(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.add, a, b, **kw)
+
+    def subtract(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.subtract, a, b, **kw)
+
+    def multiply(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.multiply, a, b, **kw)
+
+    def divide(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(
+            stage, np.divide, a, b, pole="division_by_zero", pole_operand=b, **kw
+        )
+
+    def maximum(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.maximum, a, b, **kw)
+
+    def clip(self, stage: str, x: FloatArray, low: float, high: float, **kw: Any) -> FloatArray:
+        # The bounds are constants of the formulation, stored in D as a framework stores them.
+        lo, hi = self._round(np.float64(low)), self._round(np.float64(high))
+        return self._elementwise(stage, lambda v: np.clip(v, lo, hi), x, **kw)
+
+    def negate(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.negative, x, **kw)
+
+    def abs(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.abs, x, **kw)
+
+    def max(self, stage: str, x: FloatArray, *, axis: int = -1) -> FloatArray:
+        """Row maximum, kept as a trailing axis of length one. Exact in any dtype."""
+        return np.max(x, axis=axis, keepdims=True)
+
+    def gather(self, stage: str, x: FloatArray, index: FloatArray) -> FloatArray:
+        """``x[i, index[i]]`` for each row i. Exact."""
+        return np.take_along_axis(x, np.asarray(index)[:, None], axis=-1)[:, 0]
+
+    def sum(self, stage: str, x: FloatArray, *, keepdims: bool = False,
+            where: Mask = None) -> FloatArray:
+        """Sum along the last axis: accumulate per the precision, round the result to D."""
+        out = self._round(self.accumulate(x, axis=-1))
+        self._watch(stage, out, [x], where=where, reduced_axis=-1)
+        return out[..., None] if keepdims else out
+
+    def watch_reduction(self, stage: str, out: FloatArray, x: FloatArray) -> None:
+        """Watch a reduction over the last axis whose result the caller computed."""
+        self._watch(stage, out, [x], where=None, reduced_axis=-1)
+
+    def accumulate(self, x: FloatArray, *, axis: int = -1, keepdims: bool = False) -> FloatArray:
+        """The unrounded sum of ``x`` along ``axis`` as the precision accumulates it."""
+        with np.errstate(all="ignore"):
+            if not self.precision.sequential_sum:
+                acc = self.precision.accumulate_dtype
+                return np.sum(np.asarray(x).astype(acc, copy=False), axis=axis, keepdims=keepdims)
+            # A running sum in D: each partial sum rounds to D, as a loop accumulating in D does.
+            moved = np.moveaxis(np.asarray(x), axis, 0)
+            total = self._round(np.zeros(moved.shape[1:]))
+            for term in moved:
+                total = self._round(self._to_compute(total) + self._to_compute(term))
+            return np.expand_dims(total, axis) if keepdims else total
+
+    def select(self, stage: str, condition: FloatArray, a: FloatArray, b: FloatArray) -> FloatArray:
+        """``where(condition, a, b)``; exact, used to zero out ignored positions."""
+        return self._round(np.where(condition, a, b))
+
+    def first_event(self) -> StageEvent | None:
+        """The event at the earliest stage in pipeline order (ties: the first recorded)."""
+        if not self.events:
+            return None
+        order = {name: i for i, name in enumerate(self.stages)}
+        return min(self.events, key=lambda e: order[e.stage])
