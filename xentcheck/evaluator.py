@@ -8,13 +8,14 @@ over the input, and turns what they produced into findings.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 
 import numpy as np
 
 from . import reference as ref
 from .case import Case, softmax_coefficients, valid_elements
+from .execution import Denominators, PipelineRun, blocks
 from .findings import (
     FLAGS,
     Finding,
@@ -24,7 +25,6 @@ from .findings import (
     ScenarioResult,
     Tolerance,
 )
-from .execution import Denominators, PipelineRun, blocks
 from .limits import pipeline_limit
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
@@ -127,9 +127,7 @@ def _flags(
     return tuple(flag for flag in FLAGS if raised[flag])
 
 
-def _mismatches(
-    findings: Sequence[Finding], tolerances: Mapping[str, Tolerance], case: Case
-) -> list[Mismatch]:
+def _mismatches(findings: Sequence[Finding], tolerances: Mapping[str, Tolerance]) -> list[Mismatch]:
     """Pipelines of one precision that disagree: finiteness, or values beyond tolerance."""
     out: list[Mismatch] = []
     by_dtype: dict[str, list[Finding]] = {}
@@ -138,8 +136,7 @@ def _mismatches(
     for dtype, group in by_dtype.items():
         tol = tolerances[dtype]
         for a, b in combinations(group, 2):
-            va = _values(a, case)
-            vb = _values(b, case)
+            va, vb = _values(a), _values(b)
             fa, fb = np.isfinite(va), np.isfinite(vb)
             if (fa != fb).any():
                 i = int(np.argmax(fa != fb))
@@ -158,7 +155,7 @@ def _mismatches(
     return out
 
 
-def _values(finding: Finding, case: Case) -> FloatArray:
+def _values(finding: Finding) -> FloatArray:
     if finding.loss is not None:
         return np.array([finding.loss])
     assert finding.per_example is not None
@@ -185,6 +182,117 @@ def _block_stats(block: Block) -> tuple[float, float, float | None]:
 # -- the whole evaluation --------------------------------------------------------------------
 
 
+@dataclass
+class _Pass:
+    """What one pass over the input's blocks collected."""
+
+    runs: list[PipelineRun]
+    denominators: Denominators
+    reference: list[FloatArray] = field(default_factory=list)
+    rounded: dict[str, list[FloatArray]] = field(default_factory=dict)
+    max_logit: float = -np.inf
+    max_abs: float = 0.0
+    max_spread: float | None = None
+
+
+def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],
+                 dtype_names: Sequence[str]) -> _Pass:
+    """Feed every block once to the reference, the rounded references and every run."""
+    rounded_cases = {name: _rounded_case(case, Precision(name)) for name in dtype_names}
+    collected = _Pass(
+        runs=[PipelineRun(pipe, prec) for prec in precisions for pipe in pipelines],
+        denominators=Denominators(np.zeros(case.classes)),
+        rounded={name: [] for name in dtype_names},
+    )
+    for block in blocks(case):
+        collected.denominators.add(case, block)
+        collected.reference.append(reference_per_example(block))
+        for name, rounded_case in rounded_cases.items():
+            rb = rounded_block(block, Precision(name), rounded_case)
+            with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
+                collected.rounded[name].append(reference_per_example(rb))
+        for run in collected.runs:
+            run.feed(case, block)
+        top, big, spread = _block_stats(block)
+        collected.max_logit = max(collected.max_logit, top)
+        collected.max_abs = max(collected.max_abs, big)
+        if spread is not None:
+            collected.max_spread = max(spread, collected.max_spread or spread)
+    return collected
+
+
+@dataclass(frozen=True)
+class _Truth:
+    """The reference values a finding is compared with: scalar loss, or counted examples."""
+
+    loss: float | None
+    values: FloatArray
+    rounded_loss: dict[str, float | None]
+    rounded_values: dict[str, FloatArray]
+    counted: FloatArray | None  # flat mask of counted examples, for reduction "none"
+
+
+def _truth(case: Case, collected: _Pass, dtype_names: Sequence[str]) -> tuple[_Truth, FloatArray]:
+    per_example = np.concatenate(collected.reference)
+    den = collected.denominators
+    loss = _reduce_reference(case, per_example, den.mean_denominator(case, case.spec.class_weights))
+    counted = _counted_mask(case, per_example) if loss is None else None
+    rounded_loss: dict[str, float | None] = {}
+    rounded_values: dict[str, FloatArray] = {}
+    for name in dtype_names:
+        per = np.concatenate(collected.rounded[name])
+        weights = _rounded_case(case, Precision(name)).spec.class_weights
+        with np.errstate(all="ignore"):
+            rounded_loss[name] = _reduce_reference(case, per, den.mean_denominator(case, weights))
+        rounded_values[name] = _scalar_or_counted(rounded_loss[name], per, counted)
+    truth = _Truth(loss, _scalar_or_counted(loss, per_example, counted), rounded_loss,
+                   rounded_values, counted)
+    return truth, per_example
+
+
+def _scalar_or_counted(loss: float | None, per_example: FloatArray,
+                       counted: FloatArray | None) -> FloatArray:
+    if loss is not None:
+        return np.array([loss])
+    return np.asarray(per_example).ravel()[counted]
+
+
+def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
+             tol: Tolerance) -> Finding:
+    loss, per_example = run.finish(case, collected.denominators)
+    name = run.precision.name
+    computed = _scalar_or_counted(None if truth.loss is None else float(loss), per_example,
+                                  truth.counted)
+    target, rounded = truth.values, truth.rounded_values[name]
+    abs_e, rel_e, ulp_e, worst = _errors(computed, target, run.precision)
+    arith_rel = _errors(computed, rounded, run.precision)[1]
+    rounded_finite = bool(np.isfinite(rounded).all())
+    input_rounding = (
+        (not rounded_finite and bool(np.isfinite(target).all())) or _beyond(rounded, target, tol)
+    )
+    worst_index = None
+    if truth.counted is not None and worst is not None:
+        worst_index = _example_index(case, int(np.flatnonzero(truth.counted)[worst]))
+    return Finding(
+        pipeline=run.pipeline.name,
+        dtype=name,
+        accumulate=run.precision.accumulate_label,
+        loss=None if truth.loss is None else float(loss),
+        per_example=None if truth.loss is not None else per_example.reshape(case.example_shape),
+        abs_error=abs_e,
+        rel_error=rel_e,
+        ulp_error=ulp_e,
+        arithmetic_rel_error=arith_rel,
+        flags=_flags(computed, run.runner, _beyond(computed, rounded, tol), input_rounding,
+                     rounded_finite),
+        first_bad=_located(case, run.runner.first_event()),
+        events=tuple(e for e in (_located(case, e) for e in run.runner.events) if e),
+        limit=pipeline_limit(run.pipeline, run.precision, case.classes),
+        tolerance=tol,
+        worst_index=worst_index,
+    )
+
+
 def evaluate(
     case: Case,
     precisions: Sequence[Precision],
@@ -202,100 +310,34 @@ def evaluate(
     pipelines
         Formulations applicable to the case's family and input kind.
     tolerances
-        Per dtype name; a dtype missing here gets its default (see
-        :meth:`Precision.default_rel_tolerance`).
+        Per dtype name; a dtype missing here gets its default
+        (:meth:`Precision.default_rel_tolerance`).
+
+    Returns
+    -------
+    ScenarioResult
+        The reference, one finding per (pipeline, precision), and the mismatches.
     """
     tolerances = dict(tolerances or {})
     for p in precisions:
         tolerances.setdefault(p.name, Tolerance(rel=p.default_rel_tolerance()))
-    distinct = list(dict.fromkeys(p.name for p in precisions))
-    rounding = {name: Precision(name) for name in distinct}
-    rounded_cases = {name: _rounded_case(case, rounding[name]) for name in distinct}
-
-    runs = [PipelineRun(pipe, prec) for prec in precisions for pipe in pipelines]
-    denominators = Denominators(np.zeros(case.classes))
-    ref_parts: list[FloatArray] = []
-    rounded_parts: dict[str, list[FloatArray]] = {name: [] for name in distinct}
-    max_logit, max_abs, max_spread = -np.inf, 0.0, None
-    for block in blocks(case):
-        denominators.add(case, block)
-        ref_parts.append(reference_per_example(block))
-        for name in distinct:
-            rb = rounded_block(block, rounding[name], rounded_cases[name])
-            with np.errstate(all="ignore"):  # rounding may overflow; that is what we measure
-                rounded_parts[name].append(reference_per_example(rb))
-        for run in runs:
-            run.feed(case, block)
-        top, big, spread = _block_stats(block)
-        max_logit, max_abs = max(max_logit, top), max(max_abs, big)
-        if spread is not None:
-            max_spread = spread if max_spread is None else max(max_spread, spread)
-
-    ref_per_example = np.concatenate(ref_parts)
-    ref_loss = _reduce_reference(
-        case, ref_per_example, denominators.mean_denominator(case, case.spec.class_weights)
-    )
-    truth = ref_per_example if ref_loss is None else np.array(ref_loss)
-    rounded_truth: dict[str, FloatArray] = {}
-    rounded_loss: dict[str, float | None] = {}
-    for name in distinct:
-        per = np.concatenate(rounded_parts[name])
-        weights = rounded_cases[name].spec.class_weights
-        with np.errstate(all="ignore"):
-            loss = _reduce_reference(case, per, denominators.mean_denominator(case, weights))
-        rounded_loss[name] = loss
-        rounded_truth[name] = per if loss is None else np.array(loss)
-
-    counted = _counted_mask(case, ref_per_example) if ref_loss is None else None
-    findings = []
-    for run in runs:
-        loss, per_example = run.finish(case, denominators)
-        name = run.precision.name
-        tol = tolerances[name]
-        computed = per_example if ref_loss is None else np.asarray(loss)
-        t, rt = truth, rounded_truth[name]
-        if counted is not None:
-            computed, t, rt = computed[counted], t[counted], rt[counted]
-        abs_e, rel_e, ulp_e, worst = _errors(computed, t, run.precision)
-        _, arith_rel, _, _ = _errors(computed, rt, run.precision)
-        rounded_finite = bool(np.isfinite(rt).all())
-        input_rounding = (not rounded_finite and bool(np.isfinite(t).all())) or _beyond(rt, t, tol)
-        worst_index = None
-        if counted is not None and worst is not None:
-            worst_index = _example_index(case, np.flatnonzero(counted)[worst])
-        findings.append(Finding(
-            pipeline=run.pipeline.name,
-            dtype=name,
-            accumulate=run.precision.accumulate_label,
-            loss=None if ref_loss is None else float(loss),
-            per_example=None if ref_loss is None else None,
-            abs_error=abs_e,
-            rel_error=rel_e,
-            ulp_error=ulp_e,
-            arithmetic_rel_error=arith_rel,
-            flags=_flags(computed, run.runner, _beyond(computed, rt, tol), input_rounding,
-                         rounded_finite),
-            first_bad=_located(case, run.runner.first_event()),
-            events=tuple(e for e in map(lambda e: _located(case, e), run.runner.events) if e),
-            limit=pipeline_limit(run.pipeline, run.precision, case.classes),
-            tolerance=tol,
-            worst_index=worst_index,
-        ))
-        if ref_loss is None:
-            findings[-1] = replace(
-                findings[-1], per_example=per_example.reshape(case.example_shape)
-            )
-
+    dtype_names = list(dict.fromkeys(p.name for p in precisions))
+    collected = _single_pass(case, precisions, pipelines, dtype_names)
+    truth, ref_per_example = _truth(case, collected, dtype_names)
+    findings = [
+        _finding(case, run, collected, truth, tolerances[run.precision.name])
+        for run in collected.runs
+    ]
     reference = ReferenceValue(
-        loss=ref_loss,
-        per_example=None if ref_loss is not None else ref_per_example.reshape(case.example_shape),
-        rounded=rounded_loss,
+        loss=truth.loss,
+        per_example=None if truth.loss is not None else ref_per_example.reshape(case.example_shape),
+        rounded=truth.rounded_loss,
     )
     stats = InputStats(
         input_dtype=str(case.logits.dtype),
-        max_abs_logit=max_abs,
-        max_logit=max_logit,
-        max_spread=max_spread,
+        max_abs_logit=collected.max_abs,
+        max_logit=collected.max_logit,
+        max_spread=collected.max_spread,
     )
     return ScenarioResult(
         name=case.name,
@@ -310,7 +352,7 @@ def evaluate(
         stats=stats,
         reference=reference,
         findings=tuple(findings),
-        mismatches=tuple(_mismatches(findings, tolerances, case)),
+        mismatches=tuple(_mismatches(findings, tolerances)),
     )
 
 

@@ -47,7 +47,7 @@ def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
     )
     _, per_example, _ = run_pipeline(pipeline, precision, case)
     finite = np.isfinite(np.asarray(per_example, dtype=np.float64))
-    return finite.reshape(len(logits), -1).all(axis=-1)
+    return np.asarray(finite.reshape(len(logits), -1).all(axis=-1))
 
 
 def _largest_safe(is_safe: Callable[[FloatArray], FloatArray], precision: Precision) -> float:

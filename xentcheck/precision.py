@@ -18,6 +18,8 @@ import numpy.typing as npt
 from .errors import UsageError
 
 FloatArray = npt.NDArray[Any]
+# An operand of a pipeline step: an array, or a constant of the formulation such as 1.0.
+Operand = FloatArray | float
 
 STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
     "float16": np.dtype(np.float16),
@@ -103,7 +105,7 @@ class Precision:
 
     @cached_property
     def _finfo(self) -> Any:
-        return ml_dtypes.finfo(self.dtype)
+        return ml_dtypes.finfo(self.dtype)  # type: ignore[no-untyped-call]
 
     @property
     def max(self) -> float:
@@ -157,5 +159,8 @@ class Precision:
         return np.where(np.isfinite(magnitude), spacing, np.inf)
 
 
-def precisions_for(dtypes: list[str] | tuple[str, ...], accumulate: str = "default") -> list[Precision]:
+def precisions_for(
+    dtypes: list[str] | tuple[str, ...], accumulate: str = "default"
+) -> list[Precision]:
+    """One Precision per dtype name, all with the same accumulate policy."""
     return [Precision(name, accumulate) for name in dtypes]  # type: ignore[arg-type]

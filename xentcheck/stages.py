@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .precision import FloatArray, Precision
+from .precision import FloatArray, Operand, Precision
 
 EVENT_KINDS = ("overflow", "nan", "underflow", "log_of_zero", "division_by_zero")
 
@@ -75,7 +75,7 @@ class StageRunner:
 
     # -- rounding ---------------------------------------------------------------------------
 
-    def _to_compute(self, x: FloatArray) -> FloatArray:
+    def _to_compute(self, x: Operand) -> FloatArray:
         return np.asarray(x).astype(self.precision.compute_dtype, copy=False)
 
     def _round(self, x: FloatArray) -> FloatArray:
@@ -84,6 +84,7 @@ class StageRunner:
     # -- watching ---------------------------------------------------------------------------
 
     def _where(self, shape: tuple[int, ...], where: Mask) -> FloatArray:
+        mask: FloatArray
         if not shape:
             mask = np.asarray(True)
         else:
@@ -108,12 +109,12 @@ class StageRunner:
         self,
         stage: str,
         out: FloatArray,
-        operands: Sequence[FloatArray],
+        operands: Sequence[Operand],
         *,
         where: Mask,
         critical: Mask = None,
         pole: str | None = None,
-        pole_operand: FloatArray | None = None,
+        pole_operand: Operand | None = None,
         reduced_axis: int | None = None,
         fresh_tiny: bool = False,
     ) -> None:
@@ -128,7 +129,7 @@ class StageRunner:
         def per_output(flags: FloatArray) -> FloatArray:
             # Bring an operand-shaped property to the output's shape.
             if reduced_axis is not None:
-                flags = flags.any(axis=reduced_axis)
+                flags = np.asarray(flags.any(axis=reduced_axis))
             return np.broadcast_to(flags, out.shape)
 
         mask = self._where(out.shape, where)
@@ -172,11 +173,11 @@ class StageRunner:
         self,
         stage: str,
         fn: Callable[..., FloatArray],
-        *operands: FloatArray,
+        *operands: Operand,
         where: Mask = None,
         critical: Mask = None,
         pole: str | None = None,
-        pole_operand: FloatArray | None = None,
+        pole_operand: Operand | None = None,
     ) -> FloatArray:
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
             out = self._round(fn(*(self._to_compute(o) for o in operands)))
@@ -186,30 +187,30 @@ class StageRunner:
         )
         return out
 
-    def exp(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+    def exp(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.exp, x, **kw)
 
-    def log(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+    def log(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.log, x, pole="log_of_zero", pole_operand=x, **kw)
 
-    def log1p(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+    def log1p(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.log1p, x, **kw)
 
-    def add(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+    def add(self, stage: str, a: Operand, b: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.add, a, b, **kw)
 
-    def subtract(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+    def subtract(self, stage: str, a: Operand, b: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.subtract, a, b, **kw)
 
-    def multiply(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+    def multiply(self, stage: str, a: Operand, b: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.multiply, a, b, **kw)
 
-    def divide(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+    def divide(self, stage: str, a: Operand, b: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(
             stage, np.divide, a, b, pole="division_by_zero", pole_operand=b, **kw
         )
 
-    def maximum(self, stage: str, a: FloatArray, b: FloatArray, **kw: Any) -> FloatArray:
+    def maximum(self, stage: str, a: Operand, b: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.maximum, a, b, **kw)
 
     def clip(self, stage: str, x: FloatArray, low: float, high: float, **kw: Any) -> FloatArray:
@@ -217,10 +218,10 @@ class StageRunner:
         lo, hi = self._round(np.float64(low)), self._round(np.float64(high))
         return self._elementwise(stage, lambda v: np.clip(v, lo, hi), x, **kw)
 
-    def negate(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+    def negate(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.negative, x, **kw)
 
-    def abs(self, stage: str, x: FloatArray, **kw: Any) -> FloatArray:
+    def abs(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.abs, x, **kw)
 
     def max(self, stage: str, x: FloatArray, *, axis: int = -1) -> FloatArray:
@@ -255,7 +256,7 @@ class StageRunner:
                 total = self._round(self._to_compute(total) + self._to_compute(term))
             return np.expand_dims(total, axis) if keepdims else total
 
-    def select(self, stage: str, condition: FloatArray, a: FloatArray, b: FloatArray) -> FloatArray:
+    def select(self, stage: str, condition: FloatArray, a: Operand, b: Operand) -> FloatArray:
         """``where(condition, a, b)``; exact, used to zero out ignored positions."""
         return self._round(np.where(condition, a, b))
 
