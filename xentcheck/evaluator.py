@@ -56,6 +56,23 @@ def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Blo
     return Block(rounded_case, logits, labels, block.start)
 
 
+def _same_inputs(block: Block, rounded: Block) -> bool:
+    """Whether rounding to D left every input of the block unchanged."""
+    case, other = block.case.spec, rounded.case.spec
+    return (
+        np.array_equal(block.logits, rounded.logits)
+        and np.array_equal(block.labels, rounded.labels)
+        and _same_optional(case.class_weights, other.class_weights)
+        and _same_optional(case.pos_weight, other.pos_weight)
+    )
+
+
+def _same_optional(a: FloatArray | None, b: FloatArray | None) -> bool:
+    return (a is None and b is None) or (
+        a is not None and b is not None and np.array_equal(a, b)
+    )
+
+
 def _rounded_case(case: Case, precision: Precision) -> Case:
     def rnd(values: FloatArray | None) -> FloatArray | None:
         return None if values is None else precision.round(values).astype(np.float64)
@@ -206,9 +223,13 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
     )
     for block in blocks(case):
         collected.denominators.add(case, block)
-        collected.reference.append(reference_per_example(block))
+        given = reference_per_example(block)
+        collected.reference.append(given)
         for name, rounded_case in rounded_cases.items():
             rb = rounded_block(block, Precision(name), rounded_case)
+            if _same_inputs(block, rb):
+                collected.rounded[name].append(given)  # D holds these inputs exactly
+                continue
             with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
                 collected.rounded[name].append(reference_per_example(rb))
         for run in collected.runs:

@@ -50,15 +50,19 @@ def _dd_sum(hi: FloatArray, lo: FloatArray | None = None) -> tuple[FloatArray, F
     if hi.shape[-1] == 0:
         zeros = np.zeros(hi.shape[:-1])
         return zeros, zeros.copy()
-    while hi.shape[-1] > 1:
-        if hi.shape[-1] % 2:
-            pad = [(0, 0)] * (hi.ndim - 1) + [(0, 1)]
-            hi, lo = np.pad(hi, pad), np.pad(lo, pad)
-        s, e = _two_sum(hi[..., 0::2], hi[..., 1::2])
-        lo = lo[..., 0::2] + lo[..., 1::2] + e
-        hi = s
-    s, e = _two_sum(hi[..., 0], lo[..., 0])
-    return s, e
+    # An infinite term makes TwoSum's error term inf - inf; such sums are taken plainly.
+    plain = np.sum(hi, axis=-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        while hi.shape[-1] > 1:
+            if hi.shape[-1] % 2:
+                pad = [(0, 0)] * (hi.ndim - 1) + [(0, 1)]
+                hi, lo = np.pad(hi, pad), np.pad(lo, pad)
+            s, e = _two_sum(hi[..., 0::2], hi[..., 1::2])
+            lo = lo[..., 0::2] + lo[..., 1::2] + e
+            hi = s
+        s, e = _two_sum(hi[..., 0], lo[..., 0])
+    finite = np.isfinite(plain)
+    return np.where(finite, s, plain), np.where(finite, e, 0.0)
 
 
 def _log1p_dd(hi: FloatArray, lo: FloatArray) -> FloatArray:

@@ -97,11 +97,14 @@ class StageRunner:
     def _record(self, stage: str, kind: str, mask: FloatArray) -> None:
         if (stage, kind) in self._seen or not mask.any():
             return
-        if mask.ndim == 0:
-            index: tuple[int, ...] = ()
-        else:
-            first = np.unravel_index(int(np.argmax(mask.ravel())), mask.shape)
-            index = (int(first[0]) + self.row_offset, *(int(i) for i in first[1:]))
+        first = np.unravel_index(int(np.argmax(mask.ravel())), mask.shape)
+        self._record_index(stage, kind, tuple(int(i) for i in first))
+
+    def _record_index(self, stage: str, kind: str, position: tuple[int, ...]) -> None:
+        """Keep the first event of each (stage, kind); the row becomes a whole-input row."""
+        if (stage, kind) in self._seen:
+            return
+        index = (position[0] + self.row_offset, *position[1:]) if position else ()
         self._seen.add((stage, kind))
         self.events.append(StageEvent(stage, kind, index))
 
@@ -149,23 +152,35 @@ class StageRunner:
             self._record(stage, "overflow", new_inf)
 
         if watch_underflow:
-            tiny = np.abs(out.astype(np.float64)) < self.precision.tiny
-            if not fresh_tiny:
-                # A zero that came in is not this step's doing; it was reported where it began.
-                for operand in operands:
-                    value = np.abs(np.asarray(operand).astype(np.float64))
-                    tiny = tiny & ~per_output(value < self.precision.tiny)
-            self._record(stage, "underflow", tiny & mask & np.broadcast_to(critical, out.shape))
+            self._watch_underflow(stage, out, operands, mask, critical, fresh_tiny)
+
+    def _watch_underflow(
+        self, stage: str, out: FloatArray, operands: Sequence[Operand], mask: FloatArray,
+        critical: Mask, fresh_tiny: bool,
+    ) -> None:
+        # Critical positions are few (one target per row, typically): look only at those.
+        positions = np.nonzero(mask & np.broadcast_to(critical, out.shape))
+        if not positions[0].size:
+            return
+        tiny = np.abs(out[positions].astype(np.float64)) < self.precision.tiny
+        if not fresh_tiny:
+            # A zero that came in is not this step's doing; it was reported where it began.
+            for operand in operands:
+                value = np.broadcast_to(np.asarray(operand), out.shape)[positions]
+                tiny &= np.abs(value.astype(np.float64)) >= self.precision.tiny
+        if tiny.any():
+            first = int(np.argmax(tiny))  # np.nonzero lists positions in C order
+            self._record_index(stage, "underflow", tuple(int(p[first]) for p in positions))
 
     # -- steps ------------------------------------------------------------------------------
 
     def cast(self, stage: str, x: FloatArray, *, critical: Mask = None) -> FloatArray:
-        """Round an input to D; overflow past D's range and harmful flushes are recorded."""
+        """Round an input to D; overflow past D's range and harmful flushes are recorded.
+
+        ``critical`` marks inputs whose exact value is non-zero and matters (a target's
+        probability): there, a result below D's smallest normal number is an underflow.
+        """
         out = self._round(x)
-        if critical is not None:
-            # A value that was already below D's normal range is not flushed by this cast.
-            critical = np.asarray(critical) & (np.abs(np.asarray(x, dtype=np.float64))
-                                               >= self.precision.tiny)
         self._watch(stage, out, [x], where=None, critical=critical, fresh_tiny=True)
         return out
 
