@@ -29,8 +29,11 @@ from .findings import Limit
 from .pipelines import Pipeline
 from .precision import FloatArray, Precision
 
-# Candidates evaluated per bisection step: ~5 bits of the answer per step.
-_CANDIDATES = 32
+# Candidates evaluated per bisection step, at most: ~5 bits of the answer per step. Each
+# candidate is a row of C logits, so for large C fewer per step cost less in all (plain
+# bisection, one row per step, evaluates the fewest values overall).
+_MAX_CANDIDATES = 32
+_VALUES_PER_STEP = 1 << 18
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -50,7 +53,9 @@ def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
     return np.asarray(finite.reshape(len(logits), -1).all(axis=-1))
 
 
-def _largest_safe(is_safe: Callable[[FloatArray], FloatArray], precision: Precision) -> float:
+def _largest_safe(
+    is_safe: Callable[[FloatArray], FloatArray], precision: Precision, classes: int
+) -> float:
     """The largest non-negative value v of D with ``is_safe`` true at v (assumed monotone).
 
     Works on the bit patterns of D, which order non-negative floats, so the answer is exact:
@@ -61,13 +66,14 @@ def _largest_safe(is_safe: Callable[[FloatArray], FloatArray], precision: Precis
     def values(bits: list[int]) -> FloatArray:
         return np.array(bits, dtype=unsigned).view(precision.dtype).astype(np.float64)
 
+    candidates = max(1, min(_MAX_CANDIDATES, _VALUES_PER_STEP // max(1, classes)))
     top = int(np.array(precision.max, dtype=precision.dtype).view(unsigned))
     if is_safe(values([top]))[0]:
         return precision.max
     low, high = 0, top  # low is safe (0 is, for every pipeline here), high is not
     while high - low > 1:
         span = high - low
-        bits = sorted({low + span * k // (_CANDIDATES + 1) for k in range(1, _CANDIDATES + 1)})
+        bits = sorted({low + span * k // (candidates + 1) for k in range(1, candidates + 1)})
         bits = [b for b in bits if low < b < high] or [low + span // 2]
         safe = is_safe(values(bits))
         unsafe = np.flatnonzero(~safe)
@@ -92,7 +98,7 @@ def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int) -> Li
             labels = np.tile(np.array([0.0, 1.0]), (len(values), 1))
             return _finite_rows(pipeline, precision, logits, labels, "binary")
 
-        return Limit(_largest_safe(sigmoid_safe, precision), None)
+        return Limit(_largest_safe(sigmoid_safe, precision, 2), None)
 
     def logit_safe(values: FloatArray) -> FloatArray:
         logits = np.repeat(values[:, None], classes, axis=1)
@@ -103,5 +109,5 @@ def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int) -> Li
         logits[:, 0] = -values
         return _finite_rows(pipeline, precision, logits, np.zeros(len(values)), "index")
 
-    spread = _largest_safe(spread_safe, precision) if classes > 1 else None
-    return Limit(_largest_safe(logit_safe, precision), spread)
+    spread = _largest_safe(spread_safe, precision, classes) if classes > 1 else None
+    return Limit(_largest_safe(logit_safe, precision, classes), spread)
