@@ -21,9 +21,10 @@ from .stages import StageRunner
 BLOCK_ELEMENTS = 1 << 20
 
 
-def blocks(case: Case, block_elements: int = BLOCK_ELEMENTS) -> Iterator[Block]:
+def blocks(case: Case, block_elements: int | None = None) -> Iterator[Block]:
     """The case's rows in consecutive blocks of about ``block_elements`` values."""
-    step = max(1, block_elements // max(1, case.classes))
+    size = BLOCK_ELEMENTS if block_elements is None else block_elements
+    step = max(1, size // max(1, case.classes))
     for start in range(0, case.rows, step):
         stop = min(case.rows, start + step)
         yield Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start)

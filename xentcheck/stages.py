@@ -275,9 +275,17 @@ class StageRunner:
         """``where(condition, a, b)``; exact, used to zero out ignored positions."""
         return self._round(np.where(condition, a, b))
 
-    def first_event(self) -> StageEvent | None:
-        """The event at the earliest stage in pipeline order (ties: the first recorded)."""
-        if not self.events:
-            return None
+    def ordered_events(self) -> list[StageEvent]:
+        """Events in pipeline order: by stage, then position, then kind.
+
+        The order does not depend on how the rows were split into blocks.
+        """
         order = {name: i for i, name in enumerate(self.stages)}
-        return min(self.events, key=lambda e: order[e.stage])
+        return sorted(
+            self.events, key=lambda e: (order[e.stage], e.index, EVENT_KINDS.index(e.kind))
+        )
+
+    def first_event(self) -> StageEvent | None:
+        """Where trouble began: the first event in pipeline order."""
+        events = self.ordered_events()
+        return events[0] if events else None

@@ -1,0 +1,173 @@
+"""The evaluator's measurements against independent computations (mpmath, closed forms)."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+import pytest
+
+from xentcheck import execution
+from xentcheck.case import Case, LossSpec
+from xentcheck.evaluator import evaluate
+from xentcheck.findings import Finding, ScenarioResult
+from xentcheck.pipelines import available
+from xentcheck.precision import Precision, precisions_for
+
+mpmath.mp.dps = 50
+ALL = precisions_for(["float16", "bfloat16", "float32", "float64"])
+
+
+def mp_nll(row: list[float], target: int) -> mpmath.mpf:
+    """-log softmax(row)[target] at 50 digits, straight from the definition."""
+    values = [mpmath.mpf(v) for v in row]
+    return mpmath.log(mpmath.fsum(mpmath.exp(v) for v in values)) - values[target]
+
+
+def finding(result: ScenarioResult, pipeline: str, dtype: str) -> Finding:
+    return next(f for f in result.findings if f.pipeline == pipeline and f.dtype == dtype)
+
+
+def softmax_case(logits: object, labels: object, **spec: object) -> Case:
+    x = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    kind = "index" if y.shape == x.shape[:-1] else "dense"
+    return Case("t", x, y, kind, LossSpec(**spec))  # type: ignore[arg-type]
+
+
+def test_ignore_index_rows_count_nowhere_in_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 3, (2, 5, 7))
+    y = np.array([[1, 2, -100, 4, -100], [0, -100, 6, 6, 3]])
+    result = evaluate(softmax_case(x, y, ignore_index=-100), ALL[3:], available("softmax", True))
+    counted = [(b, s) for b in range(2) for s in range(5) if y[b, s] != -100]
+    expected = mpmath.fsum(mp_nll(list(x[b, s]), int(y[b, s])) for b, s in counted) / len(counted)
+    assert result.reference.loss == pytest.approx(float(expected), rel=4e-16)
+    stable = finding(result, "stable", "float64")
+    assert stable.loss == pytest.approx(float(expected), rel=8 * 2.2e-16)
+
+
+def test_weighted_mean_divides_by_the_sum_of_target_weights() -> None:
+    x = np.array([[3.2, -0.4, 0.1, -1.5], [0.2, 2.5, -0.3, -1.1], [-0.5, 0.1, 1.8, 0.4]])
+    y = np.array([0, 1, 3])
+    w = np.array([0.25, 1.0, 2.0, 4.0])
+    result = evaluate(softmax_case(x, y, class_weights=w), ALL[3:], available("softmax", True))
+    numerator = mpmath.fsum(mpmath.mpf(w[t]) * mp_nll(list(x[i]), int(t)) for i, t in enumerate(y))
+    expected = numerator / mpmath.fsum(mpmath.mpf(w[t]) for t in y)
+    assert result.reference.loss == pytest.approx(float(expected), rel=4e-16)
+
+
+def test_label_smoothing_follows_pytorch() -> None:
+    # F.cross_entropy(label_smoothing=e): (1 - e) * nll + e / C * sum_c(-log p_c)
+    x = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
+    y = np.array([0, 2])
+    e = 0.1
+    result = evaluate(softmax_case(x, y, label_smoothing=e), ALL[3:], available("softmax", True))
+    per_row = []
+    for i, t in enumerate(y):
+        smooth = mpmath.fsum(mp_nll(list(x[i]), c) for c in range(3))
+        nll = mp_nll(list(x[i]), int(t))
+        per_row.append((1 - mpmath.mpf(e)) * nll + mpmath.mpf(e) / 3 * smooth)
+    assert result.reference.loss == pytest.approx(float(mpmath.fsum(per_row) / 2), rel=4e-16)
+
+
+def test_soft_labels_equal_the_weighted_sum_of_sparse_losses() -> None:
+    x = np.array([[1.0, 2.0, 3.0]])
+    y = np.array([[0.2, 0.3, 0.5]])
+    result = evaluate(softmax_case(x, y), ALL[3:], available("softmax", True))
+    expected = mpmath.fsum(mpmath.mpf(y[0, c]) * mp_nll([1.0, 2.0, 3.0], c) for c in range(3))
+    assert result.reference.loss == pytest.approx(float(expected), rel=4e-16)
+
+
+def test_input_rounding_is_told_apart_from_arithmetic_error() -> None:
+    # bfloat16 has spacing 2 at 256: 257.5 is stored as 258, so the loss of the stored inputs
+    # is softplus(2) rather than softplus(1.5), a 25% change, while stable's arithmetic on
+    # the stored inputs is good to a few bfloat16 ulps.
+    result = evaluate(softmax_case([256.0, 257.5], 0), ALL[1:2], available("softmax", True))
+    assert result.reference.loss == pytest.approx(math.log1p(math.exp(1.5)), rel=1e-15)
+    assert result.reference.rounded["bfloat16"] == pytest.approx(math.log1p(math.exp(2.0)))
+    stable = finding(result, "stable", "bfloat16")
+    assert "input_rounding" in stable.flags
+    assert "precision_loss" not in stable.flags
+    assert stable.abs_error == pytest.approx(
+        abs(float(stable.loss or 0) - math.log1p(math.exp(1.5))), rel=1e-12
+    )
+
+
+def test_tiny_loss_is_flagged_as_precision_loss_in_float64() -> None:
+    result = evaluate(softmax_case([0.0, -40.0], 0), ALL[3:], available("softmax", True))
+    assert result.reference.loss == pytest.approx(4.2483542552915889e-18, rel=4e-16)
+    stable = finding(result, "stable", "float64")
+    assert stable.loss == 0.0
+    assert stable.rel_error == 1.0
+    assert stable.flags == ("precision_loss",)
+    # ulp error: |0 - 4.248e-18| in units of float64's spacing at 4.248e-18 (2**-110)
+    assert stable.ulp_error == pytest.approx(4.2483542552915889e-18 / 2.0**-110, rel=1e-12)
+
+
+def test_mismatches_name_the_disagreeing_pipelines() -> None:
+    result = evaluate(softmax_case([1000.0, 2000.0, 2500.0], 1), ALL[2:3],
+                      available("softmax", True))
+    pairs = {(m.pipelines, m.kind) for m in result.mismatches}
+    # naive (NaN) and shifted (inf) are both broken: no finite value to compare, no mismatch.
+    assert pairs == {(("naive", "stable"), "finiteness"), (("shifted", "stable"), "finiteness")}
+
+
+def test_first_bad_index_is_in_the_inputs_own_coordinates() -> None:
+    x = np.zeros((2, 3, 4))
+    x[1, 2, 3] = 100.0  # exp(100) overflows float32 in the naive pipeline
+    y = np.zeros((2, 3), dtype=np.int64)
+    result = evaluate(softmax_case(x, y), ALL[2:3], available("softmax", True))
+    naive = finding(result, "naive", "float32")
+    assert naive.first_bad_stage == "exp"
+    assert naive.first_bad is not None and naive.first_bad.kind == "overflow"
+    assert naive.first_bad_index == [1, 2, 3]
+
+
+def test_reduction_none_reports_every_example_and_the_worst() -> None:
+    x = np.array([[0.0, -40.0], [1.0, 2.0]])
+    result = evaluate(softmax_case(x, [0, 1], reduction="none"), ALL[3:],
+                      available("softmax", True))
+    assert result.reference.loss is None
+    assert result.reference.per_example is not None
+    assert result.reference.per_example[0] == pytest.approx(4.2483542552915889e-18, rel=4e-16)
+    assert result.reference.per_example[1] == pytest.approx(math.log1p(math.exp(-1.0)), rel=4e-16)
+    stable = finding(result, "stable", "float64")
+    assert stable.loss is None and stable.per_example is not None
+    assert stable.per_example.shape == (2,)
+    assert stable.worst_index == (0,)  # the tiny loss is where all the digits are lost
+
+
+def test_streaming_in_small_blocks_gives_identical_findings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(0, 40, (64, 9)).astype(np.float32)  # spreads large enough to break some
+    y = rng.integers(0, 9, 64)
+    y[5] = -100
+    case = Case("s", x, y, "index", LossSpec(ignore_index=-100))
+    whole = evaluate(case, ALL, available("softmax", True))
+    monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 9 * 5)  # 13 blocks of 5 rows
+    streamed = evaluate(case, ALL, available("softmax", True))
+    assert streamed.reference == whole.reference
+    for a, b in zip(whole.findings, streamed.findings, strict=True):
+        assert (a.flags, a.first_bad, a.events) == (b.flags, b.first_bad, b.events)
+        for field in ("loss", "abs_error", "rel_error", "ulp_error"):
+            va, vb = getattr(a, field), getattr(b, field)
+            assert va == vb or (math.isnan(va) and math.isnan(vb)), field
+
+
+def test_float16_sum_reduction_overflows_at_the_reduce_stage() -> None:
+    # 100,000 examples each with loss log(2): the float32-accumulated sum, 69314.7, rounds
+    # past float16's largest finite value 65504 to inf; the mean does not.
+    x = np.zeros((100_000, 2))
+    y = np.zeros(100_000, dtype=np.int64)
+    p = [Precision("float16")]
+    summed = evaluate(softmax_case(x, y, reduction="sum"), p, available("softmax", True)[2:])
+    assert summed.findings[0].loss == math.inf
+    assert summed.findings[0].first_bad_stage == "reduce"
+    assert summed.findings[0].first_bad_index == []
+    assert summed.reference.loss == pytest.approx(100_000 * math.log(2), rel=4e-16)
+    mean = evaluate(softmax_case(x, y), p, available("softmax", True)[2:])
+    assert mean.findings[0].loss == float(np.float16(math.log(2)))
