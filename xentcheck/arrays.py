@@ -1,0 +1,138 @@
+"""Loading one array from a file: ``.npy``, ``.npz``, ``.csv`` or ``.safetensors``.
+
+Every failure becomes an :class:`~xentcheck.errors.InputError` naming the file and the
+field; nothing is ever unpickled (``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import csv
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .errors import InputError
+from .precision import FloatArray
+
+SUFFIXES = (".npy", ".npz", ".csv", ".safetensors")
+
+
+def load_array(path: Path, *, key: str | None, source: str, field: str) -> FloatArray:
+    """Load the array stored at ``path`` (``key`` picks one from .npz/.safetensors).
+
+    Parameters
+    ----------
+    path
+        The file. Its suffix chooses the format.
+    key
+        Name of the array inside an ``.npz`` or ``.safetensors`` file; may be omitted when
+        the file holds exactly one array.
+    source, field
+        Where the path was given, for error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``.npy`` arrays are memory-mapped, so large inputs are read as they are used.
+    """
+
+    def fail(message: str) -> InputError:
+        return InputError(f"{path}: {message}", source=source, field=field)
+
+    if not path.exists():
+        raise fail("no such file")
+    if path.is_dir():
+        raise fail("is a directory, not a file")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise fail(f"unknown file type {suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise fail("the file is empty")
+    try:
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif suffix == ".npz":
+            array = _load_npz(path, key, fail)
+        elif suffix == ".csv":
+            array = _load_csv(path, fail)
+        else:
+            array = _load_safetensors(path, key, fail)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        # numpy says "Object arrays cannot be loaded when allow_pickle=False" for pickles,
+        # and "cannot reshape"/"EOF" for truncated files.
+        raise fail(f"cannot read it ({_first_line(exc)})") from None
+    if array.dtype.kind not in "fiub" and array.dtype != np.dtype(ml_dtypes.bfloat16):
+        raise fail(f"holds {array.dtype} values; numbers are needed")
+    return array
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _pick(names: list[str], key: str | None, fail: Any) -> str:
+    if key is None:
+        if len(names) == 1:
+            return names[0]
+        raise fail(f"holds {len(names)} arrays ({', '.join(names)}); say which with 'key'")
+    if key not in names:
+        raise fail(f"has no array {key!r}; it holds: {', '.join(names) or '(none)'}")
+    return key
+
+
+def _load_npz(path: Path, key: str | None, fail: Any) -> FloatArray:
+    with np.load(path, allow_pickle=False) as archive:
+        name = _pick(list(archive.files), key, fail)
+        return np.asarray(archive[name])
+
+
+def _load_csv(path: Path, fail: Any) -> FloatArray:
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise fail("the file has no rows")
+    if not all(_is_number(cell) for cell in rows[0]):
+        rows = rows[1:]  # a header row
+        if not rows:
+            raise fail("the file has a header but no data rows")
+    width = len(rows[0])
+    values = np.empty((len(rows), width))
+    for r, row in enumerate(rows, start=1):
+        if len(row) != width:
+            raise fail(f"row {r} has {len(row)} columns, the first row has {width}")
+        for c, cell in enumerate(row, start=1):
+            if not _is_number(cell):
+                raise fail(f"row {r}, column {c}: {cell.strip()!r} is not a number")
+            values[r - 1, c - 1] = float(cell)
+    return values[:, 0] if width == 1 else values
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_safetensors(path: Path, key: str | None, fail: Any) -> FloatArray:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise fail("reading .safetensors needs: pip install 'xentcheck[safetensors]'") from None
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise fail(f"cannot read it ({_first_line(exc)})") from None
+    with handle as tensors:
+        name = _pick(list(tensors.keys()), key, fail)
+        try:
+            return np.asarray(tensors.get_tensor(name))
+        except Exception as exc:
+            raise fail(f"cannot read tensor {name!r} ({_first_line(exc)})") from None

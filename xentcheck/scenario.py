@@ -1,0 +1,423 @@
+"""Scenario files: YAML in, validated Cases out.
+
+One scenario per file, or a top-level ``scenarios:`` list. Keys are exactly those of
+DESIGN.md; an unknown key is an error with a suggestion, so a typo is never ignored. Only
+``yaml.SafeLoader`` is used. Every problem is an :class:`InputError` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .arrays import load_array
+from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
+from .errors import InputError, UsageError
+from .findings import Tolerance
+from .pipelines import select
+from .precision import DTYPE_NAMES, FloatArray
+
+KEYS: tuple[str, ...] = (
+    "name", "description", "loss", "logits", "labels", "from_logits", "class_weights",
+    "pos_weight", "label_smoothing", "ignore_index", "reduction", "dtypes", "pipelines",
+    "tolerance", "expect",
+)
+
+
+@dataclass(frozen=True)
+class ToleranceSpec:
+    """Tolerances a scenario or the command line asks for: for every dtype, or per dtype."""
+
+    everywhere: Tolerance | None = None
+    per_dtype: Mapping[str, Tolerance] = field(default_factory=dict)
+
+    def for_dtype(self, name: str, default: Tolerance) -> Tolerance:
+        return self.per_dtype.get(name) or self.everywhere or default
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario: the case and how to run it (None: the defaults)."""
+
+    case: Case
+    dtypes: tuple[str, ...] | None
+    pipelines: tuple[str, ...] | None
+    tolerance: ToleranceSpec | None
+    source: str
+    lines: dict[str, int]
+
+
+def load_scenarios(path: str | Path) -> list[Scenario]:
+    """Read and validate every scenario in a YAML file.
+
+    Raises
+    ------
+    InputError
+        For any problem with the file or a scenario in it.
+    """
+    source = str(path)
+    file = Path(path)
+    if not file.exists():
+        raise InputError("no such file", source=source)
+    if file.is_dir():
+        raise InputError("is a directory; give a scenario .yaml file", source=source)
+    try:
+        text = file.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise InputError("not a text file", source=source) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{where}not valid YAML ({problem})", source=source) from None
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise InputError("expected a mapping of scenario keys (or a 'scenarios:' list)",
+                         source=source)
+    if "scenarios" in data:
+        if set(data) != {"scenarios"}:
+            extra = sorted(set(data) - {"scenarios"})[0]
+            raise InputError("a file with 'scenarios:' holds nothing else", source=source,
+                             field=str(extra))
+        entries, entry_nodes = data["scenarios"], _value_node(node, "scenarios")
+        if not isinstance(entries, list) or not entries:
+            raise InputError("must be a non-empty list of scenarios", source=source,
+                             field="scenarios")
+        assert isinstance(entry_nodes, yaml.SequenceNode)
+        return [
+            _scenario(entry, entry_node, file, source, f"{file.stem}[{i}]")
+            for i, (entry, entry_node) in enumerate(zip(entries, entry_nodes.value, strict=True))
+        ]
+    return [_scenario(data, node, file, source, file.stem)]
+
+
+def _value_node(node: yaml.MappingNode, key: str) -> yaml.Node:
+    return next(v for k, v in node.value if k.value == key)
+
+
+def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name: str) -> Scenario:
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise InputError("each scenario must be a mapping of keys", source=source)
+    lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    for key in data:
+        if key not in KEYS:
+            hint = difflib.get_close_matches(str(key), KEYS, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise InputError(f"unknown key{suggestion} (keys: {', '.join(KEYS)})",
+                             source=source, field=f"{key} (line {lines.get(str(key), '?')})")
+    if "expect" in data:
+        raise InputError("expectations are not supported in this version yet",
+                         source=source, field="expect")
+    for required in ("logits", "labels"):
+        if required not in data:
+            raise InputError("is required", source=source, field=required)
+    try:
+        base = file.parent
+        logits = _array_field(data["logits"], base, "logits", source)
+        labels = _array_field(data["labels"], base, "labels", source)
+        case = make_case(
+            name=_string(data.get("name", default_name), "name"),
+            description=_string(data.get("description", ""), "description"),
+            logits=logits,
+            labels=labels,
+            family=_choice(data.get("loss", "softmax"), FAMILIES, "loss"),
+            from_logits=_boolean(data.get("from_logits", True), "from_logits"),
+            class_weights=data.get("class_weights"),
+            pos_weight=data.get("pos_weight"),
+            label_smoothing=data.get("label_smoothing", 0.0),
+            ignore_index=data.get("ignore_index"),
+            reduction=_choice(data.get("reduction", "mean"), REDUCTIONS, "reduction"),
+            source=source,
+        )
+        dtypes = _names(data.get("dtypes"), "dtypes")
+        for name in dtypes or ():
+            _choice(name, DTYPE_NAMES, "dtypes")
+        pipelines = _names(data.get("pipelines"), "pipelines")
+        if pipelines:
+            try:
+                select(case.spec.family, case.spec.from_logits, list(pipelines))
+            except UsageError as exc:
+                raise InputError(str(exc), field="pipelines") from None
+        tolerance = parse_tolerance(data.get("tolerance"))
+    except InputError as exc:
+        raise exc.located(source) from None
+    return Scenario(case, dtypes, pipelines, tolerance, source, lines)
+
+
+# -- field parsers ---------------------------------------------------------------------------
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise InputError("must be a string", field=key)
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...], key: str) -> Any:
+    if value not in choices:
+        raise InputError(f"{value!r} is not one of {', '.join(choices)}", field=key)
+    return value
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise InputError("must be true or false", field=key)
+    return value
+
+
+def _names(value: Any, key: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+        raise InputError("must be a name or a non-empty list of names", field=key)
+    return tuple(dict.fromkeys(items))
+
+
+def _number(value: Any, key: str) -> float:
+    # YAML's `yes`/`true` are bools, a subclass of int: refuse them as numbers.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"must be a number, not {value!r}", field=key)
+    if not math.isfinite(value):
+        raise InputError("must be finite", field=key)
+    return float(value)
+
+
+def parse_tolerance(value: Any) -> ToleranceSpec | None:
+    """``1e-3`` | ``{rel: .., abs: ..}`` | ``{float16: <either form>, ...}``."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and value and set(value) <= set(DTYPE_NAMES):
+        return ToleranceSpec(per_dtype={
+            str(name): _tolerance(v, f"tolerance.{name}") for name, v in value.items()
+        })
+    return ToleranceSpec(everywhere=_tolerance(value, "tolerance"))
+
+
+def _tolerance(value: Any, key: str) -> Tolerance:
+    if isinstance(value, dict):
+        unknown = set(value) - {"rel", "abs"}
+        if unknown or not value:
+            raise InputError(
+                "a tolerance is a number (relative) or {rel: x, abs: y}; per dtype, keys are "
+                + ", ".join(DTYPE_NAMES), field=key)
+        rel = _number(value.get("rel", 0.0), f"{key}.rel")
+        absolute = _number(value.get("abs", 0.0), f"{key}.abs")
+    else:
+        rel, absolute = _number(value, key), 0.0
+    if rel < 0 or absolute < 0:
+        raise InputError("must not be negative", field=key)
+    return Tolerance(rel=rel, abs=absolute)
+
+
+def _array_field(value: Any, base: Path, key: str, source: str) -> FloatArray:
+    """An inline nested list, a path (relative to the scenario file) or {path, key}."""
+    if isinstance(value, str):
+        return load_array(base / value, key=None, source=source, field=key)
+    if isinstance(value, dict):
+        if set(value) - {"path", "key"} or not isinstance(value.get("path"), str):
+            raise InputError("a file is given as a path, or as {path: FILE, key: NAME}",
+                             field=key)
+        name = value.get("key")
+        if name is not None and not isinstance(name, str):
+            raise InputError("'key' must be a string", field=key)
+        return load_array(base / value["path"], key=name, source=source, field=key)
+    return inline_array(value, key)
+
+
+def inline_array(value: Any, key: str) -> FloatArray:
+    """A YAML number or nested list as a float64 (or, all-integer, int64) array."""
+    def check(item: Any) -> None:
+        if isinstance(item, list):
+            for sub in item:
+                check(sub)
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise InputError(f"holds {item!r}, which is not a number", field=key)
+
+    check(value)
+    try:
+        array = np.array(value)
+    except ValueError:
+        raise InputError("rows of different lengths (the nested lists must be rectangular)",
+                         field=key) from None
+    if array.dtype == object:
+        raise InputError("rows of different lengths (the nested lists must be rectangular)",
+                         field=key)
+    return array if array.dtype.kind in "iu" else array.astype(np.float64)
+
+
+# -- the case and its validation ---------------------------------------------------------------
+
+
+def make_case(
+    *,
+    name: str,
+    logits: FloatArray,
+    labels: FloatArray,
+    family: str = "softmax",
+    from_logits: bool = True,
+    class_weights: Any = None,
+    pos_weight: Any = None,
+    label_smoothing: Any = 0.0,
+    ignore_index: Any = None,
+    reduction: str = "mean",
+    source: str = "<inline>",
+    description: str = "",
+) -> Case:
+    """Validate inputs and loss options and build a :class:`Case` (scenarios and CLI alike).
+
+    Raises
+    ------
+    InputError
+        Naming the field at fault and, for a bad value, its index.
+    """
+    logits = _checked_logits(logits, family, from_logits)
+    classes = logits.shape[-1] if logits.ndim > 1 or family == "softmax" else 1
+    smoothing = _number(label_smoothing, "label_smoothing")
+    if not 0.0 <= smoothing < 1.0:
+        raise InputError("must be in [0, 1)", field="label_smoothing")
+    if smoothing and family != "softmax":
+        raise InputError("applies to the softmax loss only", field="label_smoothing")
+    if ignore_index is not None and (isinstance(ignore_index, bool)
+                                     or not isinstance(ignore_index, (int, np.integer))):
+        raise InputError(f"must be an integer, not {ignore_index!r}", field="ignore_index")
+    labels, kind = _checked_labels(np.asarray(labels), logits, family, classes, ignore_index)
+    if kind == "dense" and ignore_index is not None:
+        raise InputError("applies to integer labels; these are one-hot or probability rows",
+                         field="ignore_index")
+    weights = _weights(class_weights, classes, "class_weights", allow_scalar=False)
+    if weights is not None and not weights.any():
+        raise InputError("are all zero", field="class_weights")
+    if pos_weight is not None and family != "sigmoid":
+        raise InputError("applies to the sigmoid loss only", field="pos_weight")
+    positive = _weights(pos_weight, classes, "pos_weight", allow_scalar=True)
+    spec = LossSpec(
+        family=family,  # type: ignore[arg-type]
+        from_logits=from_logits,
+        class_weights=weights,
+        pos_weight=positive,
+        label_smoothing=smoothing,
+        ignore_index=None if ignore_index is None else int(ignore_index),
+        reduction=reduction,  # type: ignore[arg-type]
+    )
+    case = Case(name=name, logits=logits, labels=labels, label_kind=kind, spec=spec,
+                source=source, description=description)
+    if (reduction == "mean" and kind == "index" and ignore_index is not None
+            and not np.any(np.asarray(labels) != ignore_index)):
+        raise InputError("every label equals ignore_index: the mean is undefined",
+                         field="labels")
+    return case
+
+
+def _first_index(mask: FloatArray) -> list[int]:
+    return [int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape)]
+
+
+def _checked_logits(logits: FloatArray, family: str, from_logits: bool) -> FloatArray:
+    key = "logits"
+    array = np.asarray(logits) if not isinstance(logits, np.memmap) else logits
+    if array.dtype.kind in "iu" and not isinstance(logits, np.memmap):
+        array = array.astype(np.float64)  # inline integer lists
+    if array.dtype.kind not in "f" and array.dtype.name != "bfloat16":
+        raise InputError(f"must be floating point, not {array.dtype}", field=key)
+    if array.ndim == 0 or array.size == 0:
+        raise InputError("must be a non-empty array (a list of logits per example)", field=key)
+    as64 = np.asarray(array, dtype=np.float64)
+    bad = ~np.isfinite(as64)
+    if bad.any():
+        where = _first_index(bad)
+        raise InputError(f"holds {as64[tuple(where)]} at index {where}; inputs must be finite",
+                         field=key)
+    if not from_logits:
+        outside = (as64 < 0) | (as64 > 1)
+        if outside.any():
+            where = _first_index(outside)
+            raise InputError(
+                f"from_logits is false, so these are probabilities, but index {where} holds "
+                f"{as64[tuple(where)]} (outside [0, 1])", field=key)
+        if family == "softmax" and (as64.sum(axis=-1) <= 0).any():
+            row = _first_index(as64.sum(axis=-1) <= 0)
+            raise InputError(f"the probabilities of row {row} sum to 0", field=key)
+    return array
+
+
+def _checked_labels(
+    labels: FloatArray, logits: FloatArray, family: str, classes: int, ignore_index: Any
+) -> tuple[FloatArray, LabelKind]:
+    key = "labels"
+    if labels.size == 0:
+        raise InputError("must not be empty", field=key)
+    if labels.dtype.kind not in "iuf" and labels.dtype.name != "bfloat16":
+        raise InputError(f"must be numbers, not {labels.dtype}", field=key)
+    values = np.asarray(labels, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = _first_index(bad)
+        raise InputError(f"holds {values[tuple(where)]} at index {where}", field=key)
+    counted = values if ignore_index is None else np.where(values == ignore_index, 0.0, values)
+    if family == "sigmoid":
+        if labels.shape != logits.shape:
+            raise InputError(f"have shape {list(labels.shape)}; sigmoid targets need the logits' "
+                             f"shape {list(logits.shape)}", field=key)
+        outside = (counted < 0) | (counted > 1)
+        if outside.any():
+            where = _first_index(outside)
+            raise InputError(f"target {values[tuple(where)]} at index {where} is outside [0, 1]",
+                             field=key)
+        return values, "binary"
+    if labels.shape == logits.shape[:-1]:
+        fractional = values != np.round(values)
+        if fractional.any():
+            where = _first_index(fractional)
+            raise InputError(f"integer class ids expected; index {where} holds "
+                             f"{values[tuple(where)]}", field=key)
+        ids = values.astype(np.int64)
+        out_of_range = ((ids < 0) | (ids >= classes))
+        if ignore_index is not None:
+            out_of_range &= ids != ignore_index
+        if out_of_range.any():
+            where = _first_index(out_of_range)
+            hint = "" if ignore_index is not None else " (padding? set ignore_index)"
+            raise InputError(f"label {ids[tuple(where)]} at index {where} is outside "
+                             f"[0, {classes}){hint}", field=key)
+        return ids, "index"
+    if labels.shape == logits.shape:
+        negative = values < 0
+        if negative.any():
+            where = _first_index(negative)
+            raise InputError(f"probability {values[tuple(where)]} at index {where} is negative",
+                             field=key)
+        eps = float(np.finfo(np.float64).eps) if labels.dtype.itemsize >= 8 else (
+            float(np.finfo(np.float32).eps) if labels.dtype.itemsize == 4 else 2.0**-7)
+        sums = values.sum(axis=-1)
+        off = np.abs(sums - 1.0) > max(1e-6, classes * eps)
+        if off.any():
+            row = _first_index(off)
+            raise InputError(f"one-hot or probability rows must sum to 1; row {row} sums to "
+                             f"{sums[tuple(row)]:.6g}", field=key)
+        return values, "dense"
+    raise InputError(
+        f"have shape {list(labels.shape)}; expected {list(logits.shape[:-1])} (integer class "
+        f"ids) or {list(logits.shape)} (one-hot or probability rows)", field=key)
+
+
+def _weights(value: Any, classes: int, key: str, *, allow_scalar: bool) -> FloatArray | None:
+    if value is None:
+        return None
+    if allow_scalar and not isinstance(value, list):
+        return np.array(_number(value, key))
+    array = inline_array(value, key).astype(np.float64)
+    if array.shape != (classes,):
+        raise InputError(f"need one number per class ({classes}), got shape {list(array.shape)}",
+                         field=key)
+    if (array < 0).any():
+        raise InputError(f"must not be negative (index {int(np.argmax(array < 0))})", field=key)
+    return array
