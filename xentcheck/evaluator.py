@@ -278,6 +278,10 @@ def _scalar_or_counted(loss: float | None, per_example: FloatArray,
     return np.asarray(per_example).ravel()[counted]
 
 
+def _headroom(limit: float | None, value: float | None) -> float | None:
+    return None if limit is None or value is None else limit - value
+
+
 def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
              tol: Tolerance) -> Finding:
     loss, per_example = run.finish(case, collected.denominators)
@@ -291,6 +295,9 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     input_rounding = (
         (not rounded_finite and bool(np.isfinite(target).all())) or _beyond(rounded, target, tol)
     )
+    limit = pipeline_limit(run.pipeline, run.precision, case.classes)
+    # Sigmoid limits bound |x|; softmax limits bound the largest logit.
+    largest_input = collected.max_abs if case.spec.family == "sigmoid" else collected.max_logit
     worst_index = None
     if truth.counted is not None and worst is not None:
         worst_index = _example_index(case, int(np.flatnonzero(truth.counted)[worst]))
@@ -308,9 +315,11 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
                      rounded_finite),
         first_bad=_located(case, run.runner.first_event()),
         events=tuple(e for e in (_located(case, e) for e in run.runner.ordered_events()) if e),
-        limit=pipeline_limit(run.pipeline, run.precision, case.classes),
+        limit=limit,
         tolerance=tol,
         worst_index=worst_index,
+        logit_headroom=_headroom(limit.largest_safe_logit, largest_input),
+        spread_headroom=_headroom(limit.largest_safe_spread, collected.max_spread),
     )
 
 

@@ -56,6 +56,9 @@ class Finding:
     limit: Limit
     tolerance: Tolerance
     worst_index: tuple[int, ...] | None = None
+    # limit minus the input's own largest logit / spread: negative means the input is past it
+    logit_headroom: float | None = None
+    spread_headroom: float | None = None
 
     @property
     def first_bad_stage(self) -> str | None:

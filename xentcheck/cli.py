@@ -1,0 +1,226 @@
+"""The command line: thin over the library. Library errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .arrays import load_array
+from .errors import XentcheckError
+from .evaluator import evaluate
+from .findings import ScenarioResult, Tolerance
+from .pipelines import select
+from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
+from .report_json import render_json
+from .report_table import render_table
+from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
+
+F = TypeVar("F", bound=Callable[..., Any])
+FORMATS = ("table", "json")
+
+
+class InputFailure(click.ClickException):
+    """A XentcheckError at the edge: ``xentcheck: error: <message>`` and exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"xentcheck: error: {self.format_message()}", err=True)
+
+
+def _names(values: Sequence[str]) -> list[str]:
+    """Repeatable options that also take comma-separated lists."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def run_options(function: F) -> F:
+    """Options shared by the commands that evaluate cases."""
+    decorators = [
+        click.option("--dtype", "dtypes", multiple=True, metavar="NAME",
+                     help=f"Storage dtype(s) to evaluate in: {', '.join(DTYPE_NAMES)} "
+                          "(repeat or comma-separate; default: all)."),
+        click.option("--pipeline", "pipelines", multiple=True, metavar="NAME",
+                     help="Formulation(s) to run (default: all that apply)."),
+        click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
+                     show_default=True,
+                     help="Reduction accumulate dtype; 'same' is a running sum in the storage "
+                          "dtype itself."),
+        click.option("--rtol", type=click.FloatRange(min=0), default=None,
+                     help="Relative tolerance for every dtype (default: 8 eps of the dtype)."),
+        click.option("--atol", type=click.FloatRange(min=0), default=None,
+                     help="Absolute tolerance for every dtype (default: 0)."),
+        click.option("--format", "output_format", type=click.Choice(FORMATS), default="table",
+                     show_default=True, help="Report format."),
+        click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
+                     help="Write the report to this file instead of standard output."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def make_console(file: Any = None) -> Console:
+    """A console that honours NO_COLOR / FORCE_COLOR and does not wrap when piped."""
+    force = os.environ.get("FORCE_COLOR", "") not in ("", "0")
+    no_color = bool(os.environ.get("NO_COLOR"))
+    stream = file or sys.stdout
+    terminal = force or (hasattr(stream, "isatty") and stream.isatty())
+    return Console(
+        file=stream,
+        force_terminal=terminal and not no_color if force else None,
+        no_color=no_color,
+        width=None if terminal else 180,
+        highlight=False,
+        soft_wrap=False,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xentcheck")
+def cli() -> None:
+    """Where, and in which precision, does a cross-entropy loss stop telling the truth?
+
+    Runs the loss through several formulations in float16, bfloat16, float32 and float64,
+    measures each against a float64-accurate reference, and reports what broke and where.
+
+    Example: xentcheck run configs/naive_overflow.yaml
+    """
+
+
+@cli.command()
+@click.argument("scenarios", nargs=-1, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--logits", "logits_file", type=click.Path(path_type=Path), default=None,
+              help="Logits (or probabilities) file: .npy, .npz, .csv or .safetensors.")
+@click.option("--logits-key", default=None, help="Array name inside an .npz/.safetensors file.")
+@click.option("--labels", "labels_file", type=click.Path(path_type=Path), default=None,
+              help="Labels file (integer ids, one-hot/probability rows, or 0..1 targets).")
+@click.option("--labels-key", default=None, help="Array name inside an .npz/.safetensors file.")
+@click.option("--loss", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
+              show_default=True, help="Loss family for --logits.")
+@click.option("--probabilities", is_flag=True,
+              help="The --logits file holds probabilities (from_logits: false).")
+@click.option("--reduction", type=click.Choice(["none", "sum", "mean"]), default="mean",
+              show_default=True, help="Batch reduction for --logits.")
+@click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere.")
+@click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax).")
+@run_options
+def run(
+    scenarios: tuple[Path, ...],
+    logits_file: Path | None,
+    logits_key: str | None,
+    labels_file: Path | None,
+    labels_key: str | None,
+    loss: str,
+    probabilities: bool,
+    reduction: str,
+    ignore_index: int | None,
+    label_smoothing: float,
+    dtypes: tuple[str, ...],
+    pipelines: tuple[str, ...],
+    accumulate: str,
+    rtol: float | None,
+    atol: float | None,
+    output_format: str,
+    output: str | None,
+) -> None:
+    """Evaluate scenario files, or logits and labels given as files.
+
+    \b
+    Examples:
+      xentcheck run configs/naive_overflow.yaml
+      xentcheck run configs/*.yaml --dtype bfloat16,float32 --format json
+      xentcheck run --logits logits.npy --labels labels.npy --loss softmax
+    """
+    try:
+        loaded = _scenarios(scenarios, logits_file, logits_key, labels_file, labels_key, loss,
+                            probabilities, reduction, ignore_index, label_smoothing)
+        override = None
+        if rtol is not None or atol is not None:
+            override = ToleranceSpec(everywhere=Tolerance(rel=rtol or 0.0, abs=atol or 0.0))
+        results = [
+            _evaluate(s, _names(dtypes), _names(pipelines), accumulate, override)
+            for s in loaded
+        ]
+        _emit(results, output_format, output)
+    except XentcheckError as exc:
+        raise InputFailure(str(exc)) from None
+
+
+def _scenarios(
+    paths: tuple[Path, ...], logits_file: Path | None, logits_key: str | None,
+    labels_file: Path | None, labels_key: str | None, loss: str, probabilities: bool,
+    reduction: str, ignore_index: int | None, label_smoothing: float,
+) -> list[Scenario]:
+    if paths and logits_file is not None:
+        raise click.UsageError("give scenario files or --logits, not both")
+    if not paths and logits_file is None:
+        raise click.UsageError("give a scenario file, or --logits FILE (and --labels FILE)")
+    if logits_file is None:
+        return [s for path in paths for s in load_scenarios(path)]
+    if labels_file is None:
+        raise click.UsageError("--logits needs --labels FILE")
+    source = "<command line>"
+    case = make_case(
+        name=logits_file.name,
+        logits=load_array(logits_file, key=logits_key, source=source, field="--logits"),
+        labels=load_array(labels_file, key=labels_key, source=source, field="--labels"),
+        family=loss, from_logits=not probabilities, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, source=str(logits_file),
+    )
+    return [Scenario(case, None, None, None, str(logits_file), {})]
+
+
+def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accumulate: str,
+              override: ToleranceSpec | None) -> ScenarioResult:
+    case = scenario.case
+    names = dtypes or list(scenario.dtypes or DTYPE_NAMES)
+    precisions = [Precision(name, accumulate) for name in dict.fromkeys(names)]  # type: ignore[arg-type]
+    chosen = select(case.spec.family, case.spec.from_logits,
+                    pipelines or list(scenario.pipelines or ()))
+    spec = override or scenario.tolerance
+    tolerances = None
+    if spec is not None:
+        tolerances = {
+            p.name: spec.for_dtype(p.name, Tolerance(rel=p.default_rel_tolerance()))
+            for p in precisions
+        }
+    return evaluate(case, precisions, chosen, tolerances)
+
+
+def _emit(results: list[ScenarioResult], output_format: str, output: str | None) -> None:
+    """Build the whole report, then write it: never a half-printed table."""
+    if output_format == "json":
+        text = render_json(results)
+        if output:
+            _write(output, text)
+        else:
+            click.echo(text, nl=False)
+        return
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            console = Console(file=handle, no_color=True, width=180, highlight=False)
+            render_table(results, console)
+        return
+    console = make_console()
+    with console.capture() as capture:
+        render_table(results, console)
+    click.echo(capture.get(), nl=False)
+
+
+def _write(output: str, text: str) -> None:
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputFailure(f"{output}: cannot write the report ({exc.strerror})") from None
+
+
+def main() -> None:
+    """Entry point that also maps click's usage errors to exit status 2 (click's default)."""
+    cli()

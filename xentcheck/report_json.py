@@ -1,0 +1,123 @@
+"""The JSON report, schema 1 of DESIGN.md. Renders findings; computes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .findings import Finding, Mismatch, ScenarioResult
+from .stages import StageEvent
+
+SCHEMA = 1
+
+
+def number(value: float | None) -> float | str | None:
+    """A float as JSON can hold it: non-finite values become "nan", "inf", "-inf"."""
+    if value is None:
+        return None
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _array(values: Any) -> Any:
+    """A per-example array as nested lists of JSON numbers."""
+    if values is None:
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 0:
+        return number(float(array))
+    return [_array(row) for row in array]
+
+
+def _event(event: StageEvent) -> dict[str, Any]:
+    return {"stage": event.stage, "kind": event.kind, "index": list(event.index)}
+
+
+def _result(finding: Finding, reduction: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "pipeline": finding.pipeline,
+        "dtype": finding.dtype,
+        "accumulate": finding.accumulate,
+        "loss": number(finding.loss),
+    }
+    if reduction == "none":
+        out["per_example"] = _array(finding.per_example)
+    out.update({
+        "abs_error": number(finding.abs_error),
+        "rel_error": number(finding.rel_error),
+        "ulp_error": number(finding.ulp_error),
+        "flags": list(finding.flags),
+        "first_bad_stage": finding.first_bad_stage,
+        "first_bad_index": finding.first_bad_index,
+        "largest_safe_logit": number(finding.limit.largest_safe_logit),
+        "largest_safe_spread": number(finding.limit.largest_safe_spread),
+        # additive keys
+        "first_bad_kind": finding.first_bad.kind if finding.first_bad else None,
+        "arithmetic_rel_error": number(finding.arithmetic_rel_error),
+        "tolerance": {"rel": finding.tolerance.rel, "abs": finding.tolerance.abs},
+        "events": [_event(e) for e in finding.events],
+        "worst_index": None if finding.worst_index is None else list(finding.worst_index),
+        "logit_headroom": number(finding.logit_headroom),
+        "spread_headroom": number(finding.spread_headroom),
+    })
+    return out
+
+
+def _mismatch(mismatch: Mismatch) -> dict[str, Any]:
+    return {
+        "dtype": mismatch.dtype,
+        "pipelines": list(mismatch.pipelines),
+        "kind": mismatch.kind,
+        "losses": [number(v) for v in mismatch.losses],
+        "difference": number(mismatch.difference),
+    }
+
+
+def scenario_json(result: ScenarioResult) -> dict[str, Any]:
+    """One scenario's entry of the ``scenarios`` list."""
+    reference: dict[str, Any] = {"loss": number(result.reference.loss)}
+    if result.reduction == "none":
+        reference["per_example"] = _array(result.reference.per_example)
+    reference["rounded"] = {k: number(v) for k, v in result.reference.rounded.items()}
+    stats = result.stats
+    return {
+        "name": result.name,
+        "source": result.source,
+        "loss": result.family,
+        "shape": list(result.shape),
+        "classes": result.classes,
+        "reduction": result.reduction,
+        "reference": reference,
+        "results": [_result(f, result.reduction) for f in result.findings],
+        "mismatches": [_mismatch(m) for m in result.mismatches],
+        # additive keys
+        "description": result.description,
+        "from_logits": result.from_logits,
+        "labels": result.label_kind,
+        "input": {
+            "dtype": stats.input_dtype,
+            "max_logit": number(stats.max_logit),
+            "max_abs_logit": number(stats.max_abs_logit),
+            "max_spread": number(stats.max_spread),
+        },
+    }
+
+
+def render_json(results: Sequence[ScenarioResult]) -> str:
+    """The whole report as a JSON document (floats round-trip exactly)."""
+    document = {
+        "tool": "xentcheck",
+        "version": __version__,
+        "schema": SCHEMA,
+        "scenarios": [scenario_json(r) for r in results],
+    }
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"

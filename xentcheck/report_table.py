@@ -1,0 +1,155 @@
+"""The report for a person: one rich table per scenario. Renders findings; computes nothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .findings import Finding, Mismatch, ScenarioResult
+from .precision import Precision
+
+FLAG_STYLES = {
+    "nan": "bold red",
+    "inf": "bold red",
+    "overflow": "red",
+    "underflow": "yellow",
+    "precision_loss": "yellow",
+    "input_rounding": "cyan",
+}
+LEGEND = (
+    "flags: nan/inf = the loss is NaN/infinite · overflow = a stage made ±inf from finite "
+    "values · underflow = a value that matters was flushed to 0 or a subnormal · "
+    "precision_loss = error beyond tolerance · input_rounding = rounding the inputs alone "
+    "moves the loss beyond tolerance"
+)
+LABEL_KINDS = {"index": "integer labels", "dense": "one-hot/probability labels",
+               "binary": "binary targets"}
+
+
+def _num(value: float | None, digits: int = 6) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}g}"
+
+
+def _loss_text(finding: Finding) -> Text:
+    value = finding.loss
+    label = ""
+    if value is None and finding.per_example is not None and finding.worst_index is not None:
+        value = float(finding.per_example[finding.worst_index])
+        label = f" @{list(finding.worst_index)}"
+    text = Text(_num(value, 9) + label)
+    if value is not None and not math.isfinite(value):
+        text.stylize("bold red")
+    return text
+
+
+def _flags_text(flags: Sequence[str]) -> Text:
+    text = Text()
+    for i, flag in enumerate(flags):
+        if i:
+            text.append(" ")
+        text.append(flag, style=FLAG_STYLES.get(flag, ""))
+    return text
+
+
+def _first_bad(finding: Finding) -> Text:
+    event = finding.first_bad
+    if event is None:
+        return Text("—", style="dim")
+    where = f" at {list(event.index)}" if event.index else ""
+    return Text(f"{event.stage}: {event.kind}{where}", style="red" if event.kind != "underflow"
+                else "yellow")
+
+
+def _limit_text(limit: float | None, headroom: float | None, dtype: str) -> Text:
+    if limit is None:
+        return Text("—", style="dim")
+    if limit == Precision(dtype).max:
+        return Text("format max", style="dim")
+    text = Text(_num(limit, 6))
+    if headroom is not None:
+        if headroom < 0:
+            text.append(f" (input over by {_num(-headroom, 4)})", style="bold red")
+        else:
+            text.append(f" ({_num(headroom, 4)} to spare)", style="green")
+    return text
+
+
+def _mismatch_line(m: Mismatch) -> str:
+    a, b = m.pipelines
+    la, lb = (_num(v, 9) for v in m.losses)
+    if m.kind == "finiteness":
+        return f"  {m.dtype}: {a} gives {la} but {b} gives {lb} (one finite, the other not)"
+    return f"  {m.dtype}: {a} gives {la} and {b} gives {lb}, {_num(m.difference, 3)} apart"
+
+
+def _header(result: ScenarioResult, console: Console) -> None:
+    console.print(Text(result.name, style="bold"), Text(result.source, style="dim"))
+    if result.description:
+        console.print(f"  {result.description}")
+    kind = LABEL_KINDS.get(result.label_kind, result.label_kind)
+    inputs = "logits" if result.from_logits else "probabilities"
+    console.print(
+        f"  {result.family} cross-entropy from {inputs}, {kind} · shape "
+        f"{list(result.shape)} · {result.classes} classes · reduction {result.reduction}"
+    )
+    ref = result.reference
+    reference = f"{ref.loss:.17g}" if ref.loss is not None else "per example (reduction none)"
+    stats = result.stats
+    largest = "largest |logit|" if result.family == "sigmoid" else "largest logit"
+    line = f"  reference loss {reference} · input {stats.input_dtype}: {largest} " + _num(
+        stats.max_abs_logit if result.family == "sigmoid" else stats.max_logit
+    )
+    if stats.max_spread is not None:
+        line += f", largest spread (row max - target logit) {_num(stats.max_spread)}"
+    console.print(line)
+
+
+def render_scenario(result: ScenarioResult, console: Console) -> None:
+    """One scenario: header, findings table, input-rounding notes, mismatches."""
+    _header(result, console)
+    table = Table(show_lines=False, header_style="bold", pad_edge=False)
+    for column, justify in (
+        ("pipeline", "left"), ("dtype", "left"), ("loss", "right"), ("abs err", "right"),
+        ("rel err", "right"), ("ulp err", "right"), ("flags", "left"),
+        ("first bad stage", "left"), ("safe logit ≤", "left"), ("safe spread ≤", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    previous = None
+    for f in result.findings:
+        if previous is not None and f.dtype != previous:
+            table.add_section()
+        previous = f.dtype
+        default = Precision(f.dtype).accumulate_label == f.accumulate
+        dtype = f.dtype if default else f"{f.dtype} (acc {f.accumulate})"
+        table.add_row(
+            f.pipeline, dtype, _loss_text(f), _num(f.abs_error, 3), _num(f.rel_error, 3),
+            _num(f.ulp_error, 3), _flags_text(f.flags), _first_bad(f),
+            _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype),
+            _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype),
+        )
+    console.print(table)
+    ref = result.reference
+    for dtype, rounded in ref.rounded.items():
+        if ref.loss is not None and rounded is not None and rounded != ref.loss:
+            console.print(
+                f"  {dtype} rounds the inputs: the loss of the rounded inputs is "
+                f"{rounded:.9g} (reference {ref.loss:.9g})", style="cyan"
+            )
+    if result.mismatches:
+        console.print("  mismatches between pipelines:", style="bold")
+        for m in result.mismatches:
+            console.print(_mismatch_line(m))
+    console.print()
+
+
+def render_table(results: Sequence[ScenarioResult], console: Console) -> None:
+    """Every scenario, then the flag legend."""
+    for result in results:
+        render_scenario(result, console)
+    console.print(LEGEND, style="dim")
