@@ -87,7 +87,8 @@ def _pick(names: list[str], key: str | None, fail: Any) -> str:
 
 
 def _load_npz(path: Path, key: str | None, fail: Any) -> FloatArray:
-    with np.load(path, allow_pickle=False) as archive:
+    # Our own handle: np.load leaves its file open when the archive turns out corrupt.
+    with path.open("rb") as handle, np.load(handle, allow_pickle=False) as archive:
         name = _pick(list(archive.files), key, fail)
         return np.asarray(archive[name])
 

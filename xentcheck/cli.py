@@ -211,7 +211,9 @@ def _emit(results: list[ScenarioResult], output_format: str, output: str | None)
     console = make_console()
     with console.capture() as capture:
         render_table(results, console)
-    click.echo(capture.get(), nl=False)
+    # The console already decided about colour (terminal, NO_COLOR, FORCE_COLOR): keep click
+    # from stripping the codes a forced-colour console produced.
+    click.echo(capture.get(), nl=False, color=True)
 
 
 def _write(output: str, text: str) -> None:

@@ -1,0 +1,118 @@
+"""Array files: each format, and each way a file can be bad (one InputError, never unpickled)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xentcheck.arrays import load_array
+from xentcheck.errors import InputError
+
+
+def load(path: Path, key: str | None = None) -> np.ndarray:
+    return load_array(path, key=key, source="s.yaml", field="logits")
+
+
+def test_npy_is_memory_mapped(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.arange(6, dtype=np.float32).reshape(2, 3))
+    array = load(tmp_path / "x.npy")
+    assert isinstance(array, np.memmap)
+    assert array.dtype == np.float32 and array.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_npz_single_array_needs_no_key(tmp_path: Path) -> None:
+    np.savez(tmp_path / "x.npz", only=np.array([1.0, 2.0]))
+    assert load(tmp_path / "x.npz").tolist() == [1.0, 2.0]
+
+
+def test_npz_missing_key_lists_the_keys(tmp_path: Path) -> None:
+    np.savez(tmp_path / "x.npz", a=np.zeros(2), b=np.ones(2))
+    with pytest.raises(InputError, match="has no array 'c'; it holds: a, b"):
+        load(tmp_path / "x.npz", "c")
+    with pytest.raises(InputError, match="say which with 'key'"):
+        load(tmp_path / "x.npz")
+
+
+def test_csv_with_and_without_header(tmp_path: Path) -> None:
+    (tmp_path / "h.csv").write_text("a,b\n1,2\n3,4.5\n")
+    (tmp_path / "n.csv").write_text("1,2\n3,4.5\n")
+    (tmp_path / "c.csv").write_text("1\n2\n")
+    assert load(tmp_path / "h.csv").tolist() == [[1, 2], [3, 4.5]]
+    assert load(tmp_path / "n.csv").tolist() == [[1, 2], [3, 4.5]]
+    assert load(tmp_path / "c.csv").tolist() == [1, 2]
+
+
+def test_safetensors_keys(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.array([1.0], dtype=np.float32), "y": np.array([2.0])},
+              str(tmp_path / "t.safetensors"))
+    assert load(tmp_path / "t.safetensors", "y").tolist() == [2.0]
+    with pytest.raises(InputError, match="it holds: x, y"):
+        load(tmp_path / "t.safetensors", "z")
+
+
+def make_bad(tmp_path: Path, kind: str) -> Path:
+    if kind == "missing":
+        return tmp_path / "missing.npy"
+    if kind == "directory":
+        (tmp_path / "d.npy").mkdir()
+        return tmp_path / "d.npy"
+    if kind == "empty":
+        (tmp_path / "e.npy").write_bytes(b"")
+        return tmp_path / "e.npy"
+    if kind == "truncated":
+        np.save(tmp_path / "t.npy", np.zeros((100, 100)))
+        data = (tmp_path / "t.npy").read_bytes()
+        (tmp_path / "t.npy").write_bytes(data[: len(data) // 2])
+        return tmp_path / "t.npy"
+    if kind == "garbage":
+        (tmp_path / "g.npy").write_bytes(b"this is not a numpy file at all")
+        return tmp_path / "g.npy"
+    if kind == "pickle":
+        np.save(tmp_path / "p.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        return tmp_path / "p.npy"
+    if kind == "strings":
+        np.save(tmp_path / "s.npy", np.array(["a", "b"]))
+        return tmp_path / "s.npy"
+    if kind == "suffix":
+        (tmp_path / "x.txt").write_text("1,2")
+        return tmp_path / "x.txt"
+    if kind == "bad_zip":
+        (tmp_path / "z.npz").write_bytes(b"PK\x03\x04 broken")
+        return tmp_path / "z.npz"
+    if kind == "csv_cell":
+        (tmp_path / "c.csv").write_text("1,2\n3,x\n")
+        return tmp_path / "c.csv"
+    if kind == "csv_ragged":
+        (tmp_path / "r.csv").write_text("1,2\n3\n")
+        return tmp_path / "r.csv"
+    if kind == "safetensors":
+        (tmp_path / "b.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+        return tmp_path / "b.safetensors"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("missing", "no such file"),
+    ("directory", "is a directory"),
+    ("empty", "is empty"),
+    ("truncated", "cannot read it"),
+    ("garbage", "cannot read it"),
+    ("pickle", "cannot read it"),
+    ("strings", "numbers are needed"),
+    ("suffix", "unknown file type"),
+    ("bad_zip", "cannot read it"),
+    ("csv_cell", "row 2, column 2: 'x' is not a number"),
+    ("csv_ragged", "row 2 has 1 columns"),
+    ("safetensors", "cannot read it"),
+])
+def test_bad_files_are_one_input_error(tmp_path: Path, kind: str, message: str) -> None:
+    path = make_bad(tmp_path, kind)
+    with pytest.raises(InputError) as caught:
+        load(path)
+    assert message in str(caught.value)
+    assert caught.value.source == "s.yaml" and caught.value.field == "logits"
+    assert "\n" not in str(caught.value)

@@ -1,0 +1,138 @@
+"""The command line through click's CliRunner: reports, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from xentcheck.cli import cli
+
+Write = Callable[[str, str], Path]
+NAIVE_OVERFLOW = "logits: [1000, 2000, 2500]\nlabels: 1\n"
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> click.testing.Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_every_command_has_help_text() -> None:
+    commands = cli.commands  # type: ignore[attr-defined]
+    assert commands
+    for name, command in commands.items():
+        assert command.help and "Example" in command.help, name
+        assert invoke(name, "--help").exit_code == 0
+    assert "Example" in (cli.help or "")
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and "xentcheck" in result.output
+
+
+def test_run_table_explains_the_naive_overflow(write: Write) -> None:
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    result = invoke("run", str(path), env={"NO_COLOR": "1"})
+    assert result.exit_code == 0  # a NaN is a finding, not a failure
+    out = result.stdout
+    assert "\x1b[" not in out  # plain text when not a terminal
+    naive_rows = [line for line in out.splitlines() if line.startswith("│naive")]
+    assert len(naive_rows) == 4
+    assert all("nan" in row and "exp: overflow at [0]" in row for row in naive_rows)
+    stable_rows = [line for line in out.splitlines() if line.startswith("│stable")]
+    assert ["496" in row for row in stable_rows] == [False, True, False, False]
+    assert all(" 500 " in row for i, row in enumerate(stable_rows) if i != 1)
+    assert "the loss of the rounded inputs is 496 (reference 500)" in out
+
+
+def test_run_json_is_schema_1(write: Write) -> None:
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    result = invoke("run", str(path), "--format", "json", "--dtype", "float32")
+    assert result.exit_code == 0
+    document = json.loads(result.stdout)
+    assert document["schema"] == 1 and document["tool"] == "xentcheck"
+    (scenario,) = document["scenarios"]
+    assert scenario["reference"]["loss"] == 500.0
+    naive = next(r for r in scenario["results"] if r["pipeline"] == "naive")
+    assert naive["loss"] == "nan" and naive["first_bad_stage"] == "exp"
+    assert naive["first_bad_index"] == [0]
+
+
+def test_output_file(tmp_path: Path, write: Write) -> None:
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    target = tmp_path / "report.json"
+    result = invoke("run", str(path), "--format", "json", "--output", str(target))
+    assert result.exit_code == 0 and result.stdout == ""
+    assert json.loads(target.read_text())["schema"] == 1
+    table = tmp_path / "report.txt"
+    assert invoke("run", str(path), "--output", str(table)).exit_code == 0
+    assert "naive" in table.read_text() and "\x1b[" not in table.read_text()
+
+
+def test_dtype_pipeline_and_tolerance_options(write: Write) -> None:
+    path = write("s.yaml", "logits: [0, -40]\nlabels: 0\n")
+    result = invoke("run", str(path), "--format", "json", "--dtype", "float64,float32",
+                    "--pipeline", "stable", "--rtol", "2", "--accumulate", "same")
+    results = json.loads(result.stdout)["scenarios"][0]["results"]
+    assert [(r["pipeline"], r["dtype"]) for r in results] == [("stable", "float64"),
+                                                               ("stable", "float32")]
+    # rel error 1 is within rtol 2: no precision_loss
+    assert all(r["flags"] == [] for r in results)
+    assert all(r["tolerance"] == {"rel": 2.0, "abs": 0.0} for r in results)
+    assert results[1]["accumulate"] == "float32"
+
+
+def test_logits_and_labels_files(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.array([[0.0, 100.0]], dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.array([0]))
+    result = invoke("run", "--logits", str(tmp_path / "x.npy"), "--labels",
+                    str(tmp_path / "y.npy"), "--format", "json", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    scenario = json.loads(result.stdout)["scenarios"][0]
+    assert scenario["input"]["dtype"] == "float32"
+    assert scenario["reference"]["loss"] == pytest.approx(100.0, rel=1e-15)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "missing.yaml"], "missing.yaml: no such file"),
+    (["run", "{bad}", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["run", "{bad}", "--pipeline", "fancy"], "unknown pipeline 'fancy'"),
+    (["run", "{bad}", "--format", "xml"], "Invalid value for '--format'"),
+    (["run"], "give a scenario file"),
+    (["run", "--logits", "x.npy"], "--logits needs --labels"),
+    (["run", "{yaml}"], "not valid YAML"),
+    (["run", "{bad}", "--rtol", "-1"], "--rtol"),
+])
+def test_usage_and_input_errors_exit_2_with_one_line(
+    write: Write, args: list[str], message: str
+) -> None:
+    good = write("good.yaml", NAIVE_OVERFLOW)
+    broken = write("broken.yaml", "logits: [1, 2\n")
+    args = [a.replace("{bad}", str(good)).replace("{yaml}", str(broken)) for a in args]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_input_error_is_a_single_line(write: Write) -> None:
+    path = write("s.yaml", "logits: [[1, 2]]\nlabels: [5]\n")
+    result = invoke("run", str(path))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"xentcheck: error: {path}: labels: label 5")
+
+
+def test_force_color(write: Write) -> None:
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    colored = invoke("run", str(path), "--dtype", "float32", env={"FORCE_COLOR": "1"})
+    assert "\x1b[" in colored.stdout
+    plain = invoke("run", str(path), "--dtype", "float32",
+                   env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert "\x1b[3" not in plain.stdout  # no colour codes (bold may remain)

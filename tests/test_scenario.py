@@ -1,0 +1,165 @@
+"""Scenario loading and validation: every valid form, and every bad input as one InputError."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from xentcheck.errors import InputError
+from xentcheck.findings import Tolerance
+from xentcheck.scenario import load_scenarios
+
+Write = Callable[[str, str], Path]
+
+
+def test_inline_scenario_with_defaults(write: Write) -> None:
+    path = write("demo.yaml", "logits: [[1, 2, 3], [0, 0, 1]]\nlabels: [2, 0]\n")
+    (scenario,) = load_scenarios(path)
+    case = scenario.case
+    assert case.name == "demo"
+    assert case.label_kind == "index"
+    assert case.logits.dtype == np.float64
+    assert case.labels.tolist() == [2, 0]
+    assert case.spec.family == "softmax" and case.spec.reduction == "mean"
+    assert scenario.dtypes is None and scenario.pipelines is None
+    assert scenario.lines == {"logits": 1, "labels": 2}
+
+
+def test_scenarios_list_and_line_numbers(write: Write) -> None:
+    path = write("many.yaml", (
+        "scenarios:\n"
+        "  - name: a\n    logits: [0, 1]\n    labels: 1\n"
+        "  - logits: [[0.5, 0.5]]\n    labels: [[0.5, 0.5]]\n    loss: softmax\n"
+    ))
+    first, second = load_scenarios(path)
+    assert first.case.name == "a" and first.lines["labels"] == 4
+    assert second.case.name == "many[1]" and second.case.label_kind == "dense"
+
+
+def test_every_key(write: Write) -> None:
+    path = write("full.yaml", """
+name: full
+description: all the keys
+loss: softmax
+logits: [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]
+labels: [0, -100]
+from_logits: true
+class_weights: [1, 2, 3]
+label_smoothing: 0.1
+ignore_index: -100
+reduction: sum
+dtypes: [float16, float32]
+pipelines: stable
+tolerance: {float16: 0.01, float32: {rel: 1.0e-6, abs: 1.0e-9}}
+""")
+    (s,) = load_scenarios(path)
+    assert s.case.spec.class_weights is not None
+    assert s.case.spec.class_weights.tolist() == [1.0, 2.0, 3.0]
+    assert s.case.spec.label_smoothing == 0.1 and s.case.spec.ignore_index == -100
+    assert s.dtypes == ("float16", "float32") and s.pipelines == ("stable",)
+    assert s.tolerance is not None
+    default = Tolerance(rel=0.5)
+    assert s.tolerance.for_dtype("float16", default) == Tolerance(rel=0.01)
+    assert s.tolerance.for_dtype("float32", default) == Tolerance(rel=1e-6, abs=1e-9)
+    assert s.tolerance.for_dtype("float64", default) == default
+
+
+def test_sigmoid_with_pos_weight(write: Write) -> None:
+    path = write("b.yaml", "loss: sigmoid\nlogits: [[1, -2], [3, 4]]\nlabels: [[0, 1], [1, 0.5]]\n"
+                           "pos_weight: [2, 3]\n")
+    (s,) = load_scenarios(path)
+    assert s.case.label_kind == "binary" and s.case.classes == 2
+    assert s.case.spec.pos_weight is not None and s.case.spec.pos_weight.tolist() == [2.0, 3.0]
+
+
+def test_files_relative_to_the_scenario(tmp_path: Path, write: Write) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "x.npy", np.array([[1.0, 2.0]], dtype=np.float16))
+    np.savez(data / "y.npz", labels=np.array([1]), other=np.array([0]))
+    path = write("s.yaml", "logits: data/x.npy\nlabels: {path: data/y.npz, key: labels}\n")
+    (s,) = load_scenarios(path)
+    assert s.case.logits.dtype == np.float16  # the file's own dtype is kept
+    assert s.case.labels.tolist() == [1]
+
+
+def test_bfloat16_safetensors(tmp_path: Path, write: Write) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"logits": np.array([[2500.0, 1.0]], dtype=ml_dtypes.bfloat16)},
+              str(tmp_path / "t.safetensors"))
+    path = write("s.yaml", "logits: {path: t.safetensors, key: logits}\nlabels: [0]\n")
+    (s,) = load_scenarios(path)
+    assert s.case.logits.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert float(s.case.logits[0, 0]) == 2496.0  # bfloat16 holds 2500 as 2496
+
+
+BAD = [
+    ("logits: [1, 2]\nlabels: 1\nlables: 2\n", "lables", "did you mean 'labels'"),
+    ("logits: [1, 2]\nlabels: 1\nexpect: {}\n", "expect", "not supported"),
+    ("labels: 1\n", "logits", "is required"),
+    ("logits: [1, 2]\n", "labels", "is required"),
+    ("logits: [[1, 2], [3]]\nlabels: [0, 0]\n", "logits", "rectangular"),
+    ("logits: [1, .nan]\nlabels: 0\n", "logits", "index [1]"),
+    ("logits: [1, .inf]\nlabels: 0\n", "logits", "finite"),
+    ("logits: []\nlabels: []\n", "logits", "non-empty"),
+    ("logits: [1, 'a']\nlabels: 0\n", "logits", "not a number"),
+    ("logits: [[1, 2]]\nlabels: [2]\n", "labels", "outside [0, 2)"),
+    ("logits: [[1, 2]]\nlabels: [-100]\n", "labels", "ignore_index"),
+    ("logits: [[1, 2]]\nlabels: [0.5]\n", "labels", "integer class ids"),
+    ("logits: [[1, 2]]\nlabels: [[0.5, 0.6]]\n", "labels", "sum to 1"),
+    ("logits: [[1, 2]]\nlabels: [[1.5, -0.5]]\n", "labels", "negative"),
+    ("logits: [[1, 2]]\nlabels: [0, 1, 1]\n", "labels", "expected [1]"),
+    ("loss: sigmoid\nlogits: [1, 2]\nlabels: [0, 2]\n", "labels", "outside [0, 1]"),
+    ("loss: sigmoid\nlogits: [1, 2]\nlabels: [0]\n", "labels", "shape"),
+    ("loss: hinge\nlogits: [1, 2]\nlabels: 0\n", "loss", "not one of"),
+    ("from_logits: false\nlogits: [0.5, 1.5]\nlabels: 0\n", "logits", "outside [0, 1]"),
+    ("from_logits: false\nlogits: [[0, 0]]\nlabels: [0]\n", "logits", "sum to 0"),
+    ("from_logits: yes please\nlogits: [1, 2]\nlabels: 0\n", "from_logits", "true or false"),
+    ("logits: [1, 2]\nlabels: 0\nclass_weights: [1]\n", "class_weights", "one number per class"),
+    ("logits: [1, 2]\nlabels: 0\nclass_weights: [1, -1]\n", "class_weights", "negative"),
+    ("logits: [1, 2]\nlabels: 0\nclass_weights: [0, 0]\n", "class_weights", "all zero"),
+    ("logits: [1, 2]\nlabels: 0\npos_weight: 2\n", "pos_weight", "sigmoid"),
+    ("logits: [1, 2]\nlabels: 0\nlabel_smoothing: 1.5\n", "label_smoothing", "[0, 1)"),
+    ("logits: [1, 2]\nlabels: 0\nlabel_smoothing: yes\n", "label_smoothing", "number"),
+    ("logits: [1, 2]\nlabels: 0\nignore_index: 1.5\n", "ignore_index", "integer"),
+    ("logits: [[1, 2]]\nlabels: [[1, 0]]\nignore_index: -100\n", "ignore_index", "integer labels"),
+    ("logits: [[1, 2]]\nlabels: [-1]\nignore_index: -1\n", "labels", "mean is undefined"),
+    ("logits: [1, 2]\nlabels: 0\nreduction: avg\n", "reduction", "not one of"),
+    ("logits: [1, 2]\nlabels: 0\ndtypes: [float8]\n", "dtypes", "not one of"),
+    ("logits: [1, 2]\nlabels: 0\npipelines: [clipped]\n", "pipelines", "unknown pipeline"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {rel: -1}\n", "tolerance", "negative"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {rtol: 1}\n", "tolerance", "rel"),
+    ("logits: missing.npy\nlabels: 0\n", "logits", "no such file"),
+    ("logits: {path: x.npz}\nlabels: 0\n", "logits", "no such file"),
+    ("- 1\n- 2\n", None, "mapping"),
+    ("logits: [1, 2\nlabels: 0\n", None, "not valid YAML"),
+    ("scenarios: []\n", "scenarios", "non-empty"),
+    ("scenarios: [{logits: [1, 2], labels: 0}]\nname: x\n", "name", "nothing else"),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "message"), BAD)
+def test_bad_scenarios_are_one_input_error(
+    write: Write, text: str, field: str | None, message: str
+) -> None:
+    path = write("bad.yaml", text)
+    with pytest.raises(InputError) as caught:
+        load_scenarios(path)
+    error = caught.value
+    assert error.source == str(path)
+    if field is not None:
+        assert error.field is not None and error.field.startswith(field)
+    assert message in str(error)
+    assert "\n" not in str(error)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        load_scenarios(tmp_path / "nope.yaml")
+    with pytest.raises(InputError, match="directory"):
+        load_scenarios(tmp_path)
