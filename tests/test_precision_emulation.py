@@ -1,0 +1,116 @@
+"""The precision model and the stage watch, against hand-derived values."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from xentcheck.errors import UsageError
+from xentcheck.precision import Precision
+from xentcheck.stages import StageRunner
+
+
+def runner(dtype: str, accumulate: str = "default", rows: int = 1) -> StageRunner:
+    run = StageRunner(Precision(dtype, accumulate), ("cast", "exp", "sum", "log", "divide"))  # type: ignore[arg-type]
+    return run.bind(np.ones(rows, dtype=bool))
+
+
+def test_rounding_to_bfloat16_and_float16() -> None:
+    p = Precision("bfloat16")
+    assert p.round(np.array([2500.0, 2000.0])).astype(np.float64).tolist() == [2496.0, 2000.0]
+    h = Precision("float16")
+    # 65504 is float16's largest; values from 65520 (max + half an ulp) round to inf
+    assert h.round(np.array([65519.0, 65520.0])).astype(np.float64).tolist() == [65504.0,
+                                                                                  math.inf]
+
+
+def test_running_sum_in_bfloat16_stalls_at_256() -> None:
+    ones = np.ones((1, 1000))
+    # 256 + 1 = 257 needs 9 significant bits; bfloat16 has 8 and the tie rounds to even 256
+    assert float(runner("bfloat16", "same").sum("sum", ones)[0]) == 256.0
+    assert float(runner("bfloat16").sum("sum", ones)[0]) == 1000.0  # float32 accumulation
+    assert float(runner("float16", "same").sum("sum", ones)[0]) == 1000.0  # 11 bits suffice
+    assert float(runner("float16", "same").sum("sum", np.ones((1, 5000)))[0]) == 2048.0
+
+
+def test_float16_sum_of_100000_ones_is_inf_and_reported_as_overflow() -> None:
+    run = runner("float16")
+    assert float(run.sum("sum", np.ones((1, 100_000)))[0]) == math.inf
+    assert [(e.stage, e.kind, e.index) for e in run.events] == [("sum", "overflow", (0,))]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_ulp_matches_numpy_spacing(dtype: str) -> None:
+    values = np.array([1.0, 3.0, 1000.0, 1e-6, 2.0**-20, 0.5, 7.0], dtype=dtype)
+    got = Precision(dtype).ulp(values.astype(np.float64))
+    np.testing.assert_array_equal(got, np.spacing(values).astype(np.float64))
+
+
+def test_ulp_bfloat16_by_hand() -> None:
+    # 8 significant bits: spacing 2^(e-7) in [2^e, 2^(e+1)); subnormal spacing 2^-133
+    got = Precision("bfloat16").ulp(np.array([1.0, 496.0, 2500.0, 0.0, 1e-40]))
+    assert got.tolist() == [2.0**-7, 2.0, 16.0, 2.0**-133, 2.0**-133]
+
+
+def test_elementwise_steps_are_correctly_rounded_in_float16() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 100, 500).astype(np.float16)
+    b = rng.normal(0, 3, 500).astype(np.float16)
+    run = runner("float16", rows=500)
+    got = {
+        "add": run.add("exp", a, b), "sub": run.subtract("exp", a, b),
+        "mul": run.multiply("exp", a, b), "div": run.divide("divide", a, b),
+    }
+    for name, result in got.items():
+        for x, y, r in zip(a, b, result, strict=True):
+            fx, fy = Fraction(float(x)), Fraction(float(y))
+            exact = {"add": fx + fy, "sub": fx - fy, "mul": fx * fy,
+                     "div": fx / fy if fy else None}[name]
+            if exact is None:
+                continue
+            candidates = np.array([float(exact)], dtype=np.float64).astype(np.float16)
+            nearest = float(candidates[0])
+            # correctly rounded: no float16 value is closer to the exact result
+            assert abs(Fraction(float(r)) - exact) <= abs(Fraction(nearest) - exact), name
+
+
+def test_watch_names_stage_kind_and_index() -> None:
+    run = runner("float32", rows=2)
+    x = np.array([[0.0, 100.0], [0.0, 0.0]])
+    e = run.exp("exp", run.cast("cast", x))
+    s = run.sum("sum", e, keepdims=True)
+    run.divide("divide", e, s)
+    run.log("log", np.array([[1.0, 0.0], [1.0, 1.0]]))
+    events = {(ev.stage, ev.kind): ev.index for ev in run.events}
+    assert events[("exp", "overflow")] == (0, 1)
+    assert events[("divide", "nan")] == (0, 1)  # inf / inf
+    assert events[("log", "log_of_zero")] == (0, 1)
+    assert ("sum", "overflow") not in events  # the inf came in: not this stage's doing
+
+
+def test_ignored_rows_are_not_watched() -> None:
+    run = StageRunner(Precision("float32"), ("exp",)).bind(np.array([False, True]), 10)
+    run.exp("exp", np.array([[100.0], [1.0]]))
+    assert run.events == []
+    run.bind(np.array([True, True]), 10)
+    run.exp("exp", np.array([[1.0], [100.0]]))
+    assert [(e.kind, e.index) for e in run.events] == [("overflow", (11, 0))]  # block offset
+
+
+def test_underflow_only_at_critical_positions() -> None:
+    run = runner("float32", rows=1)
+    critical = np.array([[False, True]])
+    run.exp("exp", np.array([[-200.0, -200.0]]), critical=critical)
+    assert [(e.kind, e.index) for e in run.events] == [("underflow", (0, 1))]
+
+
+def test_unknown_dtype_or_accumulate() -> None:
+    with pytest.raises(UsageError, match="unknown dtype"):
+        Precision("float8")
+    with pytest.raises(UsageError, match="accumulate"):
+        Precision("float16", "int8")  # type: ignore[arg-type]
+    assert Precision("bfloat16").dtype == np.dtype(ml_dtypes.bfloat16)
