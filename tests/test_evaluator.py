@@ -171,3 +171,44 @@ def test_float16_sum_reduction_overflows_at_the_reduce_stage() -> None:
     assert summed.reference.loss == pytest.approx(100_000 * math.log(2), rel=4e-16)
     mean = evaluate(softmax_case(x, y), p, available("softmax", True)[2:])
     assert mean.findings[0].loss == float(np.float16(math.log(2)))
+
+
+def test_value_mismatch_reports_the_difference() -> None:
+    # Keras' clip raises the target probability 1e-9 / 1.200000001 to 1e-7.
+    p = np.array([[1e-9, 0.9, 0.3]])
+    case = Case("p", p, np.array([0]), "index", LossSpec(from_logits=False))
+    result = evaluate(case, ALL[3:], available("softmax", False))
+    (mismatch,) = result.mismatches
+    naive = -math.log(1e-9 / (1e-9 + 0.9 + 0.3))
+    clipped = -math.log(1e-7)
+    assert mismatch.pipelines == ("naive", "clipped") and mismatch.kind == "value"
+    assert mismatch.losses == pytest.approx((naive, clipped), rel=1e-15)
+    assert mismatch.difference == pytest.approx(naive - clipped, rel=1e-14)
+    assert result.reference.loss == pytest.approx(naive, rel=1e-15)
+
+
+def test_headroom_is_limit_minus_the_inputs_largest_logit() -> None:
+    result = evaluate(softmax_case([1000.0, 2000.0, 2500.0], 1), ALL[2:3],
+                      available("softmax", True))
+    naive = finding(result, "naive", "float32")
+    assert naive.limit.largest_safe_logit is not None
+    assert naive.logit_headroom == naive.limit.largest_safe_logit - 2500.0
+    assert naive.spread_headroom == (naive.limit.largest_safe_spread or 0.0) - 500.0
+
+
+def test_five_dimensional_input_and_sigmoid_pos_weight() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 2, (2, 13, 13, 3, 20))
+    y = rng.integers(0, 20, (2, 13, 13, 3))
+    result = evaluate(softmax_case(x, y), ALL[3:], available("softmax", True))
+    assert result.shape == (2, 13, 13, 3, 20) and result.classes == 20
+    assert finding(result, "stable", "float64").flags == ()
+    z = (rng.random((4, 3)) < 0.5).astype(np.float64)
+    logits = rng.normal(0, 5, (4, 3))
+    pw = np.array([1.0, 2.0, 0.5])
+    case = Case("b", logits, z, "binary", LossSpec(family="sigmoid", pos_weight=pw))
+    sig = evaluate(case, ALL[3:], available("sigmoid", True))
+    s = 1 / (1 + np.exp(-logits))
+    expected = np.mean(-(pw * z * np.log(s) + (1 - z) * np.log1p(-s)))
+    assert sig.reference.loss == pytest.approx(float(expected), rel=1e-13)
+    assert finding(sig, "stable", "float64").loss == pytest.approx(float(expected), rel=1e-13)
