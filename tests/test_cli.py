@@ -47,7 +47,7 @@ def test_run_table_explains_the_naive_overflow(write: Write) -> None:
     stable_rows = [line for line in out.splitlines() if line.startswith("│stable")]
     assert ["496" in row for row in stable_rows] == [False, True, False, False]
     assert all(" 500 " in row for i, row in enumerate(stable_rows) if i != 1)
-    assert "the loss of the rounded inputs is 496 (reference 500)" in out
+    assert "loss of the inputs rounded to: bfloat16 496 (reference 500;" in out
 
 
 def test_run_json_is_schema_1(write: Write) -> None:

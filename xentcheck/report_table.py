@@ -24,7 +24,10 @@ LEGEND = (
     "flags: nan/inf = the loss is NaN/infinite · overflow = a stage made ±inf from finite "
     "values · underflow = a value that matters was flushed to 0 or a subnormal · "
     "precision_loss = error beyond tolerance · input_rounding = rounding the inputs alone "
-    "moves the loss beyond tolerance"
+    "moves the loss beyond tolerance.\n"
+    "safe logit ≤: every input whose logits stay below it gives a finite loss (worst case: "
+    "all C logits equal) · safe spread ≤: the same for the gap between a row's largest logit "
+    "and its target's · format max: no edge before the format's own range."
 )
 LABEL_KINDS = {"index": "integer labels", "dense": "one-hot/probability labels",
                "binary": "binary targets"}
@@ -96,7 +99,8 @@ def _header(result: ScenarioResult, console: Console) -> None:
     inputs = "logits" if result.from_logits else "probabilities"
     console.print(
         f"  {result.family} cross-entropy from {inputs}, {kind} · shape "
-        f"{list(result.shape)} · {result.classes} classes · reduction {result.reduction}"
+        f"{list(result.shape)} · {result.classes} class{'es' if result.classes != 1 else ''} · "
+        f"reduction {result.reduction}"
     )
     ref = result.reference
     reference = f"{ref.loss:.17g}" if ref.loss is not None else "per example (reduction none)"
@@ -135,12 +139,15 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
         )
     console.print(table)
     ref = result.reference
-    for dtype, rounded in ref.rounded.items():
-        if ref.loss is not None and rounded is not None and rounded != ref.loss:
-            console.print(
-                f"  {dtype} rounds the inputs: the loss of the rounded inputs is "
-                f"{rounded:.9g} (reference {ref.loss:.9g})", style="cyan"
-            )
+    changed = [
+        f"{dtype} {rounded:.9g}" for dtype, rounded in ref.rounded.items()
+        if ref.loss is not None and rounded is not None and rounded != ref.loss
+    ]
+    if changed and ref.loss is not None:
+        console.print(
+            f"  loss of the inputs rounded to: {' · '.join(changed)} (reference "
+            f"{ref.loss:.9g}; the rest of each error is arithmetic)", style="cyan"
+        )
     if result.mismatches:
         console.print("  mismatches between pipelines:", style="bold")
         for m in result.mismatches:
