@@ -212,3 +212,20 @@ def test_five_dimensional_input_and_sigmoid_pos_weight() -> None:
     expected = np.mean(-(pw * z * np.log(s) + (1 - z) * np.log1p(-s)))
     assert sig.reference.loss == pytest.approx(float(expected), rel=1e-13)
     assert finding(sig, "stable", "float64").loss == pytest.approx(float(expected), rel=1e-13)
+
+
+def test_flags_are_judged_value_by_value() -> None:
+    # Element [0, 1]: 0.999999999 rounds to 1.0 in float32, so log(1 - p) of the stored input
+    # is -inf for target 0 (input_rounding). Element [0, 0]: 1e-9 is a normal float32 but
+    # clipping to 1e-7 gives -log(1e-7) = 16.12 instead of -log(1e-9) = 20.72 (precision_loss,
+    # judged against the finite loss of the rounded input).
+    p = np.array([[1e-9, 0.999999999]])
+    z = np.array([[1.0, 0.0]])
+    case = Case("s", p, z, "binary", LossSpec(family="sigmoid", from_logits=False,
+                                              reduction="none"))
+    result = evaluate(case, ALL[2:3], available("sigmoid", False))
+    clipped = finding(result, "clipped", "float32")
+    assert clipped.flags == ("precision_loss", "input_rounding")
+    assert clipped.per_example is not None
+    assert float(clipped.per_example[0, 0]) == float(-np.log(np.float32(1e-7)))
+    assert np.float32(0.999999999) == np.float32(1.0)

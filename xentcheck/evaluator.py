@@ -115,31 +115,42 @@ def _errors(
     return float(abs_err.max()), float(rel_err.max()), float(ulp_err.max()), worst
 
 
-def _beyond(computed: FloatArray, truth: FloatArray, tolerance: Tolerance) -> bool:
-    """Whether any value is farther from the truth than the tolerance allows."""
+def _beyond(computed: FloatArray, truth: FloatArray, tolerance: Tolerance) -> FloatArray:
+    """Element-wise: farther from the truth than the tolerance allows (NaN is beyond)."""
     c = np.asarray(computed, dtype=np.float64)
     t = np.asarray(truth, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         ok = (c == t) | (np.abs(c - t) <= tolerance.abs + tolerance.rel * np.abs(t))
-    return not bool(ok.all())
+    return ~ok
 
 
 def _flags(
     computed: FloatArray,
+    target: FloatArray,
+    rounded: FloatArray,
     runner: StageRunner,
-    beyond_rounded: bool,
-    input_rounding: bool,
-    rounded_finite: bool,
+    tolerance: Tolerance,
 ) -> tuple[str, ...]:
+    """The DESIGN.md flags of one finding, judged value by value.
+
+    ``precision_loss`` compares with the loss of the inputs rounded to D (the arithmetic's
+    own error) wherever that is finite; ``input_rounding`` compares that loss with the
+    reference of the inputs as given.
+    """
     values = np.asarray(computed, dtype=np.float64)
     kinds = {e.kind for e in runner.events}
+    rounded_finite = np.isfinite(rounded)
     raised = {
         "nan": bool(np.isnan(values).any()),
         "inf": bool(np.isinf(values).any()),
         "overflow": "overflow" in kinds,
         "underflow": "underflow" in kinds,
-        "precision_loss": bool(np.isfinite(values).all()) and rounded_finite and beyond_rounded,
-        "input_rounding": input_rounding,
+        "precision_loss": bool(
+            (rounded_finite & np.isfinite(values) & _beyond(values, rounded, tolerance)).any()
+        ),
+        "input_rounding": bool(
+            (np.isfinite(target) & (~rounded_finite | _beyond(rounded, target, tolerance))).any()
+        ),
     }
     return tuple(flag for flag in FLAGS if raised[flag])
 
@@ -291,10 +302,6 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     target, rounded = truth.values, truth.rounded_values[name]
     abs_e, rel_e, ulp_e, worst = _errors(computed, target, run.precision)
     arith_rel = _errors(computed, rounded, run.precision)[1]
-    rounded_finite = bool(np.isfinite(rounded).all())
-    input_rounding = (
-        (not rounded_finite and bool(np.isfinite(target).all())) or _beyond(rounded, target, tol)
-    )
     limit = pipeline_limit(run.pipeline, run.precision, case.classes)
     # Sigmoid limits bound |x|; softmax limits bound the largest logit.
     largest_input = collected.max_abs if case.spec.family == "sigmoid" else collected.max_logit
@@ -311,8 +318,7 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         rel_error=rel_e,
         ulp_error=ulp_e,
         arithmetic_rel_error=arith_rel,
-        flags=_flags(computed, run.runner, _beyond(computed, rounded, tol), input_rounding,
-                     rounded_finite),
+        flags=_flags(computed, target, rounded, run.runner, tol),
         first_bad=_located(case, run.runner.first_event()),
         events=tuple(e for e in (_located(case, e) for e in run.runner.ordered_events()) if e),
         limit=limit,
