@@ -16,10 +16,11 @@ from .arrays import load_array
 from .errors import XentcheckError
 from .evaluator import evaluate
 from .findings import ScenarioResult, Tolerance
+from .limits import limit_rows
 from .pipelines import select
 from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
-from .report_json import render_json
-from .report_table import render_table
+from .report_json import render_json, render_limits_json
+from .report_table import render_limits_table, render_table
 from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -203,17 +204,7 @@ def _emit(results: list[ScenarioResult], output_format: str, output: str | None)
         else:
             click.echo(text, nl=False)
         return
-    if output:
-        with open(output, "w", encoding="utf-8") as handle:
-            console = Console(file=handle, no_color=True, width=180, highlight=False)
-            render_table(results, console)
-        return
-    console = make_console()
-    with console.capture() as capture:
-        render_table(results, console)
-    # The console already decided about colour (terminal, NO_COLOR, FORCE_COLOR): keep click
-    # from stripping the codes a forced-colour console produced.
-    click.echo(capture.get(), nl=False, color=True)
+    _print_table(lambda console: render_table(results, console), output)
 
 
 def _write(output: str, text: str) -> None:
@@ -223,6 +214,59 @@ def _write(output: str, text: str) -> None:
         raise InputFailure(f"{output}: cannot write the report ({exc.strerror})") from None
 
 
-def main() -> None:
-    """Entry point that also maps click's usage errors to exit status 2 (click's default)."""
-    cli()
+@cli.command()
+@click.option("--classes", "-C", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Number of classes C (the sum of C exponentials is what overflows).")
+@click.option("--loss", type=click.Choice(["softmax", "sigmoid", "all"]), default="all",
+              show_default=True, help="Loss family.")
+@click.option("--dtype", "dtypes", multiple=True, metavar="NAME",
+              help=f"Storage dtype(s): {', '.join(DTYPE_NAMES)} (default: all).")
+@click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
+              show_default=True, help="Reduction accumulate dtype.")
+@click.option("--format", "output_format", type=click.Choice(FORMATS), default="table",
+              show_default=True, help="Report format.")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the report to this file instead of standard output.")
+def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
+           output_format: str, output: str | None) -> None:
+    """Print where each formulation breaks, per precision, for C classes.
+
+    The largest safe logit (all C logits equal) and the largest safe spread (a target that
+    far below the other C - 1 logits), found by bisection on each pipeline and shown next to
+    the closed form derived from the format; "agree" checks one against the other.
+
+    \b
+    Examples:
+      xentcheck limits
+      xentcheck limits --classes 50257 --dtype float16,bfloat16
+    """
+    try:
+        names = _names(dtypes) or list(DTYPE_NAMES)
+        precisions = [Precision(n, accumulate) for n in dict.fromkeys(names)]  # type: ignore[arg-type]
+        families = ("softmax", "sigmoid") if loss == "all" else (loss,)
+        pipelines = [p for family in families for p in select(family, True, None)]
+        rows = limit_rows(pipelines, precisions, classes)
+    except XentcheckError as exc:
+        raise InputFailure(str(exc)) from None
+    if output_format == "json":
+        text = render_limits_json(rows)
+        if output:
+            _write(output, text)
+        else:
+            click.echo(text, nl=False)
+        return
+    _print_table(lambda console: render_limits_table(rows, console), output)
+
+
+def _print_table(render: Callable[[Console], None], output: str | None) -> None:
+    """Render a whole table first, then write it to the file or the terminal."""
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            render(Console(file=handle, no_color=True, width=180, highlight=False))
+        return
+    console = make_console()
+    with console.capture() as capture:
+        render(console)
+    # The console already decided about colour (terminal, NO_COLOR, FORCE_COLOR): keep click
+    # from stripping the codes a forced-colour console produced.
+    click.echo(capture.get(), nl=False, color=True)

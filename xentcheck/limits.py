@@ -19,7 +19,9 @@ means the pipeline does not break below the format's own range.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -111,3 +113,113 @@ def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int) -> Li
 
     spread = _largest_safe(spread_safe, precision, classes) if classes > 1 else None
     return Limit(_largest_safe(logit_safe, precision, classes), spread)
+
+
+# -- closed forms ----------------------------------------------------------------------------
+
+
+def _ln_overflow(precision: Precision) -> float:
+    """ln of the smallest real that rounds to inf: max + half an ulp = (2 - 2^-(p+1)) 2^emax."""
+    p = precision.mantissa_bits
+    emax = math.frexp(precision.max)[1] - 1
+    return math.log(2.0 - 2.0 ** -(p + 1)) + emax * math.log(2.0)
+
+
+def _spread_closed_form(precision: Precision, classes: int, subnormals: bool) -> float:
+    """Largest target gap S before round(e^-S / (C - 1)) is zero (others at the maximum).
+
+    With subnormals, e_t = e^-S is rounded to a multiple k of the smallest subnormal u, and
+    k u / (C - 1) must exceed u / 2 (an exact half is a tie that rounds to the even 0):
+    k >= floor((C - 1) / 2) + 1, which e^-S reaches from (k - 1/2) u on. Once k u is a
+    normal number the grid is fine enough that e^-S / (C - 1) > u / 2 is the edge. Without
+    subnormals (flush to zero) every value below the smallest normal is 0.
+    """
+    rest = float(precision.round(np.float64(classes - 1)))  # the sum of the other C - 1 ones
+    if not subnormals:
+        return -math.log(precision.tiny) - math.log(rest)
+    unit = precision.smallest_subnormal
+    k = math.floor(rest / 2) + 1
+    if k * unit < precision.tiny:
+        return -math.log(k - 0.5) - math.log(unit)
+    return -math.log(unit / 2) - math.log(rest)
+
+
+def closed_form_limit(
+    pipeline: Pipeline, precision: Precision, classes: int, *, subnormals: bool = True
+) -> Limit | None:
+    """The edges of ``pipeline`` derived from the format's parameters, where known.
+
+    naive softmax: largest logit ``ln(max + ulp/2) - ln C`` (C equal terms overflow the sum);
+    spread: see :func:`_spread_closed_form`. shifted: no logit edge (the max is subtracted);
+    the same spread edge. stable: neither, before the format's own range. naive sigmoid:
+    ``1 + e^-x`` rounds to 1 once ``e^-x <= 2^-(p+1)``, so ``x < (p + 1) ln 2`` (or the
+    overflow of ``e^x`` at ``ln(max)``, whichever is smaller). stable sigmoid: none. Returns
+    None for probability pipelines. Accurate to the rounding of exp and of the sums, i.e. to
+    within a few units in the last place of D at the edge.
+    """
+    if not pipeline.from_logits:
+        return None
+    top = precision.max
+    if pipeline.family == "sigmoid":
+        if pipeline.name == "naive":
+            edge = min((precision.mantissa_bits + 1) * math.log(2.0), _ln_overflow(precision))
+            return Limit(edge, None)
+        return Limit(top, None)
+    spread = None
+    if classes > 1:
+        spread = top if pipeline.name == "stable" else _spread_closed_form(
+            precision, classes, subnormals)
+    logit = _ln_overflow(precision) - math.log(classes) if pipeline.name == "naive" else top
+    return Limit(logit, spread)
+
+
+@dataclass(frozen=True)
+class LimitRow:
+    """One pipeline in one precision: its edges by bisection and in closed form."""
+
+    family: str
+    pipeline: str
+    dtype: str
+    classes: int
+    bisected: Limit
+    closed_form: Limit | None
+    spread_without_subnormals: float | None
+    agrees: bool
+
+
+def _agree(found: float | None, closed: float | None, precision: Precision, classes: int) -> bool:
+    """Whether a closed form lies within the rounding slack of the bisected edge.
+
+    The bisected edge is a value of D and the true edge lies before the next one; the closed
+    form ignores the rounding of exp (a relative error of a unit in the compute dtype) and of
+    the C-term sum, which move the edge by as much in absolute terms (d ln y = dy / y).
+    """
+    if found is None or closed is None:
+        return found is None and closed is None
+    compute_eps = float(np.finfo(precision.compute_dtype).eps)
+    slack = float(precision.ulp(np.float64(found))) + 4 * compute_eps * (abs(closed) + classes)
+    return abs(closed - found) <= slack
+
+
+def limit_rows(
+    pipelines: Sequence[Pipeline], precisions: Sequence[Precision], classes: int
+) -> list[LimitRow]:
+    """Every (pipeline, precision) pair's edges, closed form next to bisection."""
+    rows = []
+    for precision in precisions:
+        for pipeline in pipelines:
+            found = pipeline_limit(pipeline, precision, classes)
+            closed = closed_form_limit(pipeline, precision, classes)
+            no_sub = None
+            if closed is not None and closed.largest_safe_spread is not None \
+                    and pipeline.name != "stable":
+                no_sub = _spread_closed_form(precision, classes, subnormals=False)
+            agrees = closed is not None and all(
+                _agree(a, b, precision, classes) for a, b in (
+                    (found.largest_safe_logit, closed.largest_safe_logit),
+                    (found.largest_safe_spread, closed.largest_safe_spread),
+                )
+            )
+            rows.append(LimitRow(pipeline.family, pipeline.name, precision.name, classes, found,
+                                 closed, no_sub, agrees))
+    return rows

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .findings import Finding, Mismatch, ScenarioResult
+from .findings import Finding, Limit, Mismatch, ScenarioResult
+from .limits import LimitRow
 from .stages import StageEvent
 
 SCHEMA = 1
@@ -119,5 +120,35 @@ def render_json(results: Sequence[ScenarioResult]) -> str:
         "version": __version__,
         "schema": SCHEMA,
         "scenarios": [scenario_json(r) for r in results],
+    }
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"
+
+
+def _limit(limit: Limit | None) -> dict[str, Any] | None:
+    if limit is None:
+        return None
+    return {"largest_safe_logit": number(limit.largest_safe_logit),
+            "largest_safe_spread": number(limit.largest_safe_spread)}
+
+
+def render_limits_json(rows: Sequence[LimitRow]) -> str:
+    """The ``limits`` command's document: one entry per pipeline and dtype."""
+    document = {
+        "tool": "xentcheck",
+        "version": __version__,
+        "schema": SCHEMA,
+        "limits": [
+            {
+                "loss": row.family,
+                "pipeline": row.pipeline,
+                "dtype": row.dtype,
+                "classes": row.classes,
+                **(_limit(row.bisected) or {}),
+                "closed_form": _limit(row.closed_form),
+                "spread_without_subnormals": number(row.spread_without_subnormals),
+                "agrees": row.agrees,
+            }
+            for row in rows
+        ],
     }
     return json.dumps(document, indent=2, allow_nan=False) + "\n"

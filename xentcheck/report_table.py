@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .findings import Finding, Mismatch, ScenarioResult
+from .limits import LimitRow
 from .precision import Precision
 
 FLAG_STYLES = {
@@ -160,3 +161,44 @@ def render_table(results: Sequence[ScenarioResult], console: Console) -> None:
     for result in results:
         render_scenario(result, console)
     console.print(LEGEND, style="dim")
+
+
+def render_limits_table(rows: Sequence[LimitRow], console: Console) -> None:
+    """The ``limits`` command: bisected edges with their closed forms, per dtype."""
+    if not rows:
+        return
+    console.print(Text(f"Limits for {rows[0].classes} classes", style="bold"),
+                  Text("(bisection on the pipeline itself; closed form from the format)",
+                       style="dim"))
+    table = Table(header_style="bold", pad_edge=False)
+    for column in ("loss", "pipeline", "dtype", "safe logit ≤", "closed form", "safe spread ≤",
+                   "closed form", "no subnormals", "agree"):
+        table.add_column(column, justify="left" if column in ("loss", "pipeline", "dtype")
+                         else "right")
+    previous = None
+    for row in rows:
+        if previous is not None and row.dtype != previous:
+            table.add_section()
+        previous = row.dtype
+        closed = row.closed_form
+        table.add_row(
+            row.family, row.pipeline, row.dtype,
+            _limit_value(row.bisected.largest_safe_logit, row.dtype),
+            _limit_value(closed.largest_safe_logit if closed else None, row.dtype),
+            _limit_value(row.bisected.largest_safe_spread, row.dtype),
+            _limit_value(closed.largest_safe_spread if closed else None, row.dtype),
+            _limit_value(row.spread_without_subnormals, row.dtype),
+            Text("yes", style="green") if row.agrees else Text(
+                "—" if closed is None else "NO", style="dim" if closed is None else "bold red"),
+        )
+    console.print(table)
+
+
+def _limit_value(value: float | None, dtype: str) -> Text:
+    if value is None:
+        return Text("—", style="dim")
+    if value == Precision(dtype).max:
+        return Text("format max", style="dim")
+    if value < 0:
+        return Text(f"none ({value:.4g})", style="red")  # even equal logits underflow
+    return Text(f"{value:.7g}")

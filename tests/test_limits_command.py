@@ -1,0 +1,68 @@
+"""The limits command and the closed forms it prints next to the bisection."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from xentcheck.cli import cli
+from xentcheck.limits import closed_form_limit, limit_rows, pipeline_limit
+from xentcheck.pipelines import available
+from xentcheck.precision import Precision, precisions_for
+
+ALL = precisions_for(["float16", "bfloat16", "float32", "float64"])
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 10, 1000, 50_000])
+def test_closed_forms_agree_with_bisection_in_every_precision(classes: int) -> None:
+    rows = limit_rows(available("softmax", True) + available("sigmoid", True), ALL, classes)
+    assert len(rows) == 4 * 5
+    assert all(row.agrees for row in rows), [(r.pipeline, r.dtype) for r in rows if not r.agrees]
+
+
+def test_published_float_edges() -> None:
+    # ln(FLT_MAX) = 88.72, ln(65504) = 11.09, ln(DBL_MAX) = 709.78 (C = 1: no sum to overflow)
+    naive = available("softmax", True)[0]
+    edges = {p.name: closed_form_limit(naive, p, 1) for p in ALL}
+    assert edges["float32"] is not None and edges["float16"] is not None
+    assert round(edges["float32"].largest_safe_logit or 0, 2) == 88.72
+    assert round(edges["float16"].largest_safe_logit or 0, 2) == 11.09
+    assert edges["float64"] is not None
+    assert round(edges["float64"].largest_safe_logit or 0, 2) == 709.78
+    # minus ln C once C terms are summed
+    three = closed_form_limit(naive, Precision("float32"), 3)
+    assert three is not None and three.largest_safe_logit is not None
+    assert three.largest_safe_logit == pytest.approx(
+        (edges["float32"].largest_safe_logit or 0) - math.log(3), abs=1e-12)
+
+
+def test_spread_without_subnormals_is_the_normal_range() -> None:
+    # flush-to-zero float32: p_t = e^-S / 2 must stay >= 2^-126
+    rows = limit_rows(available("softmax", True)[:1], precisions_for(["float32"]), 3)
+    assert rows[0].spread_without_subnormals == pytest.approx(126 * math.log(2) - math.log(2))
+
+
+def test_limits_command_table_and_json() -> None:
+    runner = CliRunner()
+    table = runner.invoke(cli, ["limits", "--dtype", "float32", "-C", "3"],
+                          env={"NO_COLOR": "1"})
+    assert table.exit_code == 0
+    naive = next(line for line in table.stdout.splitlines() if "softmax" in line
+                 and "naive" in line)
+    assert "87.62422" in naive and "102.8735" in naive and "yes" in naive
+    result = runner.invoke(cli, ["limits", "--format", "json", "--dtype", "float16",
+                                 "--loss", "sigmoid"])
+    doc = json.loads(result.stdout)
+    naive_sigmoid = next(r for r in doc["limits"] if r["pipeline"] == "naive")
+    bisected = pipeline_limit(available("sigmoid", True)[0], Precision("float16"), 3)
+    assert naive_sigmoid["largest_safe_logit"] == bisected.largest_safe_logit
+    assert naive_sigmoid["closed_form"]["largest_safe_logit"] == pytest.approx(11 * math.log(2))
+    assert naive_sigmoid["agrees"] is True
+
+
+def test_limits_bad_dtype_exits_2() -> None:
+    result = CliRunner().invoke(cli, ["limits", "--dtype", "float8"])
+    assert result.exit_code == 2 and "unknown dtype" in result.stderr and result.stdout == ""
