@@ -18,10 +18,12 @@ from .evaluator import evaluate
 from .findings import ScenarioResult, Tolerance
 from .limits import limit_rows
 from .pipelines import select
+from .plot import write_sweep_plot
 from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
-from .report_json import render_json, render_limits_json
-from .report_table import render_limits_table, render_table
+from .report_json import render_json, render_limits_json, render_sweep_json
+from .report_table import render_limits_table, render_sweep_table, render_table
 from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
+from .sweep import PATTERNS, SweepSpec, run_sweep
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json")
@@ -256,6 +258,65 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
             click.echo(text, nl=False)
         return
     _print_table(lambda console: render_limits_table(rows, console), output)
+
+
+@cli.command()
+@click.option("--loss", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
+              show_default=True, help="Loss family.")
+@click.option("--classes", "-C", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Number of classes (sigmoid: elements per row).")
+@click.option("--pattern", type=click.Choice(PATTERNS), default="bottom", show_default=True,
+              help="top/bottom: target at the largest/smallest of logits spaced from m to -m; "
+                   "spread: a fixed spread below m; normal: m times N(0, 1).")
+@click.option("--from", "start", type=float, default=1.0, show_default=True,
+              help="Smallest magnitude.")
+@click.option("--to", "stop", type=float, default=1e5, show_default=True,
+              help="Largest magnitude.")
+@click.option("--points", type=click.IntRange(min=2, max=1_000_000), default=200,
+              show_default=True, help="Number of magnitudes.")
+@click.option("--linear", is_flag=True, help="Space the magnitudes linearly (default: log).")
+@click.option("--spread", type=float, default=10.0, show_default=True,
+              help="The gap for --pattern spread.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --pattern normal.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a PNG of error against magnitude (needs matplotlib).")
+@run_options
+def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, points: int,
+          linear: bool, spread: float, seed: int, plot: Path | None, dtypes: tuple[str, ...],
+          pipelines: tuple[str, ...], accumulate: str, rtol: float | None, atol: float | None,
+          output_format: str, output: str | None) -> None:
+    """Move the logits along a magnitude scale and show where each formulation breaks.
+
+    For every pipeline and precision: the first magnitude where the loss is NaN or inf, the
+    first where its error passes the tolerance, and a curve of the bits of error.
+
+    \b
+    Examples:
+      xentcheck sweep --dtype float32
+      xentcheck sweep --classes 32000 --pattern normal --to 1e3 --plot sweep.png
+    """
+    try:
+        spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
+                         points=points, log_scale=not linear, spread=spread, seed=seed)
+        names = _names(dtypes) or list(DTYPE_NAMES)
+        precisions = [Precision(n, accumulate) for n in dict.fromkeys(names)]  # type: ignore[arg-type]
+        chosen = select(loss, True, _names(pipelines))
+        tolerances = None
+        if rtol is not None or atol is not None:
+            tolerances = {p.name: Tolerance(rel=rtol or 0.0, abs=atol or 0.0) for p in precisions}
+        result = run_sweep(spec, precisions, chosen, tolerances)
+        if plot is not None:
+            write_sweep_plot(result, plot)
+    except XentcheckError as exc:
+        raise InputFailure(str(exc)) from None
+    if output_format == "json":
+        text = render_sweep_json(result)
+        if output:
+            _write(output, text)
+        else:
+            click.echo(text, nl=False)
+        return
+    _print_table(lambda console: render_sweep_table(result, console), output)
 
 
 def _print_table(render: Callable[[Console], None], output: str | None) -> None:

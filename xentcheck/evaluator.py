@@ -92,22 +92,33 @@ def _reduce_reference(case: Case, per_example: FloatArray, denominator: float) -
 # -- measuring -------------------------------------------------------------------------------
 
 
-def _errors(
+def elementwise_errors(
     computed: FloatArray, truth: FloatArray, precision: Precision
-) -> tuple[float, float, float, int | None]:
-    """Largest absolute, relative and ulp errors over the values, and where the worst is.
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Absolute, relative and ulp errors (ulps of D at the truth), value by value.
 
-    Equal infinities count as exact; a NaN anywhere makes every error NaN.
+    Equal infinities count as exact; NaN where either side makes the error undefined.
     """
     c = np.asarray(computed, dtype=np.float64).ravel()
     t = np.asarray(truth, dtype=np.float64).ravel()
-    if c.size == 0:
-        return 0.0, 0.0, 0.0, None
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         same = c == t  # covers equal infinities
         abs_err = np.where(same, 0.0, np.abs(c - t))
         rel_err = np.where(same, 0.0, abs_err / np.abs(t))
         ulp_err = np.where(same, 0.0, abs_err / precision.ulp(t))
+    return abs_err, rel_err, ulp_err
+
+
+def _errors(
+    computed: FloatArray, truth: FloatArray, precision: Precision
+) -> tuple[float, float, float, int | None]:
+    """Largest absolute, relative and ulp errors over the values, and where the worst is.
+
+    A NaN anywhere makes every error NaN (and marks where it is).
+    """
+    abs_err, rel_err, ulp_err = elementwise_errors(computed, truth, precision)
+    if abs_err.size == 0:
+        return 0.0, 0.0, 0.0, None
     if np.isnan(abs_err).any():
         worst = int(np.argmax(np.isnan(abs_err)))
         return float("nan"), float("nan"), float("nan"), worst
@@ -368,6 +379,7 @@ def evaluate(
         loss=truth.loss,
         per_example=None if truth.loss is not None else ref_per_example.reshape(case.example_shape),
         rounded=truth.rounded_loss,
+        rounded_counted=None if truth.loss is not None else truth.rounded_values,
     )
     stats = InputStats(
         input_dtype=str(case.logits.dtype),

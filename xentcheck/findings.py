@@ -97,6 +97,8 @@ class ReferenceValue:
     loss: float | None
     per_example: FloatArray | None
     rounded: dict[str, float | None] = field(default_factory=dict)
+    # reduction "none": per dtype, the counted examples' losses of the rounded inputs (flat)
+    rounded_counted: dict[str, FloatArray] | None = None
 
 
 @dataclass(frozen=True)

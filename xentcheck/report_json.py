@@ -13,6 +13,7 @@ from . import __version__
 from .findings import Finding, Limit, Mismatch, ScenarioResult
 from .limits import LimitRow
 from .stages import StageEvent
+from .sweep import SweepResult
 
 SCHEMA = 1
 
@@ -150,5 +151,33 @@ def render_limits_json(rows: Sequence[LimitRow]) -> str:
             }
             for row in rows
         ],
+    }
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"
+
+
+def render_sweep_json(result: SweepResult) -> str:
+    """The ``sweep`` command's document: break points and the error curve of each pair."""
+    spec = result.spec
+    document = {
+        "tool": "xentcheck",
+        "version": __version__,
+        "schema": SCHEMA,
+        "sweep": {
+            "loss": spec.family, "classes": spec.classes, "pattern": spec.pattern,
+            "start": spec.start, "stop": spec.stop, "points": spec.points,
+            "log_scale": spec.log_scale, "spread": spec.spread, "seed": spec.seed,
+            "magnitudes": [float(m) for m in result.magnitudes],
+            "curves": [
+                {
+                    "pipeline": c.pipeline,
+                    "dtype": c.dtype,
+                    "first_nonfinite": number(c.first_nonfinite),
+                    "first_inaccurate": number(c.first_inaccurate),
+                    "tolerance": {"rel": c.tolerance.rel, "abs": c.tolerance.abs},
+                    "bits": [None if b != b else float(b) for b in c.bits],
+                }
+                for c in result.curves
+            ],
+        },
     }
     return json.dumps(document, indent=2, allow_nan=False) + "\n"

@@ -12,6 +12,7 @@ from rich.text import Text
 from .findings import Finding, Mismatch, ScenarioResult
 from .limits import LimitRow
 from .precision import Precision
+from .sweep import SweepCurve, SweepResult, downsample
 
 FLAG_STYLES = {
     "nan": "bold red",
@@ -202,3 +203,49 @@ def _limit_value(value: float | None, dtype: str) -> Text:
     if value < 0:
         return Text(f"none ({value:.4g})", style="red")  # even equal logits underflow
     return Text(f"{value:.7g}")
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def _sparkline(curve: SweepCurve, width: int) -> Text:
+    worst, broken = downsample(curve, width)
+    full = Precision(curve.dtype).mantissa_bits + 1  # every bit of D lost
+    text = Text()
+    for bits, bad in zip(worst, broken, strict=True):
+        if bad:
+            text.append("x", style="bold red")
+            continue
+        level = 0 if bits != bits else min(len(SPARKS) - 1, int(bits / full * len(SPARKS)))
+        text.append(SPARKS[level], style="yellow" if level >= len(SPARKS) // 2 else "green")
+    return text
+
+
+def render_sweep_table(result: SweepResult, console: Console, width: int = 48) -> None:
+    """Break points per pipeline and precision, and a terminal curve of bits lost."""
+    spec = result.spec
+    scale = "log-spaced" if spec.log_scale else "linear"
+    console.print(Text(f"Sweep: {spec.family}, {spec.classes} classes, pattern {spec.pattern!r}, "
+                       f"{spec.points} {scale} magnitudes {spec.start:g} … {spec.stop:g}",
+                       style="bold"))
+    table = Table(header_style="bold", pad_edge=False)
+    for column in ("pipeline", "dtype", "not finite from", "inaccurate from",
+                   f"bits of error  {spec.start:g} → {spec.stop:g}"):
+        table.add_column(column)
+    previous = None
+    for curve in result.curves:
+        if previous is not None and curve.dtype != previous:
+            table.add_section()
+        previous = curve.dtype
+        table.add_row(
+            curve.pipeline, curve.dtype,
+            Text(_num(curve.first_nonfinite, 5), style="bold red")
+            if curve.first_nonfinite is not None else Text("—", style="dim"),
+            Text(_num(curve.first_inaccurate, 5), style="yellow")
+            if curve.first_inaccurate is not None else Text("—", style="dim"),
+            _sparkline(curve, width),
+        )
+    console.print(table)
+    console.print("bits of error: log2(1 + ulps) against the loss of the inputs rounded to the "
+                  "dtype (▁ exact … █ every bit lost); x = NaN or inf; 'inaccurate' = error "
+                  "beyond the tolerance.", style="dim")

@@ -1,0 +1,117 @@
+"""Sweeps: break points against closed forms, the curve, JSON, the PNG and the CLI."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from xentcheck.cli import cli
+from xentcheck.errors import UsageError
+from xentcheck.pipelines import available
+from xentcheck.plot import write_sweep_plot
+from xentcheck.precision import precisions_for
+from xentcheck.sweep import SweepSpec, run_sweep, sweep_case
+
+
+def curve(result: Any, pipeline: str, dtype: str) -> Any:
+    return next(c for c in result.curves if c.pipeline == pipeline and c.dtype == dtype)
+
+
+def first_above(magnitudes: np.ndarray, edge: float) -> float:
+    return float(magnitudes[np.argmax(magnitudes > edge)])
+
+
+def test_shifted_breaks_where_the_target_probability_underflows() -> None:
+    # C = 2, pattern bottom: logits [m, -m], target -m. p_t = round(e^-2m) is 0 once
+    # e^-2m <= 2^-150 (half float32's smallest subnormal): 2m > 150 ln 2.
+    spec = SweepSpec(classes=2, pattern="bottom", start=10, stop=100, points=500)
+    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True))
+    edge = 150 * math.log(2) / 2
+    assert curve(result, "shifted", "float32").first_nonfinite == first_above(
+        result.magnitudes, edge)
+    assert curve(result, "stable", "float32").first_nonfinite is None
+
+
+def test_naive_overflows_at_ln_flt_max_with_a_fixed_spread() -> None:
+    # pattern spread: logits [m, m - 10]; exp(m) overflows float32 once m > ln(FLT_MAX + ulp/2)
+    spec = SweepSpec(classes=2, pattern="spread", spread=10.0, start=50, stop=120, points=700,
+                     log_scale=False)
+    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True))
+    edge = math.log(2 - 2.0**-24) + 127 * math.log(2)
+    naive = curve(result, "naive", "float32")
+    assert naive.first_nonfinite == first_above(result.magnitudes, edge)
+    assert curve(result, "shifted", "float32").first_nonfinite is None
+    # the loss is log(1 + e^-10) at every magnitude: stable stays within the tolerance
+    assert curve(result, "stable", "float32").first_inaccurate is None
+
+
+def test_bits_are_log2_of_one_plus_ulps() -> None:
+    # Softmax C = 2, pattern top: logits [m, -m], target m; the loss is log1p(e^-2m). For
+    # 2m > 53 ln 2 shifted rounds p_t = 1 / (1 + e^-2m) to 1 and returns log(1) = 0, so its
+    # error is the whole loss: loss / spacing(loss) ulps.
+    spec = SweepSpec(classes=2, pattern="top", start=20, stop=25, points=3, log_scale=False)
+    result = run_sweep(spec, precisions_for(["float64"]), available("softmax", True))
+    shifted = curve(result, "shifted", "float64")
+    truth = np.log1p(np.exp(-2 * result.magnitudes))
+    ulps = truth / np.spacing(truth)
+    np.testing.assert_allclose(shifted.bits, np.log2(1 + ulps), rtol=1e-12)
+    assert shifted.first_inaccurate == 20.0
+
+
+def test_patterns_build_the_documented_inputs() -> None:
+    case = sweep_case(SweepSpec(classes=3, pattern="top", start=1, stop=2, points=2))
+    np.testing.assert_array_equal(case.logits, [[1, 0, -1], [2, 0, -2]])
+    assert case.labels.tolist() == [0, 0]
+    case = sweep_case(SweepSpec(classes=3, pattern="spread", spread=4, start=1, stop=2,
+                                points=2))
+    np.testing.assert_array_equal(case.logits, [[1, -1, -3], [2, 0, -2]])
+    assert case.labels.tolist() == [2, 2]
+    with pytest.raises(UsageError, match="positive range"):
+        SweepSpec(start=0)
+    with pytest.raises(UsageError, match="unknown pattern"):
+        SweepSpec(pattern="zigzag")
+
+
+def test_cli_table_json_and_plot(tmp_path: Path) -> None:
+    runner = CliRunner()
+    table = runner.invoke(cli, ["sweep", "--dtype", "float32", "--points", "300"],
+                          env={"NO_COLOR": "1"})
+    assert table.exit_code == 0, table.output
+    assert "not finite from" in table.stdout and "x" in table.stdout
+    doc = json.loads(runner.invoke(cli, ["sweep", "--dtype", "float16", "--format",
+                                         "json"]).stdout)
+    curves = doc["sweep"]["curves"]
+    assert {c["pipeline"] for c in curves} == {"naive", "shifted", "stable"}
+    assert len(curves[0]["bits"]) == doc["sweep"]["points"] == 200
+    png = tmp_path / "sweep.png"
+    result = runner.invoke(cli, ["sweep", "--points", "50", "--plot", str(png)])
+    assert result.exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    spec = SweepSpec(points=5)
+    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True))
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(UsageError, match=r"pip install 'xentcheck\[plot\]'"):
+        write_sweep_plot(result, tmp_path / "x.png")
+
+
+def test_bad_sweep_options_exit_2() -> None:
+    result = CliRunner().invoke(cli, ["sweep", "--from", "10", "--to", "1"])
+    assert result.exit_code == 2 and "smaller to a larger" in result.stderr

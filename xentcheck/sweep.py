@@ -1,0 +1,167 @@
+"""Sweeps: move the logits along a magnitude scale and watch each formulation break.
+
+A sweep is a family of synthetic cases, one row per magnitude, run through the very same
+evaluator as ``run`` (one case, ``reduction: none``, so every point is one example and the
+whole sweep is a single vectorised pass). For each pipeline and precision it reports the
+first magnitude where the loss stops being finite and the first where the arithmetic error
+passes the tolerance, and the error in bits along the way (``log2(1 + ulps)``, as Herbie
+reports accuracy) measured against the loss of the inputs rounded to the dtype, so that
+input rounding is not counted as the formulation's error.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .case import Case, LossSpec
+from .errors import UsageError
+from .evaluator import elementwise_errors, evaluate
+from .findings import Tolerance
+from .pipelines import Pipeline
+from .precision import FloatArray, Precision
+
+PATTERNS: tuple[str, ...] = ("top", "bottom", "spread", "normal")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The synthetic inputs: C classes, magnitudes from ``start`` to ``stop``.
+
+    Softmax patterns, at magnitude m: ``top``, logits evenly spaced from m down to -m with
+    the target at the largest; ``bottom``, the same with the target at the smallest (spread
+    2m); ``spread``, logits from m down to m - ``spread`` with the target at the smallest (a
+    fixed probability, only the magnitude grows); ``normal``, m times standard normal
+    logits and random targets (``seed``). Sigmoid: ``top`` x = m, z = 1; ``bottom`` x = m,
+    z = 0; ``spread`` x = -m, z = 1; ``normal`` x = m N(0, 1), random 0/1 targets.
+    """
+
+    family: str = "softmax"
+    classes: int = 10
+    pattern: str = "bottom"
+    start: float = 1.0
+    stop: float = 1e5
+    points: int = 200
+    log_scale: bool = True
+    spread: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise UsageError(f"unknown pattern {self.pattern!r}; choose from {', '.join(PATTERNS)}")
+        if self.points < 2:
+            raise UsageError("a sweep needs at least 2 points")
+        if self.log_scale and (self.start <= 0 or self.stop <= 0):
+            raise UsageError("a log-spaced sweep needs a positive range (or use --linear)")
+        if not self.start < self.stop:
+            raise UsageError("the range must go from a smaller to a larger magnitude")
+        if self.family == "softmax" and self.classes < 2:
+            raise UsageError("a softmax sweep needs at least 2 classes")
+
+    def magnitudes(self) -> FloatArray:
+        if self.log_scale:
+            return np.geomspace(self.start, self.stop, self.points)
+        return np.linspace(self.start, self.stop, self.points)
+
+
+def sweep_case(spec: SweepSpec) -> Case:
+    """The sweep as one case: row i holds the pattern at magnitude i."""
+    m = spec.magnitudes()[:, None]
+    rng = np.random.default_rng(spec.seed)
+    if spec.family == "sigmoid":
+        if spec.pattern == "normal":
+            x = m * rng.standard_normal((spec.points, spec.classes))
+            z = rng.integers(0, 2, x.shape).astype(np.float64)
+        else:
+            sign = -1.0 if spec.pattern == "spread" else 1.0
+            x = np.repeat(sign * m, spec.classes, axis=1)
+            z = np.full(x.shape, 0.0 if spec.pattern == "bottom" else 1.0)
+        return Case("sweep", x, z, "binary", LossSpec(family="sigmoid", reduction="none"))
+    steps = np.linspace(1.0, -1.0, spec.classes)[None, :]
+    if spec.pattern == "normal":
+        x = m * rng.standard_normal((spec.points, spec.classes))
+        labels = rng.integers(0, spec.classes, spec.points)
+    elif spec.pattern == "spread":
+        x = m + (steps - 1.0) / 2.0 * spec.spread
+        labels = np.full(spec.points, spec.classes - 1)
+    else:
+        x = m * steps
+        labels = np.full(spec.points, 0 if spec.pattern == "top" else spec.classes - 1)
+    return Case("sweep", x, labels.astype(np.int64), "index", LossSpec(reduction="none"))
+
+
+@dataclass(frozen=True)
+class SweepCurve:
+    """One pipeline in one precision along the sweep."""
+
+    pipeline: str
+    dtype: str
+    bits: FloatArray  # log2(1 + ulps) per point against the rounded inputs; nan: not finite
+    finite: FloatArray
+    first_nonfinite: float | None
+    first_inaccurate: float | None
+    tolerance: Tolerance
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    spec: SweepSpec
+    magnitudes: FloatArray
+    curves: tuple[SweepCurve, ...]
+
+
+def _first(magnitudes: FloatArray, mask: FloatArray) -> float | None:
+    return float(magnitudes[int(np.argmax(mask))]) if mask.any() else None
+
+
+def run_sweep(
+    spec: SweepSpec,
+    precisions: Sequence[Precision],
+    pipelines: Sequence[Pipeline],
+    tolerances: Mapping[str, Tolerance] | None = None,
+) -> SweepResult:
+    """Evaluate every pipeline and precision along the sweep."""
+    magnitudes = spec.magnitudes()
+    result = evaluate(sweep_case(spec), precisions, pipelines, tolerances)
+    assert result.reference.rounded_counted is not None
+    curves = []
+    for finding in result.findings:
+        assert finding.per_example is not None
+        values = np.asarray(finding.per_example, dtype=np.float64).reshape(spec.points, -1)
+        rounded = result.reference.rounded_counted[finding.dtype].reshape(spec.points, -1)
+        abs_err, _, ulps = elementwise_errors(values, rounded, Precision(finding.dtype))
+        ulps = ulps.reshape(values.shape).max(axis=1)
+        abs_err = abs_err.reshape(values.shape)
+        finite = np.asarray(np.isfinite(values).all(axis=1))
+        tol = finding.tolerance
+        with np.errstate(invalid="ignore"):
+            allowed = tol.abs + tol.rel * np.abs(rounded)
+            beyond = (np.isfinite(rounded) & ~(abs_err <= allowed)).any(axis=1)
+            bits = np.where(finite, np.log2(1.0 + ulps), np.nan)
+        curves.append(SweepCurve(
+            pipeline=finding.pipeline,
+            dtype=finding.dtype,
+            bits=bits,
+            finite=finite,
+            first_nonfinite=_first(magnitudes, np.asarray(~finite)),
+            first_inaccurate=_first(magnitudes, np.asarray(beyond)),
+            tolerance=tol,
+        ))
+    return SweepResult(spec, magnitudes, tuple(curves))
+
+
+def downsample(curve: SweepCurve, width: int) -> tuple[FloatArray, FloatArray]:
+    """The curve in ``width`` buckets: worst bits lost per bucket, and whether any point in
+    the bucket was not finite (for a terminal sparkline)."""
+    edges = np.linspace(0, len(curve.bits), min(width, len(curve.bits)) + 1).astype(int)
+    worst = np.empty(len(edges) - 1)
+    broken = np.zeros(len(edges) - 1, dtype=bool)
+    for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
+        part = curve.bits[lo:hi]
+        broken[i] = bool(np.isnan(part).any())
+        finite = part[~np.isnan(part)]
+        worst[i] = float(finite.max()) if finite.size else np.nan
+    return worst, broken
