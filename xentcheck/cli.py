@@ -13,20 +13,30 @@ from rich.console import Console
 
 from . import __version__
 from .arrays import load_array
-from .errors import XentcheckError
+from .errors import InputError, XentcheckError
 from .evaluator import evaluate
+from .expectations import Checked, parse_fail_on
+from .expectations import check as check_expectations
 from .findings import ScenarioResult, Tolerance
 from .limits import limit_rows
 from .pipelines import select
 from .plot import write_sweep_plot
 from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
+from .report_github import render_annotations, render_step_summary
 from .report_json import render_json, render_limits_json, render_sweep_json
-from .report_table import render_limits_table, render_sweep_table, render_table
+from .report_junit import render_junit
+from .report_table import (
+    render_limits_table,
+    render_sweep_table,
+    render_table,
+    render_verdict,
+)
 from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
 from .sweep import PATTERNS, SweepSpec, run_sweep
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json")
+CHECK_FORMATS = ("table", "json", "junit", "github")
 
 
 class InputFailure(click.ClickException):
@@ -43,9 +53,15 @@ def _names(values: Sequence[str]) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
-def run_options(function: F) -> F:
+def _apply(function: F, decorators: list[Callable[[F], F]]) -> F:
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def evaluation_options(function: F) -> F:
     """Options shared by the commands that evaluate cases."""
-    decorators = [
+    return _apply(function, [
         click.option("--dtype", "dtypes", multiple=True, metavar="NAME",
                      help=f"Storage dtype(s) to evaluate in: {', '.join(DTYPE_NAMES)} "
                           "(repeat or comma-separate; default: all)."),
@@ -59,14 +75,25 @@ def run_options(function: F) -> F:
                      help="Relative tolerance for every dtype (default: 8 eps of the dtype)."),
         click.option("--atol", type=click.FloatRange(min=0), default=None,
                      help="Absolute tolerance for every dtype (default: 0)."),
-        click.option("--format", "output_format", type=click.Choice(FORMATS), default="table",
-                     show_default=True, help="Report format."),
-        click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
-                     help="Write the report to this file instead of standard output."),
-    ]
-    for decorator in reversed(decorators):
-        function = decorator(function)
-    return function
+    ])
+
+
+def output_options(formats: Sequence[str]) -> Callable[[F], F]:
+    """``--format`` (from ``formats``, the first the default) and ``--output``."""
+    def decorate(function: F) -> F:
+        return _apply(function, [
+            click.option("--format", "output_format", type=click.Choice(formats),
+                         default=formats[0], show_default=True, help="Report format."),
+            click.option("--output", type=click.Path(dir_okay=False, writable=True),
+                         default=None,
+                         help="Write the report to this file (the console gets a summary)."),
+        ])
+    return decorate
+
+
+fail_on_option = click.option(
+    "--fail-on", "fail_on", multiple=True, metavar="FLAGS[@PIPELINES]",
+    help="Fail (exit 1) when any of these flags is raised, e.g. nan,inf or nan@stable.")
 
 
 def make_console(file: Any = None) -> Console:
@@ -113,7 +140,9 @@ def cli() -> None:
               show_default=True, help="Batch reduction for --logits.")
 @click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere.")
 @click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax).")
-@run_options
+@evaluation_options
+@fail_on_option
+@output_options(CHECK_FORMATS)
 def run(
     scenarios: tuple[Path, ...],
     logits_file: Path | None,
@@ -130,10 +159,13 @@ def run(
     accumulate: str,
     rtol: float | None,
     atol: float | None,
+    fail_on: tuple[str, ...],
     output_format: str,
     output: str | None,
 ) -> None:
     """Evaluate scenario files, or logits and labels given as files.
+
+    Exit status 1 when a scenario's expectations or a --fail-on rule fail.
 
     \b
     Examples:
@@ -144,16 +176,82 @@ def run(
     try:
         loaded = _scenarios(scenarios, logits_file, logits_key, labels_file, labels_key, loss,
                             probabilities, reduction, ignore_index, label_smoothing)
-        override = None
-        if rtol is not None or atol is not None:
-            override = ToleranceSpec(everywhere=Tolerance(rel=rtol or 0.0, abs=atol or 0.0))
-        results = [
-            _evaluate(s, _names(dtypes), _names(pipelines), accumulate, override)
-            for s in loaded
-        ]
-        _emit(results, output_format, output)
+        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
+    _report(checked, output_format, output, summary_only=False)
+    if not all(c.verdict.passed for c in checked):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@evaluation_options
+@fail_on_option
+@output_options(CHECK_FORMATS)
+def check(
+    paths: tuple[Path, ...],
+    dtypes: tuple[str, ...],
+    pipelines: tuple[str, ...],
+    accumulate: str,
+    rtol: float | None,
+    atol: float | None,
+    fail_on: tuple[str, ...],
+    output_format: str,
+    output: str | None,
+) -> None:
+    """Check the expectations of every scenario under the files or folders given.
+
+    The default is configs/. One line per scenario, pass or fail and why; exit 0 when all
+    hold, 1 when any fails, 2 for a usage or input error.
+
+    \b
+    Examples:
+      xentcheck check
+      xentcheck check configs/ --format junit --output xentcheck.xml
+      xentcheck check --fail-on nan,inf@stable --format github
+    """
+    try:
+        files = _scenario_files(paths or (Path("configs"),))
+        loaded = [s for path in files for s in load_scenarios(path)]
+        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
+    except XentcheckError as exc:
+        raise InputFailure(str(exc)) from None
+    _report(checked, output_format, output, summary_only=True)
+    if not all(c.verdict.passed for c in checked):
+        sys.exit(1)
+
+
+def _scenario_files(paths: Sequence[Path]) -> list[Path]:
+    """The scenario files named, and the .yaml/.yml files under the folders named."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+            if not found:
+                raise InputError("holds no .yaml scenario files", source=str(path))
+            files.extend(found)
+        else:
+            files.append(path)  # load_scenarios reports a missing file
+    return files
+
+
+def _check_all(
+    loaded: Sequence[Scenario], dtypes: tuple[str, ...], pipelines: tuple[str, ...],
+    accumulate: str, rtol: float | None, atol: float | None, fail_on: tuple[str, ...],
+) -> list[Checked]:
+    """Evaluate each scenario and judge its expectations and the --fail-on rules."""
+    rules = parse_fail_on(fail_on)
+    override = None
+    if rtol is not None or atol is not None:
+        override = ToleranceSpec(everywhere=Tolerance(rel=rtol or 0.0, abs=atol or 0.0))
+    checked = []
+    for scenario in loaded:
+        result = _evaluate(scenario, _names(dtypes), _names(pipelines), accumulate, override)
+        expectations = (*scenario.expectations, *rules)
+        verdict = check_expectations(result, expectations, scenario.source)
+        checked.append(Checked(result, verdict, expectations))
+    return checked
 
 
 def _scenarios(
@@ -197,16 +295,54 @@ def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accum
     return evaluate(case, precisions, chosen, tolerances)
 
 
-def _emit(results: list[ScenarioResult], output_format: str, output: str | None) -> None:
-    """Build the whole report, then write it: never a half-printed table."""
-    if output_format == "json":
-        text = render_json(results)
-        if output:
-            _write(output, text)
+def _report(checked: list[Checked], output_format: str, output: str | None, *,
+            summary_only: bool) -> None:
+    """Build the whole report, then write it: never a half-printed table.
+
+    ``table`` prints the findings (``run``) or one line per scenario (``check``). Other
+    formats go to ``--output`` when given, with the one-line summary on the console;
+    without ``--output`` they go to standard output (``github``: after the summary, which
+    Actions shows as plain log lines).
+    """
+    results = [c.result for c in checked]
+    verdicts = [c.verdict for c in checked]
+
+    def summary(console: Console) -> None:
+        for item in checked:
+            render_verdict(item.result, item.verdict, console)
+
+    if output_format == "table":
+        if summary_only:
+            _print_table(summary, output)
         else:
-            click.echo(text, nl=False)
+            _print_table(lambda console: render_table(results, console, verdicts), output)
         return
-    _print_table(lambda console: render_table(results, console), output)
+    renderers: dict[str, Callable[[], str]] = {
+        "json": lambda: render_json(results, verdicts),
+        "junit": lambda: render_junit(checked),
+        "github": lambda: render_annotations(checked),
+    }
+    text = renderers[output_format]()
+    if output_format == "github":
+        _github_step_summary(checked)
+    if output:
+        _write(output, text)
+        _print_table(summary, None)
+        return
+    if output_format == "github":
+        _print_table(summary, None)
+    click.echo(text, nl=False)
+
+
+def _github_step_summary(checked: list[Checked]) -> None:
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(render_step_summary(checked))
+    except OSError as exc:
+        raise InputFailure(f"GITHUB_STEP_SUMMARY {path}: cannot write ({exc.strerror})") from None
 
 
 def _write(output: str, text: str) -> None:
@@ -225,10 +361,7 @@ def _write(output: str, text: str) -> None:
               help=f"Storage dtype(s): {', '.join(DTYPE_NAMES)} (default: all).")
 @click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
               show_default=True, help="Reduction accumulate dtype.")
-@click.option("--format", "output_format", type=click.Choice(FORMATS), default="table",
-              show_default=True, help="Report format.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the report to this file instead of standard output.")
+@output_options(FORMATS)
 def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
            output_format: str, output: str | None) -> None:
     """Print where each formulation breaks, per precision, for C classes.
@@ -280,7 +413,8 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --pattern normal.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG of error against magnitude (needs matplotlib).")
-@run_options
+@evaluation_options
+@output_options(FORMATS)
 def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, points: int,
           linear: bool, spread: float, seed: int, plot: Path | None, dtypes: tuple[str, ...],
           pipelines: tuple[str, ...], accumulate: str, rtol: float | None, atol: float | None,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .expectations import Outcome, Verdict
 from .findings import Finding, Limit, Mismatch, ScenarioResult
 from .limits import LimitRow
 from .stages import StageEvent
@@ -114,13 +115,35 @@ def scenario_json(result: ScenarioResult) -> dict[str, Any]:
     }
 
 
-def render_json(results: Sequence[ScenarioResult]) -> str:
-    """The whole report as a JSON document (floats round-trip exactly)."""
+def _outcome(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "line": outcome.expectation.line,
+        "origin": outcome.expectation.origin,
+        "subject": outcome.subject,
+        "condition": outcome.condition,
+        "expected": outcome.expected,
+        "measured": outcome.measured,
+        "passed": outcome.passed,
+    }
+
+
+def render_json(
+    results: Sequence[ScenarioResult], verdicts: Sequence[Verdict] | None = None
+) -> str:
+    """The whole report as a JSON document (floats round-trip exactly).
+
+    With ``verdicts`` each scenario gains ``passed`` and ``expectations`` (additive keys).
+    """
+    scenarios = [scenario_json(r) for r in results]
+    if verdicts is not None:
+        for entry, verdict in zip(scenarios, verdicts, strict=True):
+            entry["passed"] = verdict.passed
+            entry["expectations"] = [_outcome(o) for o in verdict.outcomes]
     document = {
         "tool": "xentcheck",
         "version": __version__,
         "schema": SCHEMA,
-        "scenarios": [scenario_json(r) for r in results],
+        "scenarios": scenarios,
     }
     return json.dumps(document, indent=2, allow_nan=False) + "\n"
 

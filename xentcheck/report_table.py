@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .expectations import Verdict
 from .findings import Finding, Mismatch, ScenarioResult
 from .limits import LimitRow
 from .precision import Precision
@@ -157,10 +158,38 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
     console.print()
 
 
-def render_table(results: Sequence[ScenarioResult], console: Console) -> None:
-    """Every scenario, then the flag legend."""
-    for result in results:
+def render_verdict(result: ScenarioResult, verdict: Verdict, console: Console) -> None:
+    """One line per scenario: pass, or fail with each failed expectation and its line."""
+    console.print(verdict_line(result, verdict))
+    for outcome in verdict.failures:
+        where = f"{result.source}:{outcome.expectation.line}" if outcome.expectation.line \
+            else outcome.expectation.origin
+        console.print(f"      {where}: {outcome.message}", style="red")
+
+
+def verdict_line(result: ScenarioResult, verdict: Verdict) -> Text:
+    text = Text()
+    if verdict.passed:
+        text.append("PASS", style="bold green")
+        count = len(verdict.outcomes)
+        text.append(f"  {result.name}  ({result.source}: {count} check"
+                    f"{'s' if count != 1 else ''} hold)")
+    else:
+        text.append("FAIL", style="bold red")
+        failed = len(verdict.failures)
+        text.append(f"  {result.name}  ({result.source}: {failed} of {len(verdict.outcomes)} "
+                    "checks failed)")
+    return text
+
+
+def render_table(results: Sequence[ScenarioResult], console: Console,
+                 verdicts: Sequence[Verdict] | None = None) -> None:
+    """Every scenario (with its expectations' verdict, if any), then the flag legend."""
+    for i, result in enumerate(results):
         render_scenario(result, console)
+        if verdicts is not None and verdicts[i].outcomes:
+            render_verdict(result, verdicts[i], console)
+            console.print()
     console.print(LEGEND, style="dim")
 
 

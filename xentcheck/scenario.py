@@ -20,6 +20,7 @@ import yaml
 from .arrays import load_array
 from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
 from .errors import InputError, UsageError
+from .expectations import Expectation, parse_expectations
 from .findings import Tolerance
 from .pipelines import select
 from .precision import DTYPE_NAMES, FloatArray
@@ -52,6 +53,7 @@ class Scenario:
     tolerance: ToleranceSpec | None
     source: str
     lines: dict[str, int]
+    expectations: tuple[Expectation, ...] = ()
 
 
 def load_scenarios(path: str | Path) -> list[Scenario]:
@@ -113,9 +115,6 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise InputError(f"unknown key{suggestion} (keys: {', '.join(KEYS)})",
                              source=source, field=f"{key} (line {lines.get(str(key), '?')})")
-    if "expect" in data:
-        raise InputError("expectations are not supported in this version yet",
-                         source=source, field="expect")
     for required in ("logits", "labels"):
         if required not in data:
             raise InputError("is required", source=source, field=required)
@@ -147,9 +146,20 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
             except UsageError as exc:
                 raise InputError(str(exc), field="pipelines") from None
         tolerance = parse_tolerance(data.get("tolerance"))
+        expectations: tuple[Expectation, ...] = ()
+        if "expect" in data:
+            expectations = parse_expectations(data["expect"], _item_lines(node, "expect"))
     except InputError as exc:
         raise exc.located(source) from None
-    return Scenario(case, dtypes, pipelines, tolerance, source, lines)
+    return Scenario(case, dtypes, pipelines, tolerance, source, lines, expectations)
+
+
+def _item_lines(node: yaml.MappingNode, key: str) -> list[int | None]:
+    """1-based line of each item of a sequence value (for messages and CI annotations)."""
+    value = _value_node(node, key)
+    if not isinstance(value, yaml.SequenceNode):
+        return []
+    return [item.start_mark.line + 1 for item in value.value]
 
 
 # -- field parsers ---------------------------------------------------------------------------

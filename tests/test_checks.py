@@ -1,0 +1,154 @@
+"""Expectations, `xentcheck check`, --fail-on and the CI formats (JUnit, GitHub)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from xentcheck.cli import cli
+
+Write = Callable[[str, str], Path]
+
+GOOD = """\
+name: good
+logits: [1000, 2000, 2500]
+labels: 1
+expect:
+  - pipeline: naive
+    loss: nan
+  - pipeline: stable
+    dtype: float64
+    max_ulp_error: 0
+"""
+
+# Line 6 holds a deliberately false expectation: stable is exact (500), not NaN.
+BAD = """\
+name: bad
+logits: [1000, 2000, 2500]
+labels: 1
+dtypes: [float32]
+expect:
+  - pipeline: stable
+    loss: nan
+  - pipeline: naive
+    flags: [overflow]
+"""
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_check_passes_and_fails_with_the_measured_value_and_line(write: Write) -> None:
+    good = write("cfg/good.yaml", GOOD)
+    write("cfg/sub/bad.yaml", BAD)
+    result = invoke("check", str(good.parent), env={"NO_COLOR": "1"})
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("PASS  good ")
+    assert lines[1].startswith("FAIL  bad ")
+    bad_path = good.parent / "sub" / "bad.yaml"
+    assert f"{bad_path}:6: stable float32: loss expected nan, measured 500" in result.stdout
+    assert invoke("check", str(good)).exit_code == 0
+
+
+def test_check_defaults_to_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text(GOOD)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("check")
+    assert result.exit_code == 0 and "PASS  good" in result.stdout
+
+
+def test_run_exits_1_on_a_failed_expectation(write: Write) -> None:
+    result = invoke("run", str(write("bad.yaml", BAD)), env={"NO_COLOR": "1"})
+    assert result.exit_code == 1
+    assert "FAIL  bad" in result.stdout and "measured 500" in result.stdout
+
+
+def test_fail_on_turns_findings_into_failures(write: Write) -> None:
+    path = write("s.yaml", "logits: [1000, 2000, 2500]\nlabels: 1\n")
+    assert invoke("run", str(path), "--fail-on", "nan@stable").exit_code == 0
+    failed = invoke("check", str(path), "--fail-on", "nan,inf@naive,shifted",
+                    env={"NO_COLOR": "1"})
+    assert failed.exit_code == 1
+    assert "--fail-on: naive float32: flags expected none of nan,inf, measured nan,overflow" \
+        in failed.stdout
+    bad = invoke("check", str(path), "--fail-on", "nann")
+    assert bad.exit_code == 2 and "--fail-on 'nann'" in bad.stderr
+
+
+def test_expectation_selecting_nothing_is_an_input_error(write: Write) -> None:
+    path = write("s.yaml", "logits: [1, 2]\nlabels: 0\ndtypes: [float32]\nexpect:\n"
+                           "  - {dtype: float16, loss: finite}\n")
+    result = invoke("check", str(path))
+    assert result.exit_code == 2
+    assert "selects no pipeline and dtype that ran" in result.stderr
+    assert "line 5" in result.stderr
+
+
+def test_no_mismatch(write: Write) -> None:
+    path = write("s.yaml", "logits: [1000, 2000, 2500]\nlabels: 1\ndtypes: [float64]\n"
+                           "expect:\n  - no_mismatch: [shifted, stable]\n"
+                           "  - no_mismatch: [naive, stable]\n")
+    result = invoke("check", str(path), env={"NO_COLOR": "1"})
+    assert result.exit_code == 1
+    assert ":6: float64: mismatch expected none between naive, stable, measured naive vs " \
+        "stable (finiteness)" in result.stdout
+    assert ":5:" not in result.stdout
+
+
+def test_junit_is_valid_and_counts_failures(write: Write, tmp_path: Path) -> None:
+    write("cfg/good.yaml", GOOD)
+    write("cfg/bad.yaml", BAD)
+    target = tmp_path / "junit.xml"
+    result = invoke("check", str(tmp_path / "cfg"), "--format", "junit", "--output", str(target))
+    assert result.exit_code == 1
+    assert "FAIL  bad" in result.stdout  # the console keeps the human summary
+    root = ET.parse(target).getroot()
+    assert root.tag == "testsuites"
+    assert root.get("tests") == "4" and root.get("failures") == "1"
+    suites = {s.get("name"): s for s in root.findall("testsuite")}
+    assert set(suites) == {"good", "bad"}
+    cases = suites["bad"].findall("testcase")
+    assert [c.get("line") for c in cases] == ["6", "8"]
+    failure = cases[0].find("failure")
+    assert failure is not None
+    assert failure.get("message") == "stable float32: loss expected nan, measured 500"
+    assert cases[1].find("failure") is None
+
+
+def test_github_annotations_and_step_summary(write: Write, tmp_path: Path) -> None:
+    bad = write("bad.yaml", BAD)
+    summary = tmp_path / "summary.md"
+    result = invoke("check", str(bad), "--format", "github",
+                    env={"GITHUB_STEP_SUMMARY": str(summary), "NO_COLOR": "1"})
+    assert result.exit_code == 1
+    annotation = next(line for line in result.stdout.splitlines() if line.startswith("::error"))
+    assert annotation == (f"::error file={bad},line=6,title=xentcheck bad::"
+                          "stable float32: loss expected nan, measured 500")
+    text = summary.read_text()
+    assert "| `bad` | ❌ fail |" in text
+
+
+def test_json_carries_the_expectation_outcomes(write: Write) -> None:
+    result = invoke("check", str(write("bad.yaml", BAD)), "--format", "json")
+    doc = json.loads(result.stdout)
+    scenario = doc["scenarios"][0]
+    assert scenario["passed"] is False
+    failed = [o for o in scenario["expectations"] if not o["passed"]]
+    assert failed == [{"line": 6, "origin": "expect", "subject": "stable float32",
+                       "condition": "loss", "expected": "nan", "measured": "500",
+                       "passed": False}]
+
+
+def test_shipped_configs_hold() -> None:
+    root = Path(__file__).resolve().parent.parent / "configs"
+    result = invoke("check", str(root), env={"NO_COLOR": "1"})
+    assert result.exit_code == 0, result.stdout
+    assert result.stdout.count("PASS") == len(list(root.glob("*.yaml")))
