@@ -116,3 +116,43 @@ def test_bad_files_are_one_input_error(tmp_path: Path, kind: str, message: str) 
     assert message in str(caught.value)
     assert caught.value.source == "s.yaml" and caught.value.field == "logits"
     assert "\n" not in str(caught.value)
+
+
+def test_streamed_validation_finds_the_first_bad_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xentcheck import scenario
+
+    x = np.zeros((50, 7), dtype=np.float32)
+    x[37, 4] = np.inf
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(scenario, "_CHECK_VALUES", 7 * 3)  # 17 blocks of 3 rows
+    logits = load(tmp_path / "x.npy")
+    with pytest.raises(InputError, match=r"holds inf at index \[37, 4\]"):
+        scenario.make_case(name="s", logits=logits, labels=np.zeros(50, dtype=np.int64))
+
+
+def test_memory_mapped_input_gives_the_in_memory_findings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xentcheck import execution
+    from xentcheck.evaluator import evaluate
+    from xentcheck.pipelines import available
+    from xentcheck.precision import precisions_for
+    from xentcheck.scenario import make_case
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((300, 64)) * 30).astype(np.float32)
+    y = rng.integers(0, 64, 300)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 64 * 16)  # pages released block by block
+    mapped = make_case(name="m", logits=load(tmp_path / "x.npy"), labels=y)
+    assert isinstance(mapped.logits, np.memmap)
+    in_memory = make_case(name="m", logits=x.copy(), labels=y)
+    dtypes = precisions_for(["float16", "float32"])
+    a = evaluate(mapped, dtypes, available("softmax", True))
+    b = evaluate(in_memory, dtypes, available("softmax", True))
+    assert a.reference.loss == b.reference.loss
+    for fa, fb in zip(a.findings, b.findings, strict=True):
+        assert (fa.loss, fa.flags, fa.first_bad) == (fb.loss, fb.flags, fb.first_bad) or (
+            fa.loss != fa.loss and fb.loss != fb.loss)

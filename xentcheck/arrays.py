@@ -7,6 +7,7 @@ field; nothing is ever unpickled (``allow_pickle=False``).
 from __future__ import annotations
 
 import csv
+import mmap
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,22 @@ def _load_safetensors(path: Path, key: str | None, fail: Any) -> FloatArray:
             return np.asarray(tensors.get_tensor(name))
         except Exception as exc:
             raise fail(f"cannot read tensor {name!r} ({_first_line(exc)})") from None
+
+
+def release_pages(mapped: FloatArray, view: FloatArray) -> None:
+    """Let the kernel drop the pages of a memory-mapped file under ``view``.
+
+    Streaming a file through a memory map reads each page once; without this the pages stay
+    mapped, and counted in the process's resident memory, until the map is closed. Dropping
+    them is safe: a page touched again is read back from the page cache. ``mapped`` is the
+    array :func:`load_array` returned, ``view`` a slice of it. Anything else is left alone.
+    """
+    mm = getattr(mapped, "_mmap", None)
+    if not isinstance(mapped, np.memmap) or mm is None or not hasattr(mm, "madvise"):
+        return
+    delta = np.asarray(view).ctypes.data - mapped.ctypes.data
+    start = mapped.offset % mmap.ALLOCATIONGRANULARITY + delta
+    aligned = start - start % mmap.PAGESIZE
+    length = np.asarray(view).nbytes + (start - aligned)
+    if length > 0 and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, aligned, length)

@@ -8,6 +8,7 @@ over the input, and turns what they produced into findings.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 
@@ -38,6 +39,11 @@ def reference_per_example(block: Block) -> FloatArray:
     case = block.case
     spec = case.spec
     if spec.family == "softmax":
+        if spec.from_logits and case.label_kind == "index" and not spec.label_smoothing:
+            weights = np.ones(case.classes) if spec.class_weights is None else np.asarray(
+                spec.class_weights, dtype=np.float64)
+            return ref.softmax_index_losses(block.logits, block.target,
+                                            weights[block.target] * block.valid)
         coef = softmax_coefficients(case, block.labels)
         if spec.from_logits:
             return ref.softmax_losses(block.logits, coef)
@@ -206,16 +212,24 @@ def _values(finding: Finding) -> FloatArray:
 
 def _block_stats(block: Block) -> tuple[float, float, float | None]:
     """Largest logit, largest |logit|, largest spread (row max minus a weighted class's logit)."""
-    x = np.asarray(block.logits, dtype=np.float64)
+    x = np.asarray(block.logits)
     if x.size == 0:
         return -np.inf, 0.0, None
+    top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
+    largest = float(top.max())
+    largest_abs = max(abs(largest), abs(float(x.min())))
     spread = None
     case = block.case
     if case.spec.family == "softmax" and case.spec.from_logits:
-        weighted = softmax_coefficients(case, block.labels) > 0
-        gaps = np.where(weighted, x.max(axis=-1, keepdims=True) - x, -np.inf)
-        spread = float(gaps.max()) if weighted.any() else None
-    return float(x.max()), float(np.abs(x).max()), spread
+        if case.label_kind == "index" and not case.spec.label_smoothing:
+            target = x[np.arange(len(x)), block.target].astype(np.float64)
+            gaps = (top - target)[block.valid]
+            spread = float(gaps.max()) if gaps.size else None
+        else:
+            weighted = softmax_coefficients(case, block.labels) > 0
+            gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
+            spread = float(gaps.max()) if weighted.any() else None
+    return largest, largest_abs, spread
 
 
 # -- the whole evaluation --------------------------------------------------------------------
@@ -243,25 +257,40 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         denominators=Denominators(np.zeros(case.classes)),
         rounded={name: [] for name in dtype_names},
     )
-    for block in blocks(case):
-        collected.denominators.add(case, block)
-        given = reference_per_example(block)
-        collected.reference.append(given)
-        for name, rounded_case in rounded_cases.items():
-            rb = rounded_block(block, Precision(name), rounded_case)
-            if _same_inputs(block, rb):
-                collected.rounded[name].append(given)  # D holds these inputs exactly
-                continue
-            with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
-                collected.rounded[name].append(reference_per_example(rb))
-        for run in collected.runs:
-            run.feed(case, block)
-        top, big, spread = _block_stats(block)
-        collected.max_logit = max(collected.max_logit, top)
-        collected.max_abs = max(collected.max_abs, big)
-        if spread is not None:
-            collected.max_spread = max(spread, collected.max_spread or spread)
+    # The reference of a block is computed on a second thread while this one runs the
+    # pipelines over it (numpy releases the GIL in its loops): both cores stay busy.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for block in blocks(case):
+            references = pool.submit(_references, block, rounded_cases)
+            collected.denominators.add(case, block)
+            for run in collected.runs:
+                run.feed(case, block)
+            top, big, spread = _block_stats(block)
+            collected.max_logit = max(collected.max_logit, top)
+            collected.max_abs = max(collected.max_abs, big)
+            if spread is not None:
+                collected.max_spread = max(spread, collected.max_spread or spread)
+            given, rounded = references.result()
+            collected.reference.append(given)
+            for name, values in rounded.items():
+                collected.rounded[name].append(values)
     return collected
+
+
+def _references(
+    block: Block, rounded_cases: Mapping[str, Case]
+) -> tuple[FloatArray, dict[str, FloatArray]]:
+    """The block's reference losses, as given and with the inputs rounded to each dtype."""
+    given = reference_per_example(block)
+    rounded = {}
+    for name, rounded_case in rounded_cases.items():
+        rb = rounded_block(block, Precision(name), rounded_case)
+        if _same_inputs(block, rb):
+            rounded[name] = given  # D holds these inputs exactly
+            continue
+        with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
+            rounded[name] = reference_per_example(rb)
+    return given, rounded
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import release_pages
 from .case import Case
 from .pipelines import Block, Pipeline, reduce_losses
 from .precision import FloatArray, Precision
@@ -27,7 +28,11 @@ def blocks(case: Case, block_elements: int | None = None) -> Iterator[Block]:
     step = max(1, size // max(1, case.classes))
     for start in range(0, case.rows, step):
         stop = min(case.rows, start + step)
-        yield Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start)
+        block = Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start)
+        yield block
+        # done with these rows: a memory-mapped input's pages need not stay resident
+        release_pages(case.logits, block.logits)
+        release_pages(case.labels, block.labels)
 
 
 @dataclass

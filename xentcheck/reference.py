@@ -35,8 +35,14 @@ def _two_sum(a: FloatArray, b: FloatArray) -> tuple[FloatArray, FloatArray]:
     """``a + b = s + e`` exactly, with ``s = fl(a + b)`` (Knuth's TwoSum)."""
     s = a + b
     b_virtual = s - a
-    e = (a - (s - b_virtual)) + (b - b_virtual)
-    return s, e
+    a_virtual = s - b_virtual
+    if not isinstance(a_virtual, np.ndarray) or a_virtual.ndim == 0:
+        return s, (a - a_virtual) + (b - b_virtual)
+    # in place from here on: these temporaries are as large as the inputs
+    np.subtract(b, b_virtual, out=b_virtual)
+    np.subtract(a, a_virtual, out=a_virtual)
+    np.add(a_virtual, b_virtual, out=a_virtual)
+    return s, a_virtual
 
 
 def _dd_sum(hi: FloatArray, lo: FloatArray | None = None) -> tuple[FloatArray, FloatArray]:
@@ -46,21 +52,29 @@ def _dd_sum(hi: FloatArray, lo: FloatArray | None = None) -> tuple[FloatArray, F
     (cascaded summation, Ogita, Rump and Oishi [3]), with O(n) work in log2(n) vector steps.
     """
     hi = np.asarray(hi, dtype=np.float64)
-    lo = np.zeros_like(hi) if lo is None else np.asarray(lo, dtype=np.float64)
     if hi.shape[-1] == 0:
         zeros = np.zeros(hi.shape[:-1])
         return zeros, zeros.copy()
     # An infinite term makes TwoSum's error term inf - inf; such sums are taken plainly.
     plain = np.sum(hi, axis=-1)
+    low = None if lo is None else np.asarray(lo, dtype=np.float64)
+    carried: list[tuple[FloatArray, FloatArray | None]] = []  # odd columns, added at the end
     with np.errstate(invalid="ignore", over="ignore"):
         while hi.shape[-1] > 1:
             if hi.shape[-1] % 2:
-                pad = [(0, 0)] * (hi.ndim - 1) + [(0, 1)]
-                hi, lo = np.pad(hi, pad), np.pad(lo, pad)
+                carried.append((hi[..., -1], None if low is None else low[..., -1]))
+                hi = hi[..., :-1]
+                low = None if low is None else low[..., :-1]
             s, e = _two_sum(hi[..., 0::2], hi[..., 1::2])
-            lo = lo[..., 0::2] + lo[..., 1::2] + e
-            hi = s
-        s, e = _two_sum(hi[..., 0], lo[..., 0])
+            if low is not None:
+                e += low[..., 0::2]
+                e += low[..., 1::2]
+            hi, low = s, e
+        total, error = hi[..., 0], (np.zeros_like(hi[..., 0]) if low is None else low[..., 0])
+        for column, column_low in carried:
+            total, e = _two_sum(total, column)
+            error = error + e if column_low is None else error + e + column_low
+        s, e = _two_sum(total, error)
     finite = np.isfinite(plain)
     return np.where(finite, s, plain), np.where(finite, e, 0.0)
 
@@ -73,6 +87,24 @@ def _log1p_dd(hi: FloatArray, lo: FloatArray) -> FloatArray:
 def _nonnegative_total(hi: FloatArray, lo: FloatArray, extra: FloatArray) -> FloatArray:
     """``hi + lo + extra`` for non-negative parts: adding the small parts first keeps them."""
     return hi + (lo + extra)
+
+
+def _shifted_log_sum(x: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """For rows of logits: ``(m, d_hi, d_lo, log1p(T1))`` with ``x - m = d_hi + d_lo`` exactly
+    and ``T1 = sum_{j != k} exp(x_j - m)``, ``k`` the (first) position of the maximum ``m``."""
+    rows = np.arange(x.shape[0])
+    top = np.argmax(x, axis=-1)
+    m = x[rows, top][:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        d_hi, d_lo = _two_sum(x, -m)  # d <= 0
+        d_lo[~np.isfinite(d_hi)] = 0.0
+        e_hi = np.exp(d_hi)
+        e_hi[rows, top] = 0.0  # T1 leaves out one maximal term: exp(0) = 1 is log1p's "1 +"
+        # exp(d_hi + d_lo) = exp(d_hi) (1 + d_lo): the correction is needed only where the
+        # difference was inexact (never for float32 or narrower inputs of similar scale).
+        e_lo = e_hi * d_lo if d_lo.any() else None
+    t_hi, t_lo = _dd_sum(e_hi, e_lo)
+    return m, d_hi, d_lo, _log1p_dd(t_hi, t_lo)
 
 
 def softmax_losses(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
@@ -98,22 +130,23 @@ def softmax_losses(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
     """
     x = np.asarray(logits, dtype=np.float64)
     a = np.asarray(coefficients, dtype=np.float64)
-    rows = np.arange(x.shape[0])
-    top = np.argmax(x, axis=-1)
-    m = x[rows, top][:, None]
-    with np.errstate(invalid="ignore", over="ignore"):
-        d_hi, d_lo = _two_sum(x, -m)  # x - m = d_hi + d_lo exactly, d <= 0
-        d_lo = np.where(np.isfinite(d_hi), d_lo, 0.0)
-        e_hi = np.exp(d_hi)
-        e_lo = e_hi * d_lo
-    e_hi[rows, top] = 0.0  # T1 leaves out one maximal term: exp(0) = 1 is the "1 +" of log1p
-    e_lo[rows, top] = 0.0
-    t_hi, t_lo = _dd_sum(e_hi, e_lo)
-    log_t = _log1p_dd(t_hi, t_lo)
+    _, d_hi, d_lo, log_t = _shifted_log_sum(x)
     with np.errstate(invalid="ignore"):
         s_hi, s_lo = _dd_sum(np.where(a > 0, a * -d_hi, 0.0), np.where(a > 0, a * -d_lo, 0.0))
         total_a = np.sum(a, axis=-1)
         return _nonnegative_total(s_hi, s_lo, total_a * log_t)
+
+
+def softmax_index_losses(logits: FloatArray, target: FloatArray, weight: FloatArray) -> FloatArray:
+    """:func:`softmax_losses` for integer labels without smoothing: ``a`` is ``weight`` at
+    ``target`` and 0 elsewhere, so the first sum is one term per row (no dense pass)."""
+    x = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(x.shape[0])
+    _, d_hi, d_lo, log_t = _shifted_log_sum(x)
+    w = np.asarray(weight, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        gap_hi, gap_lo = -d_hi[rows, target], -d_lo[rows, target]
+        return np.where(w > 0, w * gap_hi + (w * gap_lo + w * log_t), 0.0)
 
 
 def softmax_probability_losses(probabilities: FloatArray, coefficients: FloatArray) -> FloatArray:

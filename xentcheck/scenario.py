@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .arrays import load_array
+from .arrays import load_array, release_pages
 from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
 from .errors import InputError, UsageError
 from .expectations import Expectation, parse_expectations
@@ -331,31 +331,58 @@ def _first_index(mask: FloatArray) -> list[int]:
     return [int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape)]
 
 
+# Rows per validation step: a few million values, whatever the file's size.
+_CHECK_VALUES = 1 << 22
+
+
+def _find_first(
+    array: FloatArray, predicate: Callable[[FloatArray], FloatArray]
+) -> list[int] | None:
+    """Index (in ``array``'s shape) of the first value where ``predicate`` holds, scanning
+    row blocks so that a memory-mapped file is never read into memory whole."""
+    width = array.shape[-1] if array.ndim else 1
+    rows = array.reshape(-1, width)
+    step = max(1, _CHECK_VALUES // max(1, width))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
+        with np.errstate(invalid="ignore"):
+            hit = np.asarray(predicate(np.asarray(chunk, dtype=np.float64)))
+        release_pages(array, chunk)
+        if hit.any():
+            r, c = np.unravel_index(int(np.argmax(hit)), hit.shape)
+            flat = (start + int(r)) * width + int(c)
+            return [int(i) for i in np.unravel_index(flat, array.shape)] if array.ndim else []
+    return None
+
+
+def _value_at(array: FloatArray, index: list[int]) -> float:
+    return float(np.asarray(array[tuple(index)], dtype=np.float64))
+
+
 def _checked_logits(logits: FloatArray, family: str, from_logits: bool) -> FloatArray:
     key = "logits"
-    array = np.asarray(logits) if not isinstance(logits, np.memmap) else logits
+    array = logits if isinstance(logits, np.memmap) else np.asarray(logits)
     if array.dtype.kind in "iu" and not isinstance(logits, np.memmap):
         array = array.astype(np.float64)  # inline integer lists
     if array.dtype.kind not in "f" and array.dtype.name != "bfloat16":
         raise InputError(f"must be floating point, not {array.dtype}", field=key)
     if array.ndim == 0 or array.size == 0:
         raise InputError("must be a non-empty array (a list of logits per example)", field=key)
-    as64 = np.asarray(array, dtype=np.float64)
-    bad = ~np.isfinite(as64)
-    if bad.any():
-        where = _first_index(bad)
-        raise InputError(f"holds {as64[tuple(where)]} at index {where}; inputs must be finite",
-                         field=key)
+    where = _find_first(array, lambda v: ~np.isfinite(v))
+    if where is not None:
+        raise InputError(f"holds {_value_at(array, where)} at index {where}; inputs must be "
+                         "finite", field=key)
     if not from_logits:
-        outside = (as64 < 0) | (as64 > 1)
-        if outside.any():
-            where = _first_index(outside)
+        where = _find_first(array, lambda v: (v < 0) | (v > 1))
+        if where is not None:
             raise InputError(
                 f"from_logits is false, so these are probabilities, but index {where} holds "
-                f"{as64[tuple(where)]} (outside [0, 1])", field=key)
-        if family == "softmax" and (as64.sum(axis=-1) <= 0).any():
-            row = _first_index(as64.sum(axis=-1) <= 0)
-            raise InputError(f"the probabilities of row {row} sum to 0", field=key)
+                f"{_value_at(array, where)} (outside [0, 1])", field=key)
+        if family == "softmax":
+            row = _find_first(array, lambda v: (v.sum(axis=-1) <= 0)[:, None])
+            if row is not None:
+                raise InputError(f"the probabilities of row {row[:-1] or [0]} sum to 0",
+                                 field=key)
     return array
 
 
@@ -367,23 +394,24 @@ def _checked_labels(
         raise InputError("must not be empty", field=key)
     if labels.dtype.kind not in "iuf" and labels.dtype.name != "bfloat16":
         raise InputError(f"must be numbers, not {labels.dtype}", field=key)
-    values = np.asarray(labels, dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        where = _first_index(bad)
-        raise InputError(f"holds {values[tuple(where)]} at index {where}", field=key)
-    counted = values if ignore_index is None else np.where(values == ignore_index, 0.0, values)
+    where = _find_first(labels, lambda v: ~np.isfinite(v))
+    if where is not None:
+        raise InputError(f"holds {_value_at(labels, where)} at index {where}", field=key)
+
+    def counted(v: FloatArray) -> FloatArray:
+        return v if ignore_index is None else np.where(v == ignore_index, 0.0, v)
+
     if family == "sigmoid":
         if labels.shape != logits.shape:
             raise InputError(f"have shape {list(labels.shape)}; sigmoid targets need the logits' "
                              f"shape {list(logits.shape)}", field=key)
-        outside = (counted < 0) | (counted > 1)
-        if outside.any():
-            where = _first_index(outside)
-            raise InputError(f"target {values[tuple(where)]} at index {where} is outside [0, 1]",
-                             field=key)
-        return values, "binary"
+        where = _find_first(labels, lambda v: (counted(v) < 0) | (counted(v) > 1))
+        if where is not None:
+            raise InputError(f"target {_value_at(labels, where)} at index {where} is outside "
+                             "[0, 1]", field=key)
+        return labels, "binary"
     if labels.shape == logits.shape[:-1]:
+        values = np.asarray(labels, dtype=np.float64)  # one id per example: small
         fractional = values != np.round(values)
         if fractional.any():
             where = _first_index(fractional)
@@ -400,20 +428,19 @@ def _checked_labels(
                              f"[0, {classes}){hint}", field=key)
         return ids, "index"
     if labels.shape == logits.shape:
-        negative = values < 0
-        if negative.any():
-            where = _first_index(negative)
-            raise InputError(f"probability {values[tuple(where)]} at index {where} is negative",
-                             field=key)
+        where = _find_first(labels, lambda v: v < 0)
+        if where is not None:
+            raise InputError(f"probability {_value_at(labels, where)} at index {where} is "
+                             "negative", field=key)
         eps = float(np.finfo(np.float64).eps) if labels.dtype.itemsize >= 8 else (
             float(np.finfo(np.float32).eps) if labels.dtype.itemsize == 4 else 2.0**-7)
-        sums = values.sum(axis=-1)
-        off = np.abs(sums - 1.0) > max(1e-6, classes * eps)
-        if off.any():
-            row = _first_index(off)
-            raise InputError(f"one-hot or probability rows must sum to 1; row {row} sums to "
-                             f"{sums[tuple(row)]:.6g}", field=key)
-        return values, "dense"
+        limit = max(1e-6, classes * eps)
+        row = _find_first(labels, lambda v: (np.abs(v.sum(axis=-1) - 1.0) > limit)[:, None])
+        if row is not None:
+            total = float(np.asarray(labels[tuple(row[:-1])], dtype=np.float64).sum())
+            raise InputError(f"one-hot or probability rows must sum to 1; row {row[:-1]} sums "
+                             f"to {total:.6g}", field=key)
+        return labels, "dense"
     raise InputError(
         f"have shape {list(labels.shape)}; expected {list(logits.shape[:-1])} (integer class "
         f"ids) or {list(logits.shape)} (one-hot or probability rows)", field=key)

@@ -124,9 +124,9 @@ class StageRunner:
         """Record what this step created. ``reduced_axis``: the operand axis a sum removed."""
         if stage not in self.stages:
             raise ValueError(f"stage {stage!r} is not declared by the pipeline")
-        out_finite = np.isfinite(out)
         watch_underflow = critical is not None and bool(np.any(critical))
-        if not watch_underflow and out_finite.all():
+        all_finite = self.precision.all_finite(out)
+        if not watch_underflow and all_finite:
             return  # the common case costs one pass over the output
 
         def per_output(flags: FloatArray) -> FloatArray:
@@ -136,7 +136,7 @@ class StageRunner:
             return np.broadcast_to(flags, out.shape)
 
         mask = self._where(out.shape, where)
-        if not out_finite.all():
+        if not all_finite:
             operand_nonfinite = np.zeros(out.shape, dtype=bool)
             operand_nan = np.zeros(out.shape, dtype=bool)
             for operand in operands:

@@ -1,0 +1,144 @@
+"""Benchmark: xentcheck's diagnostic of one (pipeline, precision) pair against the baseline a
+user would otherwise write, scipy.special.log_softmax plus the target gather, on the same
+memory-mapped file in the same dtype; then the whole default matrix at two input sizes
+(linear scaling) with its peak resident memory.
+
+Run it from the repository root (it needs scipy, which the test extra does not include):
+
+    pip install -e '.[test]' scipy
+    python bench/bench_run.py                 # 1 GiB of float32 logits: a few minutes
+    python bench/bench_run.py --rows 1024     # a quick look
+
+Times are the best of --repeat runs (the machine is shared; the minimum is the least
+disturbed). The generated files go to a temporary folder, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def best_of(repeat: int, action: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def write_inputs(folder: Path, rows: int, vocab: int, dtype: str) -> tuple[Path, Path]:
+    """Logits written in slices (never held in memory whole) and integer labels."""
+    logits = folder / f"logits_{rows}x{vocab}_{dtype}.npy"
+    labels = folder / f"labels_{rows}.npy"
+    rng = np.random.default_rng(0)
+    out = np.lib.format.open_memmap(logits, mode="w+", dtype=dtype, shape=(rows, vocab))
+    step = max(1, (1 << 24) // vocab)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start:stop] = rng.standard_normal((stop - start, vocab), dtype=np.float32) * 3
+    out.flush()
+    del out
+    np.save(labels, rng.integers(0, vocab, rows))
+    return logits, labels
+
+
+def baseline(logits: Path, labels: Path) -> None:
+    from scipy.special import log_softmax
+
+    x = np.load(logits, mmap_mode="r")
+    y = np.load(labels)
+    log_p = log_softmax(np.asarray(x), axis=-1)
+    float(-log_p[np.arange(len(y)), y].mean())
+
+
+def diagnostic(logits: Path, labels: Path, dtype: str, pipeline: str) -> None:
+    from xentcheck.arrays import load_array
+    from xentcheck.evaluator import evaluate
+    from xentcheck.limits import pipeline_limit
+    from xentcheck.pipelines import select
+    from xentcheck.precision import Precision
+    from xentcheck.scenario import make_case
+
+    pipeline_limit.cache_clear()  # the limits' bisection is part of the cost
+    case = make_case(
+        name="bench",
+        logits=load_array(logits, key=None, source="bench", field="logits"),
+        labels=load_array(labels, key=None, source="bench", field="labels"),
+    )
+    evaluate(case, [Precision(dtype)], select("softmax", True, [pipeline]))
+
+
+# The child reports its own peak, VmHWM of its address space: getrusage's ru_maxrss (self
+# or children) keeps the high-water mark across exec, so it would count the pages a forked
+# child shared with this large parent before it exec'd.
+_CHILD = """
+import resource, runpy, sys
+sys.argv = ["xentcheck", *sys.argv[1:]]
+try:
+    runpy.run_module("xentcheck", run_name="__main__")
+finally:
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(peak, file=sys.stderr)
+"""
+
+
+def full_matrix(logits: Path, labels: Path) -> tuple[float, float]:
+    """``xentcheck run`` with every precision and pipeline: (seconds, peak RSS in MiB)."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, "run", "--logits", str(logits), "--labels",
+         str(labels), "--format", "json", "--output", "/dev/null"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    seconds = time.perf_counter() - start
+    peak_kib = int(done.stderr.strip().splitlines()[-1])  # KiB on Linux
+    return seconds, peak_kib / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
+    parser.add_argument("--pipeline", default="stable", choices=["naive", "shifted", "stable"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-matrix", action="store_true")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        logits, labels = write_inputs(folder, args.rows, args.vocab, args.dtype)
+        size = logits.stat().st_size / 2**30
+        print(f"input: {args.rows} x {args.vocab} {args.dtype} = {size:.3f} GiB")
+        base = best_of(args.repeat, lambda: baseline(logits, labels))
+        ours = best_of(args.repeat, lambda: diagnostic(logits, labels, args.dtype,
+                                                       args.pipeline))
+        print(f"scipy log_softmax + gather:          {base:8.3f} s")
+        print(f"xentcheck {args.pipeline} {args.dtype} (+ reference): {ours:8.3f} s")
+        print(f"ratio: {ours / base:.2f}x  (goal: at most 1.5x)")
+        if args.skip_matrix:
+            return
+        half_logits, half_labels = write_inputs(folder, args.rows // 2, args.vocab, args.dtype)
+        half_seconds, _ = full_matrix(half_logits, half_labels)
+        seconds, peak = full_matrix(logits, labels)
+        print(f"full matrix (4 dtypes x 3 pipelines): {seconds:.1f} s for the input, "
+              f"{half_seconds:.1f} s for half of it (ratio {seconds / half_seconds:.2f}, "
+              "linear is 2)")
+        print(f"peak resident memory of the full matrix: {peak:.0f} MiB (goal: at most 400)")
+
+
+if __name__ == "__main__":
+    main()
