@@ -229,3 +229,22 @@ def test_flags_are_judged_value_by_value() -> None:
     assert clipped.per_example is not None
     assert float(clipped.per_example[0, 0]) == float(-np.log(np.float32(1e-7)))
     assert np.float32(0.999999999) == np.float32(1.0)
+
+
+def test_progress_is_reported_block_by_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 4 * 10)  # blocks of 10 rows
+    x = np.zeros((25, 4))
+    seen: list[tuple[int, int]] = []
+    evaluate(softmax_case(x, np.zeros(25, dtype=np.int64)), ALL[3:],
+             available("softmax", True), progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(10, 25), (20, 25), (25, 25)]
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal() -> None:
+    from xentcheck.cli import PROGRESS_WORK, progress_bar
+
+    x = np.zeros((PROGRESS_WORK // 4 + 1, 4))
+    case = softmax_case(x[:1], [0])
+    case = Case("big", x, np.zeros(len(x), dtype=np.int64), "index", LossSpec())
+    with progress_bar(case, 1) as progress:
+        assert progress is None  # pytest captures stderr: not a terminal

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import numpy as np
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
 from . import __version__
 from .arrays import load_array
+from .case import Case
 from .errors import InputError, XentcheckError
-from .evaluator import evaluate
+from .evaluator import Progress, evaluate
 from .expectations import Checked, parse_fail_on
 from .expectations import check as check_expectations
 from .findings import ScenarioResult, Tolerance
@@ -94,6 +99,31 @@ def output_options(formats: Sequence[str]) -> Callable[[F], F]:
 fail_on_option = click.option(
     "--fail-on", "fail_on", multiple=True, metavar="FLAGS[@PIPELINES]",
     help="Fail (exit 1) when any of these flags is raised, e.g. nan,inf or nan@stable.")
+
+
+# Inputs larger than this (values x pipeline-precision pairs) take about a second or more.
+PROGRESS_WORK = 1 << 25
+
+
+@contextmanager
+def progress_bar(case: Case, pairs: int) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr for inputs that take a while; nothing otherwise, and
+    nothing when stderr is not a terminal (logs and pipes stay clean)."""
+    work = int(np.prod(case.shape)) * max(1, pairs)
+    console = Console(stderr=True)
+    if work < PROGRESS_WORK or not console.is_terminal:
+        yield None
+        return
+    with RichProgress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("rows"), TimeRemainingColumn(), console=console, transient=True,
+    ) as bar:
+        task = bar.add_task(f"xentcheck {case.name}", total=case.rows)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
 
 
 def make_console(file: Any = None) -> Console:
@@ -292,7 +322,8 @@ def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accum
             p.name: spec.for_dtype(p.name, Tolerance(rel=p.default_rel_tolerance()))
             for p in precisions
         }
-    return evaluate(case, precisions, chosen, tolerances)
+    with progress_bar(case, len(precisions) * len(chosen)) as progress:
+        return evaluate(case, precisions, chosen, tolerances, progress)
 
 
 def _report(checked: list[Checked], output_format: str, output: str | None, *,

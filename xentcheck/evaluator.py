@@ -7,7 +7,7 @@ over the input, and turns what they produced into findings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import combinations
@@ -30,6 +30,10 @@ from .limits import pipeline_limit
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
 from .stages import StageEvent, StageRunner
+
+# Called with (rows done, rows in all) after each block.
+Progress = Callable[[int, int], None]
+
 
 # -- the reference ---------------------------------------------------------------------------
 
@@ -249,7 +253,7 @@ class _Pass:
 
 
 def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],
-                 dtype_names: Sequence[str]) -> _Pass:
+                 dtype_names: Sequence[str], progress: Progress | None) -> _Pass:
     """Feed every block once to the reference, the rounded references and every run."""
     rounded_cases = {name: _rounded_case(case, Precision(name)) for name in dtype_names}
     collected = _Pass(
@@ -274,6 +278,8 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
             collected.reference.append(given)
             for name, values in rounded.items():
                 collected.rounded[name].append(values)
+            if progress is not None:
+                progress(block.start + len(block.labels), case.rows)
     return collected
 
 
@@ -374,6 +380,7 @@ def evaluate(
     precisions: Sequence[Precision],
     pipelines: Sequence[Pipeline],
     tolerances: Mapping[str, Tolerance] | None = None,
+    progress: Progress | None = None,
 ) -> ScenarioResult:
     """Run every (pipeline, precision) pair on the case and measure it against the reference.
 
@@ -388,6 +395,8 @@ def evaluate(
     tolerances
         Per dtype name; a dtype missing here gets its default
         (:meth:`Precision.default_rel_tolerance`).
+    progress
+        Called after each block with (rows done, rows in all), for a progress display.
 
     Returns
     -------
@@ -398,7 +407,7 @@ def evaluate(
     for p in precisions:
         tolerances.setdefault(p.name, Tolerance(rel=p.default_rel_tolerance()))
     dtype_names = list(dict.fromkeys(p.name for p in precisions))
-    collected = _single_pass(case, precisions, pipelines, dtype_names)
+    collected = _single_pass(case, precisions, pipelines, dtype_names, progress)
     truth, ref_per_example = _truth(case, collected, dtype_names)
     findings = [
         _finding(case, run, collected, truth, tolerances[run.precision.name])
