@@ -156,3 +156,37 @@ def test_memory_mapped_input_gives_the_in_memory_findings(
     for fa, fb in zip(a.findings, b.findings, strict=True):
         assert (fa.loss, fa.flags, fa.first_bad) == (fb.loss, fb.flags, fb.first_bad) or (
             fa.loss != fa.loss and fb.loss != fb.loss)
+
+
+def test_csv_label_column_by_name_or_index(tmp_path: Path) -> None:
+    from xentcheck.arrays import load_csv_with_labels
+
+    (tmp_path / "d.csv").write_text("a,b,label,c\n1,2,0,3\n4,5,2,6\n")
+    logits, labels = load_csv_with_labels(tmp_path / "d.csv", "label", source="s", field="f")
+    assert logits.tolist() == [[1, 2, 3], [4, 5, 6]] and labels.tolist() == [0, 2]
+    logits, labels = load_csv_with_labels(tmp_path / "d.csv", "-1", source="s", field="f")
+    assert labels.tolist() == [3, 6]
+    with pytest.raises(InputError, match="has no column 'target'; its columns: a, b, label, c"):
+        load_csv_with_labels(tmp_path / "d.csv", "target", source="s", field="f")
+    with pytest.raises(InputError, match="column index 7 is out of range"):
+        load_csv_with_labels(tmp_path / "d.csv", 7, source="s", field="f")
+
+
+def test_csv_label_column_in_scenarios_and_cli(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from xentcheck.cli import cli
+    from xentcheck.scenario import load_scenarios
+
+    (tmp_path / "d.csv").write_text("x0,x1,x2,y\n0,-40,1,0\n3,2,1,2\n")
+    (tmp_path / "s.yaml").write_text("logits: d.csv\nlabels: {column: y}\n")
+    (scenario,) = load_scenarios(tmp_path / "s.yaml")
+    assert scenario.case.labels.tolist() == [0, 2] and scenario.case.shape == (2, 3)
+    result = CliRunner().invoke(cli, ["run", "--logits", str(tmp_path / "d.csv"),
+                                      "--label-column", "y", "--format", "json",
+                                      "--dtype", "float64"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["scenarios"][0]["shape"] == [2, 3]

@@ -95,24 +95,63 @@ def _load_npz(path: Path, key: str | None, fail: Any) -> FloatArray:
 
 
 def _load_csv(path: Path, fail: Any) -> FloatArray:
+    values = _read_csv(path, fail)[1]
+    return values[:, 0] if values.shape[1] == 1 else values
+
+
+def _read_csv(path: Path, fail: Any) -> tuple[list[str] | None, FloatArray]:
+    """The header (None when the first row is numbers) and the numbers, as a 2-D array."""
     with path.open(newline="") as handle:
         rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
     if not rows:
         raise fail("the file has no rows")
+    header = None
     if not all(_is_number(cell) for cell in rows[0]):
-        rows = rows[1:]  # a header row
+        header = [cell.strip() for cell in rows[0]]
+        rows = rows[1:]
         if not rows:
             raise fail("the file has a header but no data rows")
     width = len(rows[0])
     values = np.empty((len(rows), width))
-    for r, row in enumerate(rows, start=1):
+    first = 2 if header else 1  # rows are numbered as in the file
+    for r, row in enumerate(rows):
         if len(row) != width:
-            raise fail(f"row {r} has {len(row)} columns, the first row has {width}")
+            raise fail(f"row {r + first} has {len(row)} columns, the first row has {width}")
         for c, cell in enumerate(row, start=1):
             if not _is_number(cell):
-                raise fail(f"row {r}, column {c}: {cell.strip()!r} is not a number")
-            values[r - 1, c - 1] = float(cell)
-    return values[:, 0] if width == 1 else values
+                raise fail(f"row {r + first}, column {c}: {cell.strip()!r} is not a number")
+            values[r, c - 1] = float(cell)
+    return header, values
+
+
+def load_csv_with_labels(
+    path: Path, column: str | int, *, source: str, field: str
+) -> tuple[FloatArray, FloatArray]:
+    """A CSV whose rows hold the logits and, in ``column`` (a header name or a 0-based
+    index, negative from the end), the label: ``(logits, labels)``."""
+
+    def fail(message: str) -> InputError:
+        return InputError(f"{path}: {message}", source=source, field=field)
+
+    if path.suffix.lower() != ".csv":
+        raise fail("a label column needs the logits in a .csv file")
+    if not path.is_file():
+        raise fail("no such file")
+    header, values = _read_csv(path, fail)
+    width = values.shape[1]
+    if isinstance(column, str) and not column.lstrip("-").isdigit():
+        if header is None or column not in header:
+            names = ", ".join(header) if header else "none (the file has no header)"
+            raise fail(f"has no column {column!r}; its columns: {names}")
+        index = header.index(column)
+    else:
+        index = int(column)
+        if not -width <= index < width:
+            raise fail(f"has {width} columns; column index {index} is out of range")
+        index %= width
+    if width < 3:
+        raise fail("needs a label column and at least two logit columns")
+    return np.delete(values, index, axis=1), values[:, index]
 
 
 def _is_number(cell: str) -> bool:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 
 from . import __version__
-from .arrays import load_array
+from .arrays import load_array, load_csv_with_labels
 from .case import Case
 from .errors import InputError, XentcheckError
 from .evaluator import Progress, evaluate
@@ -162,6 +162,8 @@ def cli() -> None:
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path), default=None,
               help="Labels file (integer ids, one-hot/probability rows, or 0..1 targets).")
 @click.option("--labels-key", default=None, help="Array name inside an .npz/.safetensors file.")
+@click.option("--label-column", default=None, metavar="NAME|INDEX",
+              help="With a .csv --logits file and no --labels: the column holding the labels.")
 @click.option("--loss", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
               show_default=True, help="Loss family for --logits.")
 @click.option("--probabilities", is_flag=True,
@@ -179,6 +181,7 @@ def run(
     logits_key: str | None,
     labels_file: Path | None,
     labels_key: str | None,
+    label_column: str | None,
     loss: str,
     probabilities: bool,
     reduction: str,
@@ -204,8 +207,9 @@ def run(
       xentcheck run --logits logits.npy --labels labels.npy --loss softmax
     """
     try:
-        loaded = _scenarios(scenarios, logits_file, logits_key, labels_file, labels_key, loss,
-                            probabilities, reduction, ignore_index, label_smoothing)
+        loaded = _scenarios(scenarios, logits_file, logits_key, labels_file, labels_key,
+                            label_column, loss, probabilities, reduction, ignore_index,
+                            label_smoothing)
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
@@ -286,8 +290,8 @@ def _check_all(
 
 def _scenarios(
     paths: tuple[Path, ...], logits_file: Path | None, logits_key: str | None,
-    labels_file: Path | None, labels_key: str | None, loss: str, probabilities: bool,
-    reduction: str, ignore_index: int | None, label_smoothing: float,
+    labels_file: Path | None, labels_key: str | None, label_column: str | None, loss: str,
+    probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
 ) -> list[Scenario]:
     if paths and logits_file is not None:
         raise click.UsageError("give scenario files or --logits, not both")
@@ -295,13 +299,19 @@ def _scenarios(
         raise click.UsageError("give a scenario file, or --logits FILE (and --labels FILE)")
     if logits_file is None:
         return [s for path in paths for s in load_scenarios(path)]
-    if labels_file is None:
-        raise click.UsageError("--logits needs --labels FILE")
     source = "<command line>"
+    if label_column is not None:
+        if labels_file is not None:
+            raise click.UsageError("give --labels or --label-column, not both")
+        logits, labels = load_csv_with_labels(logits_file, label_column, source=source,
+                                              field="--label-column")
+    elif labels_file is None:
+        raise click.UsageError("--logits needs --labels FILE (or --label-column for a .csv)")
+    else:
+        logits = load_array(logits_file, key=logits_key, source=source, field="--logits")
+        labels = load_array(labels_file, key=labels_key, source=source, field="--labels")
     case = make_case(
-        name=logits_file.name,
-        logits=load_array(logits_file, key=logits_key, source=source, field="--logits"),
-        labels=load_array(labels_file, key=labels_key, source=source, field="--labels"),
+        name=logits_file.name, logits=logits, labels=labels,
         family=loss, from_logits=not probabilities, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, source=str(logits_file),
     )

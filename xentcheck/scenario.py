@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .arrays import load_array, release_pages
+from .arrays import load_array, load_csv_with_labels, release_pages
 from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
 from .errors import InputError, UsageError
 from .expectations import Expectation, parse_expectations
@@ -120,8 +120,17 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
             raise InputError("is required", source=source, field=required)
     try:
         base = file.parent
-        logits = _array_field(data["logits"], base, "logits", source)
-        labels = _array_field(data["labels"], base, "labels", source)
+        if isinstance(data["labels"], dict) and set(data["labels"]) == {"column"}:
+            # labels: {column: NAME}: a column of the logits' CSV file holds the labels
+            if not isinstance(data["logits"], str):
+                raise InputError("a label column needs logits given as a .csv path",
+                                 field="labels")
+            logits, labels = load_csv_with_labels(
+                base / data["logits"], data["labels"]["column"], source=source,
+                field="labels")
+        else:
+            logits = _array_field(data["logits"], base, "logits", source)
+            labels = _array_field(data["labels"], base, "labels", source)
         case = make_case(
             name=_string(data.get("name", default_name), "name"),
             description=_string(data.get("description", ""), "description"),
