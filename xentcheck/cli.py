@@ -321,8 +321,7 @@ def _scenarios(
 def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accumulate: str,
               override: ToleranceSpec | None) -> ScenarioResult:
     case = scenario.case
-    names = dtypes or list(scenario.dtypes or DTYPE_NAMES)
-    precisions = [Precision(name, accumulate) for name in dict.fromkeys(names)]  # type: ignore[arg-type]
+    precisions = _precisions(dtypes, scenario.dtypes or DTYPE_NAMES, accumulate)
     chosen = select(case.spec.family, case.spec.from_logits,
                     pipelines or list(scenario.pipelines or ()))
     spec = override or scenario.tolerance
@@ -417,21 +416,14 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
       xentcheck limits --classes 50257 --dtype float16,bfloat16
     """
     try:
-        names = _names(dtypes) or list(DTYPE_NAMES)
-        precisions = [Precision(n, accumulate) for n in dict.fromkeys(names)]  # type: ignore[arg-type]
+        precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
         families = ("softmax", "sigmoid") if loss == "all" else (loss,)
         pipelines = [p for family in families for p in select(family, True, None)]
         rows = limit_rows(pipelines, precisions, classes)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
-    if output_format == "json":
-        text = render_limits_json(rows)
-        if output:
-            _write(output, text)
-        else:
-            click.echo(text, nl=False)
-        return
-    _print_table(lambda console: render_limits_table(rows, console), output)
+    _emit(output_format, output, lambda: render_limits_json(rows),
+          lambda console: render_limits_table(rows, console))
 
 
 @cli.command()
@@ -473,8 +465,7 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
     try:
         spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
                          points=points, log_scale=not linear, spread=spread, seed=seed)
-        names = _names(dtypes) or list(DTYPE_NAMES)
-        precisions = [Precision(n, accumulate) for n in dict.fromkeys(names)]  # type: ignore[arg-type]
+        precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
         chosen = select(loss, True, _names(pipelines))
         tolerances = None
         if rtol is not None or atol is not None:
@@ -484,14 +475,25 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
             write_sweep_plot(result, plot)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
-    if output_format == "json":
-        text = render_sweep_json(result)
-        if output:
-            _write(output, text)
-        else:
-            click.echo(text, nl=False)
-        return
-    _print_table(lambda console: render_sweep_table(result, console), output)
+    _emit(output_format, output, lambda: render_sweep_json(result),
+          lambda console: render_sweep_table(result, console))
+
+
+def _emit(output_format: str, output: str | None, json_text: Callable[[], str],
+          table: Callable[[Console], None]) -> None:
+    """A table or JSON report (``limits``, ``sweep``), to the terminal or ``--output``."""
+    if output_format != "json":
+        _print_table(table, output)
+    elif output:
+        _write(output, json_text())
+    else:
+        click.echo(json_text(), nl=False)
+
+
+def _precisions(dtypes: Sequence[str], default: Sequence[str], accumulate: str) -> list[Precision]:
+    """``--dtype`` values (or the default names), each once, with the accumulate policy."""
+    names = _names(dtypes) or list(default)
+    return [Precision(name, accumulate) for name in dict.fromkeys(names)]  # type: ignore[arg-type]
 
 
 def _print_table(render: Callable[[Console], None], output: str | None) -> None:

@@ -122,6 +122,15 @@ def _textbook_critical(block: Block) -> FloatArray:
     return np.ones(block.logits.shape, dtype=bool)
 
 
+def _textbook_softmax_nll(run: StageRunner, block: Block, z: FloatArray) -> FloatArray:
+    """``p = exp(z) / sum(exp(z))``, then ``-sum(y * log(p))``: naive (z = x) and shifted
+    (z = x - max x) differ only in what they exponentiate."""
+    critical = _textbook_critical(block)
+    e = run.exp("exp", z, critical=critical)
+    p = run.divide("divide", e, run.sum("sum", e, keepdims=True), critical=critical)
+    return _softmax_nll(run, block, run.log("log", p, where=critical))
+
+
 def _target_mask(block: Block) -> FloatArray:
     mask = np.zeros(block.logits.shape, dtype=bool)
     np.put_along_axis(mask, block.target[:, None], True, axis=-1)
@@ -136,11 +145,7 @@ class SoftmaxNaive(Pipeline):
     stages = ("cast", "exp", "sum", "divide", "log", *_NLL_STAGES)
 
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
-        critical = _textbook_critical(block)
-        x = run.cast("cast", block.logits)
-        e = run.exp("exp", x, critical=critical)
-        p = run.divide("divide", e, run.sum("sum", e, keepdims=True), critical=critical)
-        return _softmax_nll(run, block, run.log("log", p, where=critical))
+        return _textbook_softmax_nll(run, block, run.cast("cast", block.logits))
 
 
 class SoftmaxShifted(Pipeline):
@@ -151,12 +156,8 @@ class SoftmaxShifted(Pipeline):
     stages = ("cast", "shift", "exp", "sum", "divide", "log", *_NLL_STAGES)
 
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
-        critical = _textbook_critical(block)
         x = run.cast("cast", block.logits)
-        z = run.subtract("shift", x, run.max("shift", x))
-        e = run.exp("exp", z, critical=critical)
-        p = run.divide("divide", e, run.sum("sum", e, keepdims=True), critical=critical)
-        return _softmax_nll(run, block, run.log("log", p, where=critical))
+        return _textbook_softmax_nll(run, block, run.subtract("shift", x, run.max("shift", x)))
 
 
 class SoftmaxStable(Pipeline):
