@@ -24,6 +24,7 @@ from .expectations import Checked, parse_fail_on
 from .expectations import check as check_expectations
 from .findings import ScenarioResult, Tolerance
 from .limits import limit_rows
+from .misuse import explain as explain_rule
 from .pipelines import select
 from .plot import write_sweep_plot
 from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
@@ -477,6 +478,23 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
         raise InputFailure(str(exc)) from None
     _emit(output_format, output, lambda: render_sweep_json(result),
           lambda console: render_sweep_table(result, console))
+
+
+@cli.command()
+@click.argument("rule", required=False)
+def explain(rule: str | None) -> None:
+    """Explain a misuse rule, or list them all.
+
+    \b
+    Examples:
+      xentcheck explain
+      xentcheck explain XC201
+      xentcheck explain label-out-of-range
+    """
+    try:
+        click.echo(explain_rule(rule), nl=False)
+    except XentcheckError as exc:
+        raise InputFailure(str(exc)) from None
 
 
 def _emit(output_format: str, output: str | None, json_text: Callable[[], str],

@@ -27,6 +27,7 @@ from .findings import (
     Tolerance,
 )
 from .limits import pipeline_limit
+from .misuse import SUM_TOLERANCE, check_case
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
 from .stages import StageEvent, StageRunner
@@ -214,14 +215,22 @@ def _values(finding: Finding) -> FloatArray:
 # -- input statistics ------------------------------------------------------------------------
 
 
-def _block_stats(block: Block) -> tuple[float, float, float | None]:
-    """Largest logit, largest |logit|, largest spread (row max minus a weighted class's logit)."""
+@dataclass(frozen=True)
+class _BlockStats:
+    largest: float
+    smallest: float
+    spread: float | None  # row max minus a weighted class's logit, largest over the block
+    rows_sum_to_one: bool  # every value in [0, 1], every row summing to 1
+
+
+def _block_stats(block: Block) -> _BlockStats:
+    """What the block's inputs look like: extremes, the largest spread, whether its rows
+    look like probability distributions."""
     x = np.asarray(block.logits)
-    if x.size == 0:
-        return -np.inf, 0.0, None
     top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
-    largest = float(top.max())
-    largest_abs = max(abs(largest), abs(float(x.min())))
+    largest, smallest = float(top.max()), float(x.min())
+    distributions = smallest >= 0 and largest <= 1 and bool(
+        (np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
     spread = None
     case = block.case
     if case.spec.family == "softmax" and case.spec.from_logits:
@@ -233,7 +242,7 @@ def _block_stats(block: Block) -> tuple[float, float, float | None]:
             weighted = softmax_coefficients(case, block.labels) > 0
             gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
             spread = float(gaps.max()) if weighted.any() else None
-    return largest, largest_abs, spread
+    return _BlockStats(largest, smallest, spread, distributions)
 
 
 # -- the whole evaluation --------------------------------------------------------------------
@@ -248,8 +257,9 @@ class _Pass:
     reference: list[FloatArray] = field(default_factory=list)
     rounded: dict[str, list[FloatArray]] = field(default_factory=dict)
     max_logit: float = -np.inf
-    max_abs: float = 0.0
+    min_logit: float = np.inf
     max_spread: float | None = None
+    rows_sum_to_one: bool = True
 
 
 def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],
@@ -269,11 +279,12 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
             collected.denominators.add(case, block)
             for run in collected.runs:
                 run.feed(case, block)
-            top, big, spread = _block_stats(block)
-            collected.max_logit = max(collected.max_logit, top)
-            collected.max_abs = max(collected.max_abs, big)
-            if spread is not None:
-                collected.max_spread = max(spread, collected.max_spread or spread)
+            stats = _block_stats(block)
+            collected.max_logit = max(collected.max_logit, stats.largest)
+            collected.min_logit = min(collected.min_logit, stats.smallest)
+            collected.rows_sum_to_one &= stats.rows_sum_to_one
+            if stats.spread is not None:
+                collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
             given, rounded = references.result()
             collected.reference.append(given)
             for name, values in rounded.items():
@@ -350,7 +361,10 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     arith_rel = _errors(computed, rounded, run.precision)[1]
     limit = pipeline_limit(run.pipeline, run.precision, case.classes)
     # Sigmoid limits bound |x|; softmax limits bound the largest logit.
-    largest_input = collected.max_abs if case.spec.family == "sigmoid" else collected.max_logit
+    largest_input = (
+        max(abs(collected.max_logit), abs(collected.min_logit))
+        if case.spec.family == "sigmoid" else collected.max_logit
+    )
     worst_index = None
     if truth.counted is not None and worst is not None:
         worst_index = _example_index(case, int(np.flatnonzero(truth.counted)[worst]))
@@ -421,9 +435,11 @@ def evaluate(
     )
     stats = InputStats(
         input_dtype=str(case.logits.dtype),
-        max_abs_logit=collected.max_abs,
+        max_abs_logit=max(abs(collected.max_logit), abs(collected.min_logit)),
         max_logit=collected.max_logit,
         max_spread=collected.max_spread,
+        min_logit=collected.min_logit,
+        rows_sum_to_one=collected.rows_sum_to_one and case.classes > 1,
     )
     return ScenarioResult(
         name=case.name,
@@ -439,6 +455,7 @@ def evaluate(
         reference=reference,
         findings=tuple(findings),
         mismatches=tuple(_mismatches(findings, tolerances)),
+        warnings=check_case(case, stats),
     )
 
 

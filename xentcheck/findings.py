@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .precision import FloatArray
 from .stages import StageEvent
 
@@ -88,6 +90,8 @@ class InputStats:
     max_abs_logit: float
     max_logit: float
     max_spread: float | None  # largest (row max - target logit) over counted rows; softmax only
+    min_logit: float = -np.inf
+    rows_sum_to_one: bool = False  # every value in [0, 1] and every row summing to 1
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,13 @@ class ScenarioResult:
     reference: ReferenceValue
     findings: tuple[Finding, ...]
     mismatches: tuple[Mismatch, ...]
+    warnings: tuple[MisuseWarning, ...] = ()
+
+
+@dataclass(frozen=True)
+class MisuseWarning:
+    """A misuse rule that fired (see :mod:`xentcheck.misuse`), with what was seen."""
+
+    rule: str
+    name: str
+    message: str

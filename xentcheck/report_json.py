@@ -103,6 +103,9 @@ def scenario_json(result: ScenarioResult) -> dict[str, Any]:
         "results": [_result(f, result.reduction) for f in result.findings],
         "mismatches": [_mismatch(m) for m in result.mismatches],
         # additive keys
+        "warnings": [
+            {"rule": w.rule, "name": w.name, "message": w.message} for w in result.warnings
+        ],
         "description": result.description,
         "from_logits": result.from_logits,
         "labels": result.label_kind,

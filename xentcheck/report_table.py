@@ -118,8 +118,12 @@ def _header(result: ScenarioResult, console: Console) -> None:
 
 
 def render_scenario(result: ScenarioResult, console: Console) -> None:
-    """One scenario: header, findings table, input-rounding notes, mismatches."""
+    """One scenario: header, misuse warnings, findings table, input-rounding notes,
+    mismatches."""
     _header(result, console)
+    for warning in result.warnings:
+        console.print(f"  warning {warning.rule} {warning.name}: {warning.message} "
+                      f"(xentcheck explain {warning.rule})", style="bold yellow")
     table = Table(show_lines=False, header_style="bold", pad_edge=False)
     for column, justify in (
         ("pipeline", "left"), ("dtype", "left"), ("loss", "right"), ("abs err", "right"),

@@ -22,6 +22,7 @@ from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
 from .errors import InputError, UsageError
 from .expectations import Expectation, parse_expectations
 from .findings import Tolerance
+from .misuse import tagged
 from .pipelines import select
 from .precision import DTYPE_NAMES, FloatArray
 
@@ -384,9 +385,9 @@ def _checked_logits(logits: FloatArray, family: str, from_logits: bool) -> Float
     if not from_logits:
         where = _find_first(array, lambda v: (v < 0) | (v > 1))
         if where is not None:
-            raise InputError(
-                f"from_logits is false, so these are probabilities, but index {where} holds "
-                f"{_value_at(array, where)} (outside [0, 1])", field=key)
+            raise InputError(tagged(
+                "XC102", f"from_logits is false, so these are probabilities, but index {where} "
+                f"holds {_value_at(array, where)} (outside [0, 1])"), field=key)
         if family == "softmax":
             row = _find_first(array, lambda v: (v.sum(axis=-1) <= 0)[:, None])
             if row is not None:
@@ -433,22 +434,22 @@ def _checked_labels(
         if out_of_range.any():
             where = _first_index(out_of_range)
             hint = "" if ignore_index is not None else " (padding? set ignore_index)"
-            raise InputError(f"label {ids[tuple(where)]} at index {where} is outside "
-                             f"[0, {classes}){hint}", field=key)
+            raise InputError(tagged("XC201", f"label {ids[tuple(where)]} at index {where} is "
+                                    f"outside [0, {classes}){hint}"), field=key)
         return ids, "index"
     if labels.shape == logits.shape:
         where = _find_first(labels, lambda v: v < 0)
         if where is not None:
-            raise InputError(f"probability {_value_at(labels, where)} at index {where} is "
-                             "negative", field=key)
+            raise InputError(tagged("XC202", f"probability {_value_at(labels, where)} at "
+                                    f"index {where} is negative"), field=key)
         eps = float(np.finfo(np.float64).eps) if labels.dtype.itemsize >= 8 else (
             float(np.finfo(np.float32).eps) if labels.dtype.itemsize == 4 else 2.0**-7)
         limit = max(1e-6, classes * eps)
         row = _find_first(labels, lambda v: (np.abs(v.sum(axis=-1) - 1.0) > limit)[:, None])
         if row is not None:
             total = float(np.asarray(labels[tuple(row[:-1])], dtype=np.float64).sum())
-            raise InputError(f"one-hot or probability rows must sum to 1; row {row[:-1]} sums "
-                             f"to {total:.6g}", field=key)
+            raise InputError(tagged("XC202", f"one-hot or probability rows must sum to 1; row "
+                                    f"{row[:-1]} sums to {total:.6g}"), field=key)
         return labels, "dense"
     raise InputError(
         f"have shape {list(labels.shape)}; expected {list(logits.shape[:-1])} (integer class "

@@ -1,0 +1,126 @@
+"""Misuse checks: inputs that are valid numbers but probably not what the user meant.
+
+Each rule has an id (like a linter's), a short name, and an explanation with the fix,
+printed by ``xentcheck explain RULE``. Rules whose inputs cannot be evaluated at all
+(labels outside ``[0, C)``, label rows that are not distributions) are input errors whose
+message carries the rule id; the others are warnings shown before the findings and listed
+in the JSON report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .case import Case
+from .errors import UsageError
+from .findings import InputStats, MisuseWarning
+
+# One-hot labels over at least this many classes are worth replacing by integer ids.
+LARGE_VOCABULARY = 1024
+# Rows whose sum is within this of 1 "sum to 1" (as the evaluator's statistics judge it).
+SUM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    name: str
+    summary: str
+    explanation: str
+
+
+RULES: dict[str, Rule] = {rule.id: rule for rule in (
+    Rule("XC101", "probabilities-as-logits",
+         "the logits look like probabilities (all in [0, 1], rows summing to 1)",
+         "from_logits is true, but every row is already a probability distribution: softmax "
+         "of probabilities squashes them towards uniform, so the loss barely moves and the "
+         "gradients vanish. If the model ends in a softmax, set from_logits: false (or "
+         "--probabilities), or better, drop the softmax and pass its input as logits."),
+    Rule("XC102", "logits-as-probabilities",
+         "probability inputs hold values outside [0, 1]: they look like logits",
+         "from_logits is false, so the inputs must be probabilities, but some are negative or "
+         "above 1: these are logits. Set from_logits: true (or drop --probabilities)."),
+    Rule("XC103", "unnormalised-probabilities",
+         "probability rows do not sum to 1; they are renormalised (as Keras does)",
+         "With from_logits: false each softmax row is divided by its sum before the log. "
+         "Rows far from summing to 1 usually mean the wrong axis, a missing softmax, or "
+         "probabilities of a sigmoid model passed to a softmax loss."),
+    Rule("XC201", "label-out-of-range",
+         "integer labels outside [0, C) that are not the ignore_index",
+         "Frameworks index the log-probabilities with the label: an id of C or more reads "
+         "past the row (a CUDA assert, or garbage and NaN). Padded language-model batches are "
+         "the usual cause: set ignore_index to the padding id (PyTorch's default is -100)."),
+    Rule("XC202", "labels-not-distributions",
+         "one-hot or probability label rows that hold negatives or do not sum to 1",
+         "Soft labels must be distributions: non-negative rows summing to 1. Otherwise the "
+         "loss is not a cross-entropy (it can be negative, or scale with the row sum)."),
+    Rule("XC301", "single-class-softmax",
+         "softmax over a single class: the loss is identically 0",
+         "softmax of one logit is 1 whatever the logit, so the loss is 0 and nothing is "
+         "learned. A binary problem with one output unit needs the sigmoid loss "
+         "(loss: sigmoid / BCEWithLogits)."),
+    Rule("XC302", "sigmoid-on-softmax-outputs",
+         "sigmoid/binary cross-entropy on rows that sum to 1 (softmax outputs)",
+         "Binary cross-entropy treats every element as its own yes/no problem. Applied to an "
+         "N-way softmax's output it is not the N-way loss (twice it for N = 2, meaningless "
+         "beyond). Use the softmax cross-entropy for mutually exclusive classes."),
+    Rule("XC401", "one-hot-large-vocabulary",
+         "one-hot labels over a large vocabulary",
+         "One-hot labels take C numbers per example where one integer id would do: for a "
+         "language model's vocabulary that is most of the labels' memory. Pass integer ids "
+         "(SparseCategoricalCrossentropy, or F.cross_entropy with class indices)."),
+)}
+
+
+def tagged(rule: str, message: str) -> str:
+    """An input error's message with the rule it breaks, for ``xentcheck explain``."""
+    return f"{message} [{rule} {RULES[rule].name}; see: xentcheck explain {rule}]"
+
+
+def _warning(rule: str, message: str) -> MisuseWarning:
+    return MisuseWarning(rule, RULES[rule].name, message)
+
+
+def check_case(case: Case, stats: InputStats) -> tuple[MisuseWarning, ...]:
+    """The warning rules that apply to a valid case, judged from its statistics (gathered
+    in the evaluator's single pass over the input)."""
+    found: list[MisuseWarning] = []
+    spec = case.spec
+    if spec.family == "softmax":
+        if case.classes == 1:
+            found.append(_warning("XC301", "one class: softmax is 1 and the loss is 0"))
+        elif spec.from_logits and stats.rows_sum_to_one:
+            found.append(_warning("XC101", "every logit is in [0, 1] and every row sums to 1: "
+                                           "a softmax output passed with from_logits: true?"))
+        elif not spec.from_logits and not stats.rows_sum_to_one:
+            found.append(_warning("XC103", "probability rows do not all sum to 1 (within "
+                                           f"{SUM_TOLERANCE:g}); they are renormalised"))
+        if case.label_kind == "dense" and case.classes >= LARGE_VOCABULARY:
+            dense = int(case.labels.nbytes)
+            ids = case.rows * 8
+            found.append(_warning("XC401", f"one-hot labels over {case.classes} classes take "
+                                           f"{_size(dense)}; integer ids would take "
+                                           f"{_size(ids)}"))
+    elif stats.rows_sum_to_one:
+        found.append(_warning("XC302", "every row sums to 1, like a softmax output; binary "
+                                       "cross-entropy treats each element on its own"))
+    return tuple(found)
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
+
+
+def explain(rule_id: str | None = None) -> str:
+    """Every rule (id, name, summary), or one rule's explanation."""
+    if rule_id is None:
+        return "\n".join(f"{r.id}  {r.name:28}  {r.summary}" for r in RULES.values()) + "\n"
+    by_name = {r.name: r for r in RULES.values()}
+    rule = RULES.get(rule_id.upper()) or by_name.get(rule_id)
+    if rule is None:
+        raise UsageError(f"no rule {rule_id!r}; `xentcheck explain` lists them")
+    return f"{rule.id} {rule.name}: {rule.summary}\n\n{rule.explanation}\n"
