@@ -104,3 +104,31 @@ def test_explain_lists_and_explains_every_rule() -> None:
         assert runner.invoke(cli, ["explain", rule.name]).stdout == text
     bad = runner.invoke(cli, ["explain", "XC999"])
     assert bad.exit_code == 2 and "no rule 'XC999'" in bad.stderr
+
+
+def test_balanced_class_weights_follow_the_log_recipe(write: Write) -> None:
+    # counts [6, 3, 1, 0] of N = 10 counted labels (two -100 pads ignored): with the
+    # default mu = 0.15, ln(0.15 * 10 / n_c) is at most ln 1.5 < 1, so every weight clips to 1
+    labels = "[0, 0, 0, 0, 0, 0, 1, 1, 1, 2, -100, -100]"
+    path = write("s.yaml", f"logits: {np.zeros((12, 4)).tolist()}\nlabels: {labels}\n"
+                           "ignore_index: -100\nclass_weights: balanced\n")
+    from xentcheck.scenario import load_scenarios
+
+    (scenario,) = load_scenarios(path)
+    weights = scenario.case.spec.class_weights
+    assert weights is not None
+    np.testing.assert_array_equal(weights, [1.0, 1.0, 1.0, 1.0])
+    path = write("t.yaml", f"logits: {np.zeros((12, 4)).tolist()}\nlabels: {labels}\n"
+                           "ignore_index: -100\nclass_weights: {balanced: {mu: 3, "
+                           "normalize: true}}\n")
+    (scenario,) = load_scenarios(path)
+    raw = np.maximum(1.0, np.log(3 * 10 / np.array([6.0, 3.0, 1.0])))
+    expected = np.append(raw, raw.max()) / raw.max()
+    np.testing.assert_allclose(scenario.case.spec.class_weights, expected, rtol=1e-15)
+    table = CliRunner().invoke(cli, ["run", str(path), "--dtype", "float64"],
+                               env={"NO_COLOR": "1"}).stdout
+    shown = ", ".join(f"{w:.4g}" for w in expected)  # ln 5, ln 10, ln 30, ln 30 over ln 30
+    assert f"class weights: [{shown}]" in table and shown.startswith("0.4732, 0.677, 1, 1")
+    bad = write("b.yaml", "logits: [[1, 2]]\nlabels: [0]\nclass_weights: {balanced: {m: 1}}\n")
+    result = CliRunner().invoke(cli, ["run", str(bad)])
+    assert result.exit_code == 2 and "balanced takes" in result.stderr

@@ -456,6 +456,8 @@ def evaluate(
         findings=tuple(findings),
         mismatches=tuple(_mismatches(findings, tolerances)),
         warnings=check_case(case, stats),
+        class_weights=None if case.spec.class_weights is None
+        else tuple(float(w) for w in np.ravel(case.spec.class_weights)),
     )
 
 

@@ -121,6 +121,7 @@ class ScenarioResult:
     findings: tuple[Finding, ...]
     mismatches: tuple[Mismatch, ...]
     warnings: tuple[MisuseWarning, ...] = ()
+    class_weights: tuple[float, ...] | None = None  # as used (computed, for "balanced")
 
 
 @dataclass(frozen=True)

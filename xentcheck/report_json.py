@@ -107,6 +107,7 @@ def scenario_json(result: ScenarioResult) -> dict[str, Any]:
             {"rule": w.rule, "name": w.name, "message": w.message} for w in result.warnings
         ],
         "description": result.description,
+        "class_weights": None if result.class_weights is None else list(result.class_weights),
         "from_logits": result.from_logits,
         "labels": result.label_kind,
         "input": {

@@ -115,6 +115,9 @@ def _header(result: ScenarioResult, console: Console) -> None:
     if stats.max_spread is not None:
         line += f", largest spread (row max - target logit) {_num(stats.max_spread)}"
     console.print(line)
+    if result.class_weights is not None:
+        weights = ", ".join(_num(w, 4) for w in result.class_weights)
+        console.print(f"  class weights: [{weights}]")
 
 
 def render_scenario(result: ScenarioResult, console: Console) -> None:

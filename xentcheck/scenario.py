@@ -313,7 +313,15 @@ def make_case(
     if kind == "dense" and ignore_index is not None:
         raise InputError("applies to integer labels; these are one-hot or probability rows",
                          field="ignore_index")
-    weights = _weights(class_weights, classes, "class_weights", allow_scalar=False)
+    weights: FloatArray | None
+    if class_weights == "balanced" or (isinstance(class_weights, dict)
+                                       and set(class_weights) == {"balanced"}):
+        if family != "softmax":
+            raise InputError("balanced weights apply to the softmax loss", field="class_weights")
+        options = class_weights["balanced"] if isinstance(class_weights, dict) else {}
+        weights = _balanced(labels, kind, classes, ignore_index, options)
+    else:
+        weights = _weights(class_weights, classes, "class_weights", allow_scalar=False)
     if weights is not None and not weights.any():
         raise InputError("are all zero", field="class_weights")
     if pos_weight is not None and family != "sigmoid":
@@ -454,6 +462,39 @@ def _checked_labels(
     raise InputError(
         f"have shape {list(labels.shape)}; expected {list(logits.shape[:-1])} (integer class "
         f"ids) or {list(logits.shape)} (one-hot or probability rows)", field=key)
+
+
+# mu of the inverse-frequency log recipe: w_c = max(1, ln(mu * N / n_c)).
+BALANCED_MU = 0.15
+
+
+def _balanced(labels: FloatArray, kind: str, classes: int, ignore_index: Any,
+              options: Any) -> FloatArray:
+    """``class_weights: balanced``: ``w_c = max(1, ln(mu N / n_c))`` from the label counts.
+
+    The inverse-frequency log recipe: rare classes weigh more, logarithmically, and no
+    class weighs less than 1. ``{balanced: {mu: 0.15, normalize: true}}`` sets mu and
+    divides by the largest weight. A class that never occurs gets the largest weight.
+    """
+    if not isinstance(options, dict) or set(options) - {"mu", "normalize"}:
+        raise InputError("balanced takes {mu: number, normalize: true|false}",
+                         field="class_weights")
+    mu = _number(options.get("mu", BALANCED_MU), "class_weights.mu")
+    if mu <= 0:
+        raise InputError("mu must be positive", field="class_weights")
+    normalize = _boolean(options.get("normalize", False), "class_weights.normalize")
+    if kind == "index":
+        ids = np.asarray(labels)
+        counted = ids[ids != ignore_index] if ignore_index is not None else ids
+        counts = np.bincount(counted.ravel(), minlength=classes).astype(np.float64)
+    else:
+        counts = np.asarray(labels, dtype=np.float64).reshape(-1, classes).sum(axis=0)
+    total = counts.sum()
+    with np.errstate(divide="ignore"):
+        weights = np.maximum(1.0, np.log(mu * total / counts))
+    seen = counts > 0
+    weights[~seen] = weights[seen].max() if seen.any() else 1.0
+    return weights / weights.max() if normalize else weights
 
 
 def _weights(value: Any, classes: int, key: str, *, allow_scalar: bool) -> FloatArray | None:
