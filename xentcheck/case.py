@@ -16,8 +16,8 @@ Semantics follow PyTorch where frameworks differ, so that a number here can be c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -61,7 +61,6 @@ class Case:
     spec: LossSpec
     source: str = "<inline>"
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -145,15 +144,3 @@ def softmax_coefficients(case: Case, labels: FloatArray) -> FloatArray:
     if smoothing:
         dense = dense * (1.0 - smoothing) + smoothing / classes
     return dense * weights[None, :]
-
-
-def softmax_mean_denominator(case: Case, labels: FloatArray, weights: FloatArray | None) -> float:
-    """What ``mean`` divides by, given (possibly rounded) class weights, in float64."""
-    if case.label_kind != "index":
-        return float(len(labels))
-    index = np.asarray(labels).astype(np.int64)
-    keep = valid_rows(case, index)
-    if weights is None:
-        return float(np.count_nonzero(keep))
-    w = np.asarray(weights, dtype=np.float64)
-    return float(np.sum(w[np.where(keep, index, 0)] * keep))

@@ -101,10 +101,6 @@ class Precision:
             return self.name
         return str(self.accumulate_dtype)
 
-    @property
-    def label(self) -> str:
-        return self.name if self.accumulate == "default" else f"{self.name}/acc={self.accumulate}"
-
     @cached_property
     def _finfo(self) -> Any:
         return ml_dtypes.finfo(self.dtype)  # type: ignore[no-untyped-call]
