@@ -83,13 +83,20 @@ def test_fail_on_turns_findings_into_failures(write: Write) -> None:
     assert bad.exit_code == 2 and "--fail-on 'nann'" in bad.stderr
 
 
-def test_expectation_selecting_nothing_is_an_input_error(write: Write) -> None:
+def test_expectations_for_dtypes_left_out_are_skipped_and_typos_rejected(
+    write: Write,
+) -> None:
+    # float16 is not run (the scenario's dtypes), so its expectation has nothing to judge
     path = write("s.yaml", "logits: [1, 2]\nlabels: 0\ndtypes: [float32]\nexpect:\n"
-                           "  - {dtype: float16, loss: finite}\n")
-    result = invoke("check", str(path))
+                           "  - {dtype: float16, loss: nan}\n  - {dtype: float32, loss: finite}\n")
+    result = invoke("check", str(path), env={"NO_COLOR": "1"})
+    assert result.exit_code == 0 and "3 checks hold" in result.stdout
+    typo = write("t.yaml", "logits: [1, 2]\nlabels: 0\nexpect:\n"
+                           "  - {pipeline: stabel, loss: nan}\n")
+    result = invoke("check", str(typo))
     assert result.exit_code == 2
-    assert "selects no pipeline and dtype that ran" in result.stderr
-    assert "line 5" in result.stderr
+    assert "expect[0] (line 4): expect.pipeline: 'stabel' is not one of naive, shifted, " \
+        "stable" in result.stderr
 
 
 def test_no_mismatch(write: Write) -> None:

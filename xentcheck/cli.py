@@ -284,7 +284,7 @@ def _check_all(
     for scenario in loaded:
         result = _evaluate(scenario, _names(dtypes), _names(pipelines), accumulate, override)
         expectations = (*scenario.expectations, *rules)
-        verdict = check_expectations(result, expectations, scenario.source)
+        verdict = check_expectations(result, expectations)
         checked.append(Checked(result, verdict, expectations))
     return checked
 

@@ -16,9 +16,10 @@ import numpy as np
 
 from . import reference as ref
 from .case import Case, softmax_coefficients, valid_elements
-from .execution import Denominators, PipelineRun, blocks
+from .execution import Denominators, PipelineRun, blocks, upstream_gradient
 from .findings import (
     FLAGS,
+    GRAD_FLAGS,
     Finding,
     InputStats,
     Mismatch,
@@ -260,6 +261,50 @@ class _Pass:
     min_logit: float = np.inf
     max_spread: float | None = None
     rows_sum_to_one: bool = True
+    gradients: list[_GradientStats] = field(default_factory=list)
+
+
+@dataclass
+class _GradientStats:
+    """A run's gradient against the reference gradient, gathered block by block."""
+
+    largest_error: float = 0.0
+    largest_reference: float = 0.0
+    nan: bool = False
+    inf: bool = False
+    zeroed: tuple[int, ...] | None = None  # first entry flushed to 0 that should not be
+    seen: bool = False
+
+    def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
+            precision: Precision) -> None:
+        self.seen = True
+        computed = np.asarray(gradient, dtype=np.float64).reshape(reference.shape)
+        counted = (np.broadcast_to(block.valid[:, None], computed.shape)
+                   if block.case.spec.family == "softmax" else block.valid_elements)
+        computed = np.where(counted, computed, 0.0)
+        truth = np.where(counted, reference, 0.0)
+        self.nan |= bool(np.isnan(computed).any())
+        self.inf |= bool(np.isinf(computed).any())
+        with np.errstate(invalid="ignore"):
+            error = np.abs(computed - truth)
+        finite = np.isfinite(error)
+        if finite.any():
+            self.largest_error = max(self.largest_error, float(error[finite].max()))
+        self.largest_reference = max(self.largest_reference, float(np.abs(truth).max()))
+        zeroed = (computed == 0) & (np.abs(truth) >= precision.tiny)
+        if self.zeroed is None and zeroed.any():
+            row, col = np.unravel_index(int(np.argmax(zeroed)), zeroed.shape)
+            self.zeroed = (block.start + int(row), int(col))
+
+    def error(self) -> float | None:
+        """Normwise relative error: largest |g - g_ref| over largest |g_ref| (None: none)."""
+        if not self.seen:
+            return None
+        if self.nan:
+            return float("nan")
+        if self.largest_reference == 0:
+            return 0.0 if self.largest_error == 0 else float("inf")
+        return self.largest_error / self.largest_reference
 
 
 def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],
@@ -271,14 +316,24 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         denominators=Denominators(np.zeros(case.classes)),
         rounded={name: [] for name in dtype_names},
     )
+    # The gradient of a mean needs its denominator before the first block: count the
+    # labels first (a pass over the labels only; the logits are not read).
+    for block in blocks(case):
+        collected.denominators.add(case, block)
+    upstream = upstream_gradient(case, collected.denominators, case.spec.class_weights)
+    collected.gradients = [_GradientStats() for _ in collected.runs]
     # The reference of a block is computed on a second thread while this one runs the
     # pipelines over it (numpy releases the GIL in its loops): both cores stay busy.
     with ThreadPoolExecutor(max_workers=1) as pool:
         for block in blocks(case):
             references = pool.submit(_references, block, rounded_cases)
-            collected.denominators.add(case, block)
-            for run in collected.runs:
+            reference_gradient = pool.submit(gradient_per_block, block)
+            for run, gradient_stats in zip(collected.runs, collected.gradients, strict=True):
                 run.feed(case, block)
+                gradient = run.gradient(case, block, collected.denominators)
+                if gradient is not None:
+                    gradient_stats.add(block, gradient, reference_gradient.result() * upstream,
+                                       run.precision)
             stats = _block_stats(block)
             collected.max_logit = max(collected.max_logit, stats.largest)
             collected.min_logit = min(collected.min_logit, stats.smallest)
@@ -292,6 +347,20 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
             if progress is not None:
                 progress(block.start + len(block.labels), case.rows)
     return collected
+
+
+def gradient_per_block(block: Block) -> FloatArray:
+    """The reference gradient of the per-example losses with respect to the logits,
+    ``(N, C)`` in float64 (zeros where nothing is counted or for probability inputs)."""
+    case = block.case
+    spec = case.spec
+    if not spec.from_logits:
+        return np.zeros(np.shape(block.logits))
+    if spec.family == "softmax":
+        return ref.softmax_gradients(block.logits, softmax_coefficients(case, block.labels))
+    gradient = ref.sigmoid_gradients(block.logits, block.labels, spec.pos_weight,
+                                     spec.class_weights)
+    return np.where(valid_elements(case, block.labels), gradient, 0.0)
 
 
 def _references(
@@ -350,8 +419,19 @@ def _headroom(limit: float | None, value: float | None) -> float | None:
     return None if limit is None or value is None else limit - value
 
 
+def _gradient_flags(stats: _GradientStats, tol: Tolerance) -> tuple[str, ...]:
+    error = stats.error()
+    raised = {
+        "nan": stats.nan,
+        "inf": stats.inf,
+        "zeroed": stats.zeroed is not None,
+        "precision_loss": error is not None and bool(np.isfinite(error)) and error > tol.rel,
+    }
+    return tuple(flag for flag in GRAD_FLAGS if raised[flag])
+
+
 def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
-             tol: Tolerance) -> Finding:
+             tol: Tolerance, gradient: _GradientStats) -> Finding:
     loss, per_example = run.finish(case, collected.denominators)
     name = run.precision.name
     computed = _scalar_or_counted(None if truth.loss is None else float(loss), per_example,
@@ -386,6 +466,9 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         worst_index=worst_index,
         logit_headroom=_headroom(limit.largest_safe_logit, largest_input),
         spread_headroom=_headroom(limit.largest_safe_spread, collected.max_spread),
+        grad_error=gradient.error(),
+        grad_flags=_gradient_flags(gradient, tol),
+        grad_first_bad=_located(case, run.gradient_runner.first_event()),
     )
 
 
@@ -424,8 +507,8 @@ def evaluate(
     collected = _single_pass(case, precisions, pipelines, dtype_names, progress)
     truth, ref_per_example = _truth(case, collected, dtype_names)
     findings = [
-        _finding(case, run, collected, truth, tolerances[run.precision.name])
-        for run in collected.runs
+        _finding(case, run, collected, truth, tolerances[run.precision.name], gradient)
+        for run, gradient in zip(collected.runs, collected.gradients, strict=True)
     ]
     reference = ReferenceValue(
         loss=truth.loss,

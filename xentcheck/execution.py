@@ -70,13 +70,27 @@ class PipelineRun:
         self.pipeline = pipeline
         self.precision = precision
         self.runner = StageRunner(precision, pipeline.all_stages)
+        # the backward pass visits the stages in reverse: its "first bad stage" is the first
+        # one the gradient passes through that turns it bad
+        self.gradient_runner = StageRunner(precision, tuple(reversed(pipeline.all_stages)))
         self._parts: list[FloatArray] = []
 
     def feed(self, case: Case, block: Block) -> None:
-        # Softmax rows that are ignored are not watched; sigmoid masks element by element.
-        watched = block.valid if case.spec.family == "softmax" else np.ones(len(block.labels), bool)
-        self.runner.bind(watched, block.start)
+        self.runner.bind(_watched_rows(case, block), block.start)
         self._parts.append(self.pipeline.per_example(self.runner, block))
+
+    def gradient(self, case: Case, block: Block, denominators: Denominators) -> FloatArray | None:
+        """The block's gradient with respect to the logits, in D (None: not applicable).
+
+        ``denominators`` must already hold the whole input's counts (the upstream gradient of
+        a ``mean`` is one over its denominator).
+        """
+        weights = case.spec.class_weights
+        if weights is not None:
+            weights = self.precision.round(weights).astype(np.float64)
+        upstream = upstream_gradient(case, denominators, weights)
+        self.gradient_runner.bind(_watched_rows(case, block), block.start)
+        return self.pipeline.backward(self.gradient_runner, block, upstream)
 
     def finish(self, case: Case, denominators: Denominators) -> tuple[FloatArray, FloatArray]:
         """The reduced loss (the per-example array for ``none``) and the per-example losses."""
@@ -89,6 +103,19 @@ class PipelineRun:
             denominators.mean_denominator(case, weights),
         )
         return loss, per_example
+
+
+def _watched_rows(case: Case, block: Block) -> FloatArray:
+    # Softmax rows that are ignored are not watched; sigmoid masks element by element.
+    return block.valid if case.spec.family == "softmax" else np.ones(len(block.labels), bool)
+
+
+def upstream_gradient(case: Case, denominators: Denominators,
+                      weights: FloatArray | None) -> float:
+    """d(loss) / d(per-example loss): one over the mean's denominator, else 1."""
+    if case.spec.reduction != "mean":
+        return 1.0
+    return 1.0 / denominators.mean_denominator(case, weights)
 
 
 def run_pipeline(

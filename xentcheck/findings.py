@@ -14,6 +14,9 @@ from .stages import StageEvent
 
 # The flag vocabulary of DESIGN.md, in display order.
 FLAGS: tuple[str, ...] = ("nan", "inf", "overflow", "underflow", "precision_loss", "input_rounding")
+# The gradient's flags: NaN or inf entries, entries flushed to 0 that should not be, and a
+# normwise error beyond the tolerance.
+GRAD_FLAGS: tuple[str, ...] = ("nan", "inf", "zeroed", "precision_loss")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Finding:
     # limit minus the input's own largest logit / spread: negative means the input is past it
     logit_headroom: float | None = None
     spread_headroom: float | None = None
+    # the gradient with respect to the logits (None: not computed, probability inputs)
+    grad_error: float | None = None  # normwise: max |g - g_ref| / max |g_ref|
+    grad_flags: tuple[str, ...] = ()  # GRAD_FLAGS
+    grad_first_bad: StageEvent | None = None
 
     @property
     def first_bad_stage(self) -> str | None:

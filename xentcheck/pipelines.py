@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .case import Case, valid_elements, valid_rows
+from .case import Case, softmax_coefficients, valid_elements, valid_rows
 from .errors import UsageError
 from .precision import FloatArray
 from .stages import StageRunner
@@ -66,6 +66,12 @@ class Pipeline(ABC):
 
         Softmax: shape ``(N,)``; sigmoid: ``(N, K)``.
         """
+
+    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
+        """The gradient of the loss with respect to the inputs, ``(N, C)`` in D, computed as
+        automatic differentiation of this formulation computes it; None where the
+        formulation has no gradient to check (probability inputs)."""
+        return None
 
     @property
     def all_stages(self) -> tuple[str, ...]:
@@ -147,6 +153,9 @@ class SoftmaxNaive(Pipeline):
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
         return _textbook_softmax_nll(run, block, run.cast("cast", block.logits))
 
+    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
+        return _softmax_backward_naive(self, run, block, upstream)
+
 
 class SoftmaxShifted(Pipeline):
     name = "shifted"
@@ -158,6 +167,9 @@ class SoftmaxShifted(Pipeline):
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
         x = run.cast("cast", block.logits)
         return _textbook_softmax_nll(run, block, run.subtract("shift", x, run.max("shift", x)))
+
+    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
+        return _softmax_backward_shifted(self, run, block, upstream)
 
 
 class SoftmaxStable(Pipeline):
@@ -172,6 +184,9 @@ class SoftmaxStable(Pipeline):
         z = run.subtract("shift", x, run.max("shift", x))
         log_sum = run.log("log", run.sum("sum", run.exp("exp", z), keepdims=True))
         return _softmax_nll(run, block, run.subtract("log_softmax", z, log_sum))
+
+    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
+        return _softmax_backward_stable(self, run, block, upstream)
 
 
 def _normalised_probabilities(run: StageRunner, block: Block, critical: FloatArray) -> FloatArray:
@@ -257,6 +272,9 @@ class SigmoidNaive(Pipeline):
             run, block, target, run.log("log", s, where=critical), run.log("log", q, where=critical)
         )
 
+    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
+        return _sigmoid_backward_naive(self, run, block, upstream)
+
 
 class SigmoidStable(Pipeline):
     name = "stable"
@@ -295,6 +313,9 @@ class SigmoidStable(Pipeline):
         if weights is not None:
             loss = run.multiply("weight", loss, weights)
         return run.select("nll", block.valid_elements, loss, 0.0)
+
+    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
+        return _sigmoid_backward_stable(self, run, block, upstream)
 
 
 class SigmoidProbabilitiesNaive(Pipeline):
@@ -390,3 +411,131 @@ def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pip
             f"choose from {', '.join(by_name)}"
         )
     return tuple(by_name[n] for n in dict.fromkeys(names))
+
+
+# -- backward passes ---------------------------------------------------------------------------
+#
+# Each formulation's gradient with respect to its logits, computed the way automatic
+# differentiation of that formulation computes it (PyTorch's backward formulas, in D):
+# the textbook softmax differentiates through log and the division, so a probability that
+# underflowed to 0 becomes 0 * inf = NaN; the fused log-softmax and BCE-with-logits kernels
+# use their closed forms (softmax - target, sigmoid - target). ``upstream`` is d(loss) /
+# d(per-example loss): 1 / denominator for ``mean``, 1 otherwise. Forward values are
+# recomputed with an unwatched runner; the backward runner watches only the gradient.
+
+
+def _quiet(run: StageRunner, pipeline: Pipeline, block: Block) -> StageRunner:
+    """A runner for recomputing forward values: same precision, its events discarded."""
+    return StageRunner(run.precision, pipeline.all_stages).bind(run.valid_rows, run.row_offset)
+
+
+def _softmax_coefficients_in(run: StageRunner, block: Block) -> FloatArray:
+    """The loss's coefficients a[i, c] (weights, smoothing, labels) stored in D."""
+    return run.precision.round(softmax_coefficients(block.case, block.labels))
+
+
+def _textbook_softmax_backward(
+    run: StageRunner, fwd: StageRunner, block: Block, z: FloatArray, upstream: float
+) -> FloatArray:
+    critical = _textbook_critical(block)
+    e = fwd.exp("exp", z)
+    s = fwd.sum("sum", e, keepdims=True)
+    p = fwd.divide("divide", e, s)
+    coef = _softmax_coefficients_in(run, block)
+    grad_logp = run.multiply("nll", coef, -upstream)
+    # log's backward: g / p, only where the formulation took the log
+    grad_p = np.where(critical, run.divide("log", grad_logp, p, blame=[grad_logp],
+                                           where=critical), 0.0)
+    grad_p = run.precision.round(grad_p)
+    # p = e / s: d/de = g / s; d/ds = -sum(g e / s^2) (PyTorch's div backward)
+    grad_e = run.divide("divide", grad_p, s, blame=[grad_p])
+    ratio = run.divide("divide", run.multiply("divide", grad_p, e, blame=[grad_p]),
+                       fwd.multiply("divide", s, s), blame=[grad_p])
+    grad_s = run.negate("divide", run.sum("divide", ratio, keepdims=True))
+    grad_e = run.add("sum", grad_e, grad_s, blame=[grad_e, grad_s])
+    return run.multiply("exp", grad_e, e, blame=[grad_e])  # exp's backward: g * exp(z)
+
+
+def _softmax_backward_naive(self: Pipeline, run: StageRunner, block: Block,
+                            upstream: float) -> FloatArray:
+    fwd = _quiet(run, self, block)
+    return _textbook_softmax_backward(run, fwd, block, fwd.cast("cast", block.logits), upstream)
+
+
+def _softmax_backward_shifted(self: Pipeline, run: StageRunner, block: Block,
+                              upstream: float) -> FloatArray:
+    fwd = _quiet(run, self, block)
+    x = fwd.cast("cast", block.logits)
+    z = fwd.subtract("shift", x, fwd.max("shift", x))
+    grad_z = _textbook_softmax_backward(run, fwd, block, z, upstream)
+    # z = x - max(x): x gets grad_z, and the max's position also gets -sum(grad_z)
+    top = np.argmax(np.asarray(x), axis=-1)
+    back = run.negate("shift", run.sum("shift", grad_z))
+    return run.add("shift", grad_z, run.scatter("shift", grad_z.shape, top, back),
+                   blame=[grad_z, back[:, None]])
+
+
+def _softmax_backward_stable(self: Pipeline, run: StageRunner, block: Block,
+                             upstream: float) -> FloatArray:
+    fwd = _quiet(run, self, block)
+    x = fwd.cast("cast", block.logits)
+    z = fwd.subtract("shift", x, fwd.max("shift", x))
+    log_softmax = fwd.subtract("log_softmax", z, fwd.log("log", fwd.sum(
+        "sum", fwd.exp("exp", z), keepdims=True)))
+    grad = run.multiply("nll", _softmax_coefficients_in(run, block), -upstream)
+    # log_softmax's backward: g - exp(log_softmax) * sum(g)
+    total = run.sum("log_softmax", grad, keepdims=True)
+    softmax = fwd.exp("log_softmax", log_softmax)
+    return run.subtract("log_softmax", grad,
+                        run.multiply("log_softmax", softmax, total, blame=[total]),
+                        blame=[grad])
+
+
+def _binary_parts(run: StageRunner, block: Block, upstream: float) -> tuple[
+        FloatArray, FloatArray, FloatArray]:
+    """Targets, pos_weight (1 when absent) and the upstream gradient times the weights."""
+    spec = block.case.spec
+    target = run.precision.round(np.asarray(block.labels, dtype=np.float64))
+    pos = run.precision.round(np.float64(1.0) if spec.pos_weight is None
+                              else np.asarray(spec.pos_weight, dtype=np.float64))
+    scale = np.where(block.valid_elements, upstream, 0.0)
+    if spec.class_weights is not None:
+        scale = scale * np.asarray(spec.class_weights, dtype=np.float64)
+    return target, pos, run.precision.round(scale)
+
+
+def _sigmoid_backward_naive(self: Pipeline, run: StageRunner, block: Block,
+                            upstream: float) -> FloatArray:
+    fwd = _quiet(run, self, block)
+    x = fwd.cast("cast", block.logits)
+    e = fwd.exp("exp", fwd.negate("exp", x))
+    d = fwd.add("add", 1.0, e)
+    s = fwd.divide("divide", 1.0, d)
+    q = fwd.subtract("complement", 1.0, s)
+    target, pos, scale = _binary_parts(run, block, upstream)
+    grad_loss = run.negate("combine", scale, blame=[scale])
+    grad_log_s = run.multiply("combine", run.multiply("combine", grad_loss, target,
+                                                      blame=[grad_loss]), pos, blame=[grad_loss])
+    grad_log_q = run.multiply("combine", grad_loss, run.subtract("combine", 1.0, target),
+                              blame=[grad_loss])
+    grad_s = run.divide("log", grad_log_s, s, blame=[grad_log_s])
+    grad_q = run.divide("log", grad_log_q, q, blame=[grad_log_q])
+    grad_s = run.subtract("complement", grad_s, grad_q, blame=[grad_s, grad_q])
+    # s = 1 / d: d/dd = -g / d^2; d = 1 + e; e = exp(-x): d/dx = -g e
+    grad_d = run.negate("divide", run.divide("divide", grad_s, fwd.multiply("divide", d, d),
+                                             blame=[grad_s]))
+    return run.negate("exp", run.multiply("exp", grad_d, e, blame=[grad_d]))
+
+
+def _sigmoid_backward_stable(self: Pipeline, run: StageRunner, block: Block,
+                             upstream: float) -> FloatArray:
+    fwd = _quiet(run, self, block)
+    x = fwd.cast("cast", block.logits)
+    target, pos, scale = _binary_parts(run, block, upstream)
+    # BCE-with-logits backward: (sigmoid(x) (pw z + 1 - z) - pw z) g
+    sig = fwd.divide("combine", 1.0, fwd.add("combine", 1.0, fwd.exp(
+        "exp", fwd.negate("exp", x))))
+    pz = fwd.multiply("combine", pos, target)
+    factor = fwd.subtract("combine", fwd.add("combine", pz, 1.0), target)
+    grad = fwd.subtract("combine", fwd.multiply("combine", sig, factor), pz)
+    return run.multiply("weight", grad, scale, blame=[grad, scale])

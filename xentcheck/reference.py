@@ -248,3 +248,42 @@ def reduce(per_example: FloatArray, reduction: str, denominator: float) -> float
         hi, lo = _dd_sum(values)
         total = float(hi + lo)
     return total / denominator if reduction == "mean" else total
+
+
+def softmax_gradients(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
+    """d loss_i / d x_ij = A_i p_ij - a_ij (``A = sum_c a_c``), in float64.
+
+    The row maximum's entry, where p is close to 1, is formed without cancellation as
+    ``sum_{j != k} a_j + A expm1(-log1p(T1))``; elsewhere ``p <= 1/2``.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    a = np.asarray(coefficients, dtype=np.float64)
+    rows = np.arange(x.shape[0])
+    top = np.argmax(x, axis=-1)
+    _, d_hi, d_lo, log_t = _shifted_log_sum(x)
+    total = a.sum(axis=-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(d_hi - log_t[:, None]) * (1.0 + d_lo)
+        grad = total[:, None] * p - a
+        others = total - a[rows, top]
+        grad[rows, top] = others + total * np.expm1(-log_t)
+    return grad
+
+
+def _sigmoid(x: FloatArray) -> FloatArray:
+    """1 / (1 + e^-x), taking e^x / (1 + e^x) for x < 0 so that neither side overflows."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def sigmoid_gradients(
+    logits: FloatArray, targets: FloatArray, pos_weight: FloatArray | None = None,
+    weights: FloatArray | None = None,
+) -> FloatArray:
+    """d loss / d x = w ((1 - z) sigmoid(x) - pw z sigmoid(-x)), both terms non-negative."""
+    x = np.asarray(logits, dtype=np.float64)
+    z = np.asarray(targets, dtype=np.float64)
+    pw = 1.0 if pos_weight is None else np.asarray(pos_weight, dtype=np.float64)
+    grad = (1.0 - z) * _sigmoid(x) - pw * z * _sigmoid(-x)
+    return grad if weights is None else grad * np.asarray(weights, dtype=np.float64)

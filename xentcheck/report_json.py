@@ -71,6 +71,11 @@ def _result(finding: Finding, reduction: str) -> dict[str, Any]:
         "worst_index": None if finding.worst_index is None else list(finding.worst_index),
         "logit_headroom": number(finding.logit_headroom),
         "spread_headroom": number(finding.spread_headroom),
+        "grad_error": number(finding.grad_error),
+        "grad_flags": list(finding.grad_flags),
+        "grad_first_bad_stage": finding.grad_first_bad.stage if finding.grad_first_bad else None,
+        "grad_first_bad_index": (
+            list(finding.grad_first_bad.index) if finding.grad_first_bad else None),
     })
     return out
 

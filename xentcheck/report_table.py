@@ -28,6 +28,9 @@ LEGEND = (
     "values · underflow = a value that matters was flushed to 0 or a subnormal · "
     "precision_loss = error beyond tolerance · input_rounding = rounding the inputs alone "
     "moves the loss beyond tolerance.\n"
+    "gradient: max |g - g_ref| / max |g_ref| of d loss / d logits as autodiff of the "
+    "formulation computes it (zeroed = entries flushed to 0 that should not be; the stage is "
+    "the first the backward pass goes through that makes it bad).\n"
     "safe logit ≤: every input whose logits stay below it gives a finite loss (worst case: "
     "all C logits equal) · safe spread ≤: the same for the gap between a row's largest logit "
     "and its target's · format max: no edge before the format's own range."
@@ -72,6 +75,22 @@ def _first_bad(finding: Finding) -> Text:
                 else "yellow")
 
 
+def _gradient_text(finding: Finding) -> Text:
+    """The gradient's flags and where it first went bad, or its normwise error."""
+    if finding.grad_error is None:
+        return Text("—", style="dim")
+    flags = finding.grad_flags
+    if not flags:
+        return Text(f"err {_num(finding.grad_error, 2)}")
+    text = Text(" ".join(flags), style="bold red" if {"nan", "inf"} & set(flags) else "yellow")
+    event = finding.grad_first_bad
+    if event is not None:
+        text.append(f" @{event.stage} {list(event.index)}", style="red")
+    elif "nan" not in flags:
+        text.append(f" err {_num(finding.grad_error, 2)}")
+    return text
+
+
 def _limit_text(limit: float | None, headroom: float | None, dtype: str) -> Text:
     if limit is None:
         return Text("—", style="dim")
@@ -80,9 +99,9 @@ def _limit_text(limit: float | None, headroom: float | None, dtype: str) -> Text
     text = Text(_num(limit, 6))
     if headroom is not None:
         if headroom < 0:
-            text.append(f" (input over by {_num(-headroom, 4)})", style="bold red")
+            text.append(f" (over by {_num(-headroom, 4)})", style="bold red")
         else:
-            text.append(f" ({_num(headroom, 4)} to spare)", style="green")
+            text.append(f" ({_num(headroom, 4)} spare)", style="green")
     return text
 
 
@@ -131,7 +150,8 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
     for column, justify in (
         ("pipeline", "left"), ("dtype", "left"), ("loss", "right"), ("abs err", "right"),
         ("rel err", "right"), ("ulp err", "right"), ("flags", "left"),
-        ("first bad stage", "left"), ("safe logit ≤", "left"), ("safe spread ≤", "left"),
+        ("first bad stage", "left"), ("gradient", "left"), ("safe logit ≤", "left"),
+        ("safe spread ≤", "left"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     previous = None
@@ -143,7 +163,7 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
         dtype = f.dtype if default else f"{f.dtype} (acc {f.accumulate})"
         table.add_row(
             f.pipeline, dtype, _loss_text(f), _num(f.abs_error, 3), _num(f.rel_error, 3),
-            _num(f.ulp_error, 3), _flags_text(f.flags), _first_bad(f),
+            _num(f.ulp_error, 3), _flags_text(f.flags), _first_bad(f), _gradient_text(f),
             _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype),
             _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype),
         )

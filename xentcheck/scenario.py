@@ -158,7 +158,8 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
         tolerance = parse_tolerance(data.get("tolerance"))
         expectations: tuple[Expectation, ...] = ()
         if "expect" in data:
-            expectations = parse_expectations(data["expect"], _item_lines(node, "expect"))
+            names = [p.name for p in select(case.spec.family, case.spec.from_logits, None)]
+            expectations = parse_expectations(data["expect"], _item_lines(node, "expect"), names)
     except InputError as exc:
         raise exc.located(source) from None
     return Scenario(case, dtypes, pipelines, tolerance, source, lines, expectations)

@@ -193,11 +193,15 @@ class StageRunner:
         critical: Mask = None,
         pole: str | None = None,
         pole_operand: Operand | None = None,
+        blame: Sequence[Operand] | None = None,
     ) -> FloatArray:
+        """``blame``: the operands whose inf/NaN excuses the result's (default: all). A
+        backward step names only the incoming gradient, so a NaN that a forward value brings
+        into the gradient is reported at the step where it enters."""
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
             out = self._round(fn(*(self._to_compute(o) for o in operands)))
         self._watch(
-            stage, out, operands, where=where, critical=critical,
+            stage, out, operands if blame is None else blame, where=where, critical=critical,
             pole=pole, pole_operand=pole_operand,
         )
         return out
@@ -246,6 +250,14 @@ class StageRunner:
     def gather(self, stage: str, x: FloatArray, index: FloatArray) -> FloatArray:
         """``x[i, index[i]]`` for each row i. Exact."""
         return np.take_along_axis(x, np.asarray(index)[:, None], axis=-1)[:, 0]
+
+    def scatter(self, stage: str, shape: tuple[int, ...], index: FloatArray,
+                values: FloatArray) -> FloatArray:
+        """Zeros of ``shape`` with ``values[i]`` at ``[i, index[i]]``: gather's backward."""
+        out = np.zeros(shape, dtype=self.precision.dtype)
+        np.put_along_axis(out, np.asarray(index)[:, None],
+                          self._round(np.asarray(values))[:, None], -1)
+        return out
 
     def sum(self, stage: str, x: FloatArray, *, keepdims: bool = False,
             where: Mask = None) -> FloatArray:

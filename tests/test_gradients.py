@@ -1,0 +1,125 @@
+"""Gradients: the reference against mpmath and finite differences, each pipeline's backward
+against the closed form, and the flags (NaN from log, zeroed entries)."""
+
+from __future__ import annotations
+
+import json
+
+import mpmath
+import numpy as np
+import pytest
+
+from xentcheck import reference as ref
+from xentcheck.case import Case, LossSpec
+from xentcheck.evaluator import evaluate
+from xentcheck.execution import Denominators, PipelineRun, blocks
+from xentcheck.pipelines import available
+from xentcheck.precision import Precision, precisions_for
+from xentcheck.report_json import render_json
+
+mpmath.mp.dps = 50
+
+
+def mp_loss(row: list[mpmath.mpf], a: list[float]) -> mpmath.mpf:
+    lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in row))
+    return mpmath.fsum(mpmath.mpf(ac) * (lse - xc) for ac, xc in zip(a, row, strict=True))
+
+
+@pytest.mark.parametrize(("x", "a"), [
+    ([1.0, 2.0, 3.0], [0.0, 1.0, 0.0]),
+    ([0.0, -40.0], [1.0, 0.0]),  # p_t within e^-40 of 1: the target's entry is -4.2e-18
+    ([1000.0, 1000.5, 999.0], [0.2, 0.5, 0.3]),
+    ([5.0, 5.0], [0.0, 2.0]),
+])
+def test_softmax_reference_gradient_against_mpmath(x: list[float], a: list[float]) -> None:
+    got = ref.softmax_gradients(np.array([x]), np.array([a]))[0]
+    row = [mpmath.mpf(v) for v in x]
+    for j in range(len(x)):
+        # the derivative by mpmath's numerical differentiation at 50 digits
+        def loss_j(t: mpmath.mpf, j: int = j) -> mpmath.mpf:
+            return mp_loss([t if k == j else v for k, v in enumerate(row)], a)
+
+        true = mpmath.diff(loss_j, row[j])
+        assert abs(mpmath.mpf(got[j]) - true) <= 4 * np.spacing(abs(float(true))) + 1e-300
+
+
+def test_sigmoid_reference_gradient_against_mpmath() -> None:
+    x = np.array([-30.0, -1.0, 0.0, 0.5, 20.0])
+    z = np.array([1.0, 0.3, 1.0, 0.0, 1.0])
+    pw, w = 2.5, np.array([1.0, 2.0, 0.5, 1.0, 3.0])
+    got = ref.sigmoid_gradients(x, z, np.array(pw), w)
+    for i in range(len(x)):
+        def loss(t: mpmath.mpf, i: int = i) -> mpmath.mpf:
+            s = 1 / (1 + mpmath.exp(-t))
+            q = 1 / (1 + mpmath.exp(t))
+            return -w[i] * (pw * z[i] * mpmath.log(s) + (1 - z[i]) * mpmath.log(q))
+
+        true = mpmath.diff(loss, mpmath.mpf(x[i]))
+        assert abs(mpmath.mpf(got[i]) - true) <= 4 * np.spacing(abs(float(true)))
+
+
+def pipeline_gradient(name: str, family: str, dtype: str, case: Case) -> np.ndarray:
+    pipeline = next(p for p in available(family, True) if p.name == name)
+    den = Denominators(np.zeros(case.classes))
+    for block in blocks(case):
+        den.add(case, block)
+    run = PipelineRun(pipeline, Precision(dtype))
+    parts = [run.gradient(case, block, den) for block in blocks(case)]
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts if p is not None])
+
+
+@pytest.mark.parametrize("name", ["naive", "shifted", "stable"])
+def test_softmax_backward_is_the_weighted_mean_of_softmax_minus_target(name: str) -> None:
+    # PyTorch: d/dx of mean-with-weights = w_t (softmax - onehot) / sum(w_t)
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 2, (6, 5))
+    t = np.array([0, 1, 2, 3, 4, 0])
+    w = np.array([1.0, 2.0, 0.5, 3.0, 1.5])
+    case = Case("g", x, t, "index", LossSpec(class_weights=w))
+    got = pipeline_gradient(name, "softmax", "float64", case)
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    expected = (p - np.eye(5)[t]) * w[t][:, None] / w[t].sum()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("name", ["naive", "stable"])
+def test_sigmoid_backward_is_sigmoid_minus_target(name: str) -> None:
+    x = np.array([[-2.0, 0.5], [1.0, 3.0]])
+    z = np.array([[0.0, 1.0], [1.0, 0.25]])
+    case = Case("g", x, z, "binary", LossSpec(family="sigmoid", reduction="sum"))
+    got = pipeline_gradient(name, "sigmoid", "float64", case)
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-x)) - z, rtol=1e-13)
+
+
+def test_naive_gradient_is_nan_from_log_while_stable_is_exact() -> None:
+    case = Case("o", np.array([[1000.0, 2000.0, 2500.0]]), np.array([1]), "index", LossSpec())
+    result = evaluate(case, precisions_for(["float32"]), available("softmax", True))
+    naive, shifted, stable = result.findings
+    assert naive.grad_flags == ("nan",) and naive.grad_first_bad is not None
+    assert (naive.grad_first_bad.stage, naive.grad_first_bad.kind) == ("log", "nan")
+    assert naive.grad_first_bad.index == (0, 1)  # the target: p = inf/inf = NaN, g/p = NaN
+    assert shifted.grad_first_bad is not None and shifted.grad_first_bad.stage == "log"
+    # softmax - onehot = [0, -1, 1] (e^-500 is 0 in float32): exact
+    assert stable.grad_error == 0.0 and stable.grad_flags == ()
+    doc = json.loads(render_json([result]))["scenarios"][0]["results"]
+    assert doc[0]["grad_flags"] == ["nan"] and doc[0]["grad_first_bad_stage"] == "log"
+    assert doc[2]["grad_error"] == 0.0
+
+
+def test_zeroed_gradient_entries_are_flagged() -> None:
+    # x = 20, z = 1: the true gradient sigmoid(20) - 1 = -2.06e-9 is a normal float32, but
+    # float32 rounds sigmoid(20) to 1 and the gradient to 0.
+    case = Case("z", np.array([20.0, -1.0]), np.array([1.0, 0.0]), "binary",
+                LossSpec(family="sigmoid"))
+    result = evaluate(case, precisions_for(["float32", "float64"]), available("sigmoid", True))
+    stable32 = next(f for f in result.findings if f.pipeline == "stable" and f.dtype == "float32")
+    stable64 = next(f for f in result.findings if f.pipeline == "stable" and f.dtype == "float64")
+    assert "zeroed" in stable32.grad_flags and "zeroed" not in stable64.grad_flags
+
+
+def test_probability_inputs_have_no_gradient_check() -> None:
+    case = Case("p", np.array([[0.2, 0.8]]), np.array([1]), "index",
+                LossSpec(from_logits=False))
+    result = evaluate(case, precisions_for(["float32"]), available("softmax", False))
+    assert all(f.grad_error is None and f.grad_flags == () for f in result.findings)
