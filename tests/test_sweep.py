@@ -115,3 +115,17 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
 def test_bad_sweep_options_exit_2() -> None:
     result = CliRunner().invoke(cli, ["sweep", "--from", "10", "--to", "1"])
     assert result.exit_code == 2 and "smaller to a larger" in result.stderr
+
+
+def test_the_naive_gradient_breaks_before_the_loss() -> None:
+    # C = 2, pattern bottom: [m, -m], target -m. The backward of log divides by
+    # p_t = round(e^-2m) (a multiple k of float32's smallest subnormal 2^-149); 1/p_t
+    # overflows once k <= 2^21 - 1, i.e. once e^-2m < (2^21 - 1/2) 2^-149:
+    # 2m > 149 ln 2 - ln(2^21 - 1/2), m > 44.36, while the loss lasts until m > 51.99.
+    spec = SweepSpec(classes=2, pattern="bottom", start=44.0, stop=53.0, points=9001,
+                     log_scale=False)
+    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True)[:1])
+    naive = curve(result, "naive", "float32")
+    edge = (149 * math.log(2) - math.log(2**21 - 0.5)) / 2
+    assert naive.grad_first_nonfinite == first_above(result.magnitudes, edge)
+    assert naive.first_nonfinite == first_above(result.magnitudes, 150 * math.log(2) / 2)

@@ -274,6 +274,8 @@ class _GradientStats:
     inf: bool = False
     zeroed: tuple[int, ...] | None = None  # first entry flushed to 0 that should not be
     seen: bool = False
+    # per row: max |g - g_ref| / max |g_ref| (NaN where the row's gradient is not finite)
+    rows: list[FloatArray] = field(default_factory=list)
 
     def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
             precision: Precision) -> None:
@@ -291,6 +293,11 @@ class _GradientStats:
         if finite.any():
             self.largest_error = max(self.largest_error, float(error[finite].max()))
         self.largest_reference = max(self.largest_reference, float(np.abs(truth).max()))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row_error = error.max(axis=-1) / np.abs(truth).max(axis=-1)
+        row_error = np.where(np.abs(truth).max(axis=-1) == 0,
+                             np.where(error.max(axis=-1) == 0, 0.0, np.inf), row_error)
+        self.rows.append(np.where(np.isfinite(computed).all(axis=-1), row_error, np.nan))
         zeroed = (computed == 0) & (np.abs(truth) >= precision.tiny)
         if self.zeroed is None and zeroed.any():
             row, col = np.unravel_index(int(np.argmax(zeroed)), zeroed.shape)
@@ -467,6 +474,7 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         logit_headroom=_headroom(limit.largest_safe_logit, largest_input),
         spread_headroom=_headroom(limit.largest_safe_spread, collected.max_spread),
         grad_error=gradient.error(),
+        grad_row_errors=np.concatenate(gradient.rows) if gradient.rows else None,
         grad_flags=_gradient_flags(gradient, tol),
         grad_first_bad=_located(case, run.gradient_runner.first_event()),
     )

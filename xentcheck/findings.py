@@ -68,6 +68,7 @@ class Finding:
     grad_error: float | None = None  # normwise: max |g - g_ref| / max |g_ref|
     grad_flags: tuple[str, ...] = ()  # GRAD_FLAGS
     grad_first_bad: StageEvent | None = None
+    grad_row_errors: FloatArray | None = None  # per input row; NaN: not finite
 
     @property
     def first_bad_stage(self) -> str | None:

@@ -205,6 +205,8 @@ def render_sweep_json(result: SweepResult) -> str:
                     "dtype": c.dtype,
                     "first_nonfinite": number(c.first_nonfinite),
                     "first_inaccurate": number(c.first_inaccurate),
+                    "grad_first_nonfinite": number(c.grad_first_nonfinite),
+                    "grad_first_inaccurate": number(c.grad_first_inaccurate),
                     "tolerance": {"rel": c.tolerance.rel, "abs": c.tolerance.abs},
                     "bits": [None if b != b else float(b) for b in c.bits],
                 }

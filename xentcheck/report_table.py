@@ -286,6 +286,7 @@ def render_sweep_table(result: SweepResult, console: Console, width: int = 48) -
                        style="bold"))
     table = Table(header_style="bold", pad_edge=False)
     for column in ("pipeline", "dtype", "not finite from", "inaccurate from",
+                   "gradient not finite / inaccurate from",
                    f"bits of error  {spec.start:g} → {spec.stop:g}"):
         table.add_column(column)
     previous = None
@@ -299,6 +300,8 @@ def render_sweep_table(result: SweepResult, console: Console, width: int = 48) -
             if curve.first_nonfinite is not None else Text("—", style="dim"),
             Text(_num(curve.first_inaccurate, 5), style="yellow")
             if curve.first_inaccurate is not None else Text("—", style="dim"),
+            Text(f"{_num(curve.grad_first_nonfinite, 5)} / "
+                 f"{_num(curve.grad_first_inaccurate, 5)}"),
             _sparkline(curve, width),
         )
     console.print(table)

@@ -104,6 +104,10 @@ class SweepCurve:
     first_nonfinite: float | None
     first_inaccurate: float | None
     tolerance: Tolerance
+    # the gradient: first magnitude where it is NaN/inf, and where its normwise error
+    # passes the tolerance (None: never, or no gradient for this pipeline)
+    grad_first_nonfinite: float | None = None
+    grad_first_inaccurate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,12 @@ def run_sweep(
             allowed = tol.abs + tol.rel * np.abs(rounded)
             beyond = (np.isfinite(rounded) & ~(abs_err <= allowed)).any(axis=1)
             bits = np.where(finite, np.log2(1.0 + ulps), np.nan)
+        grad_bad = grad_off = None
+        if finding.grad_row_errors is not None:
+            rows = finding.grad_row_errors.reshape(spec.points, -1).max(axis=1)
+            grad_bad = _first(magnitudes, np.asarray(~np.isfinite(rows)))
+            with np.errstate(invalid="ignore"):
+                grad_off = _first(magnitudes, np.asarray(np.isfinite(rows) & (rows > tol.rel)))
         curves.append(SweepCurve(
             pipeline=finding.pipeline,
             dtype=finding.dtype,
@@ -149,6 +159,8 @@ def run_sweep(
             first_nonfinite=_first(magnitudes, np.asarray(~finite)),
             first_inaccurate=_first(magnitudes, np.asarray(beyond)),
             tolerance=tol,
+            grad_first_nonfinite=grad_bad,
+            grad_first_inaccurate=grad_off,
         ))
     return SweepResult(spec, magnitudes, tuple(curves))
 
