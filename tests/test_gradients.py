@@ -123,3 +123,19 @@ def test_probability_inputs_have_no_gradient_check() -> None:
                 LossSpec(from_logits=False))
     result = evaluate(case, precisions_for(["float32"]), available("softmax", False))
     assert all(f.grad_error is None and f.grad_flags == () for f in result.findings)
+
+
+@pytest.mark.parametrize(("x", "t", "w"), [
+    ([0.0, -40.0], 0, 1.0),  # the target is the maximum: -(1 - p_t) = -4.25e-18
+    ([1.0, 2.0, 3.0], 1, 2.5),
+    ([1000.0, 1000.5, 999.0], 2, 0.5),
+])
+def test_integer_label_reference_gradient_against_mpmath(x: list[float], t: int,
+                                                         w: float) -> None:
+    got = ref.softmax_index_gradients(np.array([x]), np.array([t]), np.array([w]))[0]
+    row = [mpmath.mpf(v) for v in x]
+    total = mpmath.fsum(mpmath.exp(v) for v in row)
+    for j in range(len(x)):
+        p = mpmath.exp(row[j]) / total
+        true = w * (p - (1 if j == t else 0))
+        assert abs(mpmath.mpf(got[j]) - true) <= 4 * np.spacing(abs(float(true)))

@@ -42,21 +42,44 @@ Progress = Callable[[int, int], None]
 
 def reference_per_example(block: Block) -> FloatArray:
     """Reference losses of one block: ``(N,)`` for softmax, ``(N, K)`` for sigmoid."""
+    return reference_block(block, gradient=False)[0]
+
+
+def _sparse_labels(block: Block) -> bool:
+    spec = block.case.spec
+    return block.case.label_kind == "index" and not spec.label_smoothing
+
+
+def reference_block(block: Block, *, gradient: bool) -> tuple[FloatArray, FloatArray | None]:
+    """The block's reference losses and, with ``gradient``, the reference gradient of the
+    per-example losses with respect to the logits (``(N, C)``; None for probability
+    inputs). Both come from the same intermediates, computed once."""
     case = block.case
     spec = case.spec
-    if spec.family == "softmax":
-        if spec.from_logits and case.label_kind == "index" and not spec.label_smoothing:
-            weights = np.ones(case.classes) if spec.class_weights is None else np.asarray(
-                spec.class_weights, dtype=np.float64)
-            return ref.softmax_index_losses(block.logits, block.target,
-                                            weights[block.target] * block.valid)
+    if spec.family == "sigmoid":
+        counted = valid_elements(case, block.labels)
+        loss_fn = ref.sigmoid_losses if spec.from_logits else ref.sigmoid_probability_losses
+        losses = loss_fn(block.logits, block.labels, spec.pos_weight, spec.class_weights)
+        grad = None
+        if gradient and spec.from_logits:
+            grad = np.where(counted, ref.sigmoid_gradients(
+                block.logits, block.labels, spec.pos_weight, spec.class_weights), 0.0)
+        return np.where(counted, losses, 0.0), grad
+    if not spec.from_logits:
         coef = softmax_coefficients(case, block.labels)
-        if spec.from_logits:
-            return ref.softmax_losses(block.logits, coef)
-        return ref.softmax_probability_losses(block.logits, coef)
-    loss_fn = ref.sigmoid_losses if spec.from_logits else ref.sigmoid_probability_losses
-    losses = loss_fn(block.logits, block.labels, spec.pos_weight, spec.class_weights)
-    return np.where(valid_elements(case, block.labels), losses, 0.0)
+        return ref.softmax_probability_losses(block.logits, coef), None
+    parts = ref.shifted_log_sum(block.logits)
+    if _sparse_labels(block):
+        weights = np.ones(case.classes) if spec.class_weights is None else np.asarray(
+            spec.class_weights, dtype=np.float64)
+        target_weight = weights[block.target] * block.valid
+        losses = ref.softmax_index_losses(block.logits, block.target, target_weight, parts)
+        grad = ref.softmax_index_gradients(block.logits, block.target, target_weight,
+                                           parts) if gradient else None
+        return losses, grad
+    coef = softmax_coefficients(case, block.labels)
+    losses = ref.softmax_losses(block.logits, coef)
+    return losses, ref.softmax_gradients(block.logits, coef, parts) if gradient else None
 
 
 def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Block:
@@ -281,27 +304,33 @@ class _GradientStats:
             precision: Precision) -> None:
         self.seen = True
         computed = np.asarray(gradient, dtype=np.float64).reshape(reference.shape)
-        counted = (np.broadcast_to(block.valid[:, None], computed.shape)
-                   if block.case.spec.family == "softmax" else block.valid_elements)
-        computed = np.where(counted, computed, 0.0)
-        truth = np.where(counted, reference, 0.0)
-        self.nan |= bool(np.isnan(computed).any())
-        self.inf |= bool(np.isinf(computed).any())
+        counted = (block.valid[:, None] if block.case.spec.family == "softmax"
+                   else block.valid_elements)
+        if not np.all(counted):  # ignored rows or targets count nowhere
+            computed = np.where(counted, computed, 0.0)
+            reference = np.where(counted, reference, 0.0)
         with np.errstate(invalid="ignore"):
-            error = np.abs(computed - truth)
-        finite = np.isfinite(error)
-        if finite.any():
-            self.largest_error = max(self.largest_error, float(error[finite].max()))
-        self.largest_reference = max(self.largest_reference, float(np.abs(truth).max()))
+            error = np.abs(computed - reference)  # NaN where computed is NaN (or inf - inf)
+        magnitude = np.abs(reference)
+        row_error = error.max(axis=-1)  # NaN propagates: a row with a NaN entry is NaN
+        row_reference = magnitude.max(axis=-1)
+        bad_rows = ~np.isfinite(row_error)
+        if bad_rows.any():
+            self.nan |= bool(np.isnan(computed[bad_rows]).any())
+            self.inf |= bool(np.isinf(computed[bad_rows]).any())
+        finite_rows = row_error[~bad_rows]
+        if finite_rows.size:
+            self.largest_error = max(self.largest_error, float(finite_rows.max()))
+        self.largest_reference = max(self.largest_reference, float(row_reference.max()))
+        if self.zeroed is None:
+            zeroed = (computed == 0) & (magnitude >= precision.tiny)
+            if zeroed.any():
+                row, col = np.unravel_index(int(np.argmax(zeroed)), zeroed.shape)
+                self.zeroed = (block.start + int(row), int(col))
         with np.errstate(invalid="ignore", divide="ignore"):
-            row_error = error.max(axis=-1) / np.abs(truth).max(axis=-1)
-        row_error = np.where(np.abs(truth).max(axis=-1) == 0,
-                             np.where(error.max(axis=-1) == 0, 0.0, np.inf), row_error)
-        self.rows.append(np.where(np.isfinite(computed).all(axis=-1), row_error, np.nan))
-        zeroed = (computed == 0) & (np.abs(truth) >= precision.tiny)
-        if self.zeroed is None and zeroed.any():
-            row, col = np.unravel_index(int(np.argmax(zeroed)), zeroed.shape)
-            self.zeroed = (block.start + int(row), int(col))
+            relative = np.where(row_reference == 0, np.where(row_error == 0, 0.0, np.inf),
+                                row_error / row_reference)
+        self.rows.append(np.where(bad_rows, np.nan, relative))
 
     def error(self) -> float | None:
         """Normwise relative error: largest |g - g_ref| over largest |g_ref| (None: none)."""
@@ -334,20 +363,22 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
     with ThreadPoolExecutor(max_workers=1) as pool:
         for block in blocks(case):
             references = pool.submit(_references, block, rounded_cases)
-            reference_gradient = pool.submit(gradient_per_block, block)
-            for run, gradient_stats in zip(collected.runs, collected.gradients, strict=True):
+            gradients = []
+            for run in collected.runs:
                 run.feed(case, block)
-                gradient = run.gradient(case, block, collected.denominators)
-                if gradient is not None:
-                    gradient_stats.add(block, gradient, reference_gradient.result() * upstream,
-                                       run.precision)
+                gradients.append(run.gradient(case, block, collected.denominators))
             stats = _block_stats(block)
             collected.max_logit = max(collected.max_logit, stats.largest)
             collected.min_logit = min(collected.min_logit, stats.smallest)
             collected.rows_sum_to_one &= stats.rows_sum_to_one
             if stats.spread is not None:
                 collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
-            given, rounded = references.result()
+            given, rounded, reference_gradient = references.result()
+            for gradient, stats_of_run, run in zip(gradients, collected.gradients,
+                                                   collected.runs, strict=True):
+                if gradient is not None and reference_gradient is not None:
+                    stats_of_run.add(block, gradient, reference_gradient * upstream,
+                                     run.precision)
             collected.reference.append(given)
             for name, values in rounded.items():
                 collected.rounded[name].append(values)
@@ -356,25 +387,12 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
     return collected
 
 
-def gradient_per_block(block: Block) -> FloatArray:
-    """The reference gradient of the per-example losses with respect to the logits,
-    ``(N, C)`` in float64 (zeros where nothing is counted or for probability inputs)."""
-    case = block.case
-    spec = case.spec
-    if not spec.from_logits:
-        return np.zeros(np.shape(block.logits))
-    if spec.family == "softmax":
-        return ref.softmax_gradients(block.logits, softmax_coefficients(case, block.labels))
-    gradient = ref.sigmoid_gradients(block.logits, block.labels, spec.pos_weight,
-                                     spec.class_weights)
-    return np.where(valid_elements(case, block.labels), gradient, 0.0)
-
-
 def _references(
     block: Block, rounded_cases: Mapping[str, Case]
-) -> tuple[FloatArray, dict[str, FloatArray]]:
-    """The block's reference losses, as given and with the inputs rounded to each dtype."""
-    given = reference_per_example(block)
+) -> tuple[FloatArray, dict[str, FloatArray], FloatArray | None]:
+    """The block's reference losses, as given and with the inputs rounded to each dtype,
+    and the reference gradient of the inputs as given."""
+    given, gradient = reference_block(block, gradient=True)
     rounded = {}
     for name, rounded_case in rounded_cases.items():
         rb = rounded_block(block, Precision(name), rounded_case)
@@ -383,7 +401,7 @@ def _references(
             continue
         with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
             rounded[name] = reference_per_example(rb)
-    return given, rounded
+    return given, rounded, gradient
 
 
 @dataclass(frozen=True)

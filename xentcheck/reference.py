@@ -107,6 +107,14 @@ def _shifted_log_sum(x: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray,
     return m, d_hi, d_lo, _log1p_dd(t_hi, t_lo)
 
 
+ShiftedLogSum = tuple[FloatArray, FloatArray, FloatArray, FloatArray]
+
+
+def shifted_log_sum(logits: FloatArray) -> ShiftedLogSum:
+    """The intermediates the softmax losses and gradients share, computed once per block."""
+    return _shifted_log_sum(np.asarray(logits, dtype=np.float64))
+
+
 def softmax_losses(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
     """Per-row ``-sum_c a_c log softmax(x)_c`` in float64, accurate to a few ulp.
 
@@ -137,12 +145,13 @@ def softmax_losses(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
         return _nonnegative_total(s_hi, s_lo, total_a * log_t)
 
 
-def softmax_index_losses(logits: FloatArray, target: FloatArray, weight: FloatArray) -> FloatArray:
+def softmax_index_losses(logits: FloatArray, target: FloatArray, weight: FloatArray,
+                         parts: ShiftedLogSum | None = None) -> FloatArray:
     """:func:`softmax_losses` for integer labels without smoothing: ``a`` is ``weight`` at
     ``target`` and 0 elsewhere, so the first sum is one term per row (no dense pass)."""
     x = np.asarray(logits, dtype=np.float64)
     rows = np.arange(x.shape[0])
-    _, d_hi, d_lo, log_t = _shifted_log_sum(x)
+    _, d_hi, d_lo, log_t = parts if parts is not None else _shifted_log_sum(x)
     w = np.asarray(weight, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         gap_hi, gap_lo = -d_hi[rows, target], -d_lo[rows, target]
@@ -250,7 +259,14 @@ def reduce(per_example: FloatArray, reduction: str, denominator: float) -> float
     return total / denominator if reduction == "mean" else total
 
 
-def softmax_gradients(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
+def _softmax(parts: ShiftedLogSum) -> FloatArray:
+    _, d_hi, d_lo, log_t = parts
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.exp(d_hi - log_t[:, None]) * (1.0 + d_lo)
+
+
+def softmax_gradients(logits: FloatArray, coefficients: FloatArray,
+                      parts: ShiftedLogSum | None = None) -> FloatArray:
     """d loss_i / d x_ij = A_i p_ij - a_ij (``A = sum_c a_c``), in float64.
 
     The row maximum's entry, where p is close to 1, is formed without cancellation as
@@ -260,14 +276,31 @@ def softmax_gradients(logits: FloatArray, coefficients: FloatArray) -> FloatArra
     a = np.asarray(coefficients, dtype=np.float64)
     rows = np.arange(x.shape[0])
     top = np.argmax(x, axis=-1)
-    _, d_hi, d_lo, log_t = _shifted_log_sum(x)
+    parts = parts if parts is not None else _shifted_log_sum(x)
     total = a.sum(axis=-1)
     with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(d_hi - log_t[:, None]) * (1.0 + d_lo)
-        grad = total[:, None] * p - a
+        grad = total[:, None] * _softmax(parts) - a
         others = total - a[rows, top]
-        grad[rows, top] = others + total * np.expm1(-log_t)
+        grad[rows, top] = others + total * np.expm1(-parts[3])
     return grad
+
+
+def softmax_index_gradients(logits: FloatArray, target: FloatArray, weight: FloatArray,
+                            parts: ShiftedLogSum | None = None) -> FloatArray:
+    """:func:`softmax_gradients` for integer labels: ``w_t (p - onehot(t))``, with the
+    target's entry ``-w_t (1 - p_t)`` formed without cancellation when t is the maximum."""
+    x = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(x.shape[0])
+    top = np.argmax(x, axis=-1)
+    parts = parts if parts is not None else _shifted_log_sum(x)
+    w = np.asarray(weight, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = _softmax(parts)
+        at_target = p[rows, target] - 1.0
+        # 1 - p_t = T1 / (1 + T1) = -expm1(-log1p(T1)) when the target is the row maximum
+        at_target = np.where(target == top, np.expm1(-parts[3]), at_target)
+        p[rows, target] = at_target
+        return w[:, None] * p
 
 
 def _sigmoid(x: FloatArray) -> FloatArray:
