@@ -139,3 +139,21 @@ def test_integer_label_reference_gradient_against_mpmath(x: list[float], t: int,
         p = mpmath.exp(row[j]) / total
         true = w * (p - (1 if j == t else 0))
         assert abs(mpmath.mpf(got[j]) - true) <= 4 * np.spacing(abs(float(true)))
+
+
+@pytest.mark.parametrize(("x", "target"), [
+    ([1.5, -2.0, 7.25, 0.0], 2),  # target is the maximum: -(1 - p_t) without cancellation
+    ([30.0, -30.0, 1e-9], 1),  # 1e-9 beside 30: the differences need TwoSum
+    ([-8.0, -8.0, -7.5], 0),
+])
+def test_float32_reference_gradient_against_mpmath(x: list[float], target: int) -> None:
+    logits = np.array([x], dtype=np.float32)
+    got = ref.softmax_index_gradients(logits, np.array([target]), np.array([2.0]))[0]
+    row = [mpmath.mpf(float(v)) for v in logits[0]]
+    a = [2.0 if c == target else 0.0 for c in range(len(x))]
+    for j in range(len(x)):
+        def loss_j(t: mpmath.mpf, j: int = j) -> mpmath.mpf:
+            return mp_loss([t if k == j else v for k, v in enumerate(row)], a)
+
+        true = mpmath.diff(loss_j, row[j])
+        assert abs(mpmath.mpf(got[j]) - true) <= 4 * np.spacing(abs(float(true))) + 1e-300

@@ -175,3 +175,50 @@ def test_reduce_against_mpmath() -> None:
     assert ulps(ref.reduce(values, "sum", 0.0), true) <= 0.5
     assert ulps(ref.reduce(values, "mean", 5.0), true / 5) <= 1
     assert ref.reduce(np.array([1.0, math.inf]), "sum", 0.0) == math.inf
+
+
+def test_differences_exact_only_when_float64_holds_them() -> None:
+    # float32 magnitudes within 2**27 of the largest: every x - max(x) fits in 53 bits
+    assert ref._differences_exact(np.array([[20.0, 1.5, -3.25, 0.0]], dtype=np.float32))
+    # 1e-9 next to 20 has its last bit 2**-59 below 20's binade: float64 cannot hold 20 - 1e-9
+    assert not ref._differences_exact(np.array([[20.0, 1e-9]], dtype=np.float32))
+    assert not ref._differences_exact(np.array([[20.0, 1.5]]))  # float64: never claimed
+    assert not ref._differences_exact(np.array([[np.inf, 1.0]], dtype=np.float32))
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(
+    st.lists(st.floats(-60, 60, width=32), min_size=2, max_size=12),
+    st.integers(0, 11),
+    st.sampled_from([1.0, 1e-8, 1e-30, 8.0]),
+    st.sampled_from([[], [20.0], [-35.5, 3.0]]),
+)
+def test_float32_inputs_on_either_path(values: list[float], pick: int, scale: float,
+                                       anchors: list[float]) -> None:
+    # Scaled by 1e-8 or 1e-30 next to an anchor of ordinary size, entries lie far below the
+    # anchor's binade (the TwoSum path); otherwise the differences fit float64 exactly.
+    x = np.array([*(np.float32(v) * np.float32(scale) for v in values), *anchors],
+                 dtype=np.float32)
+    target = pick % len(x)
+    a = one_hot(len(x), target)
+    got = float(ref.softmax_index_losses(x[None, :], np.array([target]), np.array([1.0]))[0])
+    # log(sum(exp)) - x_t cancels to a loss as small as e^-spread: carry enough digits
+    spread = float(x.max() - x.min())
+    with mpmath.workdps(60 + int(spread / 2.3)):
+        true = mp_softmax([float(v) for v in x], a)
+    assert ulps(got, true) <= 4
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.lists(st.floats(0, 1e3), min_size=1, max_size=40), st.sampled_from([1, 1e-200, 1e-310]))
+def test_sum_of_non_negative_terms_is_nearly_exact(values: list[float], scale: float) -> None:
+    from fractions import Fraction
+
+    terms = np.array([values]) * scale
+    hi, lo = ref._sum_terms_of_one_sign(terms)
+    exact = sum((Fraction(float(t)) for t in terms[0]), Fraction(0))
+    error = abs(Fraction(float(hi[0])) + Fraction(float(lo[0])) - exact)
+    # the bound 2**(2k - 104) relative, k = 6 for 40 terms; and no worse than subnormal spacing
+    assert error <= exact * Fraction(2) ** (2 * 6 - 104) + Fraction(2) ** -1074
+    assert hi[0] == float(exact) or abs(Fraction(float(hi[0])) - exact) <= Fraction(
+        float(np.spacing(float(exact))), 2) + Fraction(2) ** -1074

@@ -50,10 +50,12 @@ def _sparse_labels(block: Block) -> bool:
     return block.case.label_kind == "index" and not spec.label_smoothing
 
 
-def reference_block(block: Block, *, gradient: bool) -> tuple[FloatArray, FloatArray | None]:
+def reference_block(block: Block, *, gradient: bool,
+                    gradient_scale: float = 1.0) -> tuple[FloatArray, FloatArray | None]:
     """The block's reference losses and, with ``gradient``, the reference gradient of the
     per-example losses with respect to the logits (``(N, C)``; None for probability
-    inputs). Both come from the same intermediates, computed once."""
+    inputs), times ``gradient_scale`` (the upstream gradient of the reduction). Both come
+    from the same intermediates, computed once."""
     case = block.case
     spec = case.spec
     if spec.family == "sigmoid":
@@ -64,6 +66,7 @@ def reference_block(block: Block, *, gradient: bool) -> tuple[FloatArray, FloatA
         if gradient and spec.from_logits:
             grad = np.where(counted, ref.sigmoid_gradients(
                 block.logits, block.labels, spec.pos_weight, spec.class_weights), 0.0)
+            grad *= gradient_scale
         return np.where(counted, losses, 0.0), grad
     if not spec.from_logits:
         coef = softmax_coefficients(case, block.labels)
@@ -74,12 +77,17 @@ def reference_block(block: Block, *, gradient: bool) -> tuple[FloatArray, FloatA
             spec.class_weights, dtype=np.float64)
         target_weight = weights[block.target] * block.valid
         losses = ref.softmax_index_losses(block.logits, block.target, target_weight, parts)
-        grad = ref.softmax_index_gradients(block.logits, block.target, target_weight,
+        grad = ref.softmax_index_gradients(block.logits, block.target,
+                                           target_weight * gradient_scale,
                                            parts) if gradient else None
         return losses, grad
     coef = softmax_coefficients(case, block.labels)
-    losses = ref.softmax_losses(block.logits, coef)
-    return losses, ref.softmax_gradients(block.logits, coef, parts) if gradient else None
+    losses = ref.softmax_losses(block.logits, coef, parts)
+    if not gradient:
+        return losses, None
+    grad = ref.softmax_gradients(block.logits, coef, parts)
+    grad *= gradient_scale
+    return losses, grad
 
 
 def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Block:
@@ -362,7 +370,7 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
     # pipelines over it (numpy releases the GIL in its loops): both cores stay busy.
     with ThreadPoolExecutor(max_workers=1) as pool:
         for block in blocks(case):
-            references = pool.submit(_references, block, rounded_cases)
+            references = pool.submit(_references, block, rounded_cases, upstream)
             gradients = []
             for run in collected.runs:
                 run.feed(case, block)
@@ -377,7 +385,7 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
             for gradient, stats_of_run, run in zip(gradients, collected.gradients,
                                                    collected.runs, strict=True):
                 if gradient is not None and reference_gradient is not None:
-                    stats_of_run.add(block, gradient, reference_gradient * upstream,
+                    stats_of_run.add(block, gradient, reference_gradient,
                                      run.precision)
             collected.reference.append(given)
             for name, values in rounded.items():
@@ -388,11 +396,11 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
 
 
 def _references(
-    block: Block, rounded_cases: Mapping[str, Case]
+    block: Block, rounded_cases: Mapping[str, Case], upstream: float
 ) -> tuple[FloatArray, dict[str, FloatArray], FloatArray | None]:
     """The block's reference losses, as given and with the inputs rounded to each dtype,
-    and the reference gradient of the inputs as given."""
-    given, gradient = reference_block(block, gradient=True)
+    and the reference gradient of the inputs as given (of the reduced loss)."""
+    given, gradient = reference_block(block, gradient=True, gradient_scale=upstream)
     rounded = {}
     for name, rounded_case in rounded_cases.items():
         rb = rounded_block(block, Precision(name), rounded_case)

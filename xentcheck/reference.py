@@ -17,10 +17,15 @@ References
    Numer. Math. 18, 224-242, 1971.
 .. [3] T. Ogita, S. M. Rump, S. Oishi, "Accurate sum and dot product", SIAM J. Sci. Comput.
    26(6), 1955-1988, 2005.
+.. [4] S. M. Rump, T. Ogita, S. Oishi, "Accurate floating-point summation part I: faithful
+   rounding", SIAM J. Sci. Comput. 31(1), 189-224, 2008 (ExtractScalar, Lemma 3.3).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import ml_dtypes
 import numpy as np
 
 from .precision import FloatArray
@@ -89,33 +94,111 @@ def _nonnegative_total(hi: FloatArray, lo: FloatArray, extra: FloatArray) -> Flo
     return hi + (lo + extra)
 
 
-def _shifted_log_sum(x: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """For rows of logits: ``(m, d_hi, d_lo, log1p(T1))`` with ``x - m = d_hi + d_lo`` exactly
-    and ``T1 = sum_{j != k} exp(x_j - m)``, ``k`` the (first) position of the maximum ``m``."""
-    rows = np.arange(x.shape[0])
-    top = np.argmax(x, axis=-1)
-    m = x[rows, top][:, None]
-    with np.errstate(invalid="ignore", over="ignore"):
-        d_hi, d_lo = _two_sum(x, -m)  # d <= 0
-        d_lo[~np.isfinite(d_hi)] = 0.0
-        e_hi = np.exp(d_hi)
-        e_hi[rows, top] = 0.0  # T1 leaves out one maximal term: exp(0) = 1 is log1p's "1 +"
-        # exp(d_hi + d_lo) = exp(d_hi) (1 + d_lo): the correction is needed only where the
-        # difference was inexact (never for float32 or narrower inputs of similar scale).
-        e_lo = e_hi * d_lo if d_lo.any() else None
-    t_hi, t_lo = _dd_sum(e_hi, e_lo)
-    return m, d_hi, d_lo, _log1p_dd(t_hi, t_lo)
+# Inputs whose significands have at most this many bits (float32, float16, bfloat16) have
+# float64 differences that are exact whenever the operands' binades are within 28 of each
+# other: a - b is then a multiple of ulp(b) below 2**(e_a + 2), at most 53 bits.
+_NARROW_SIGNIFICAND = 24
+_EXACT_BINADE_GAP = 27
 
 
-ShiftedLogSum = tuple[FloatArray, FloatArray, FloatArray, FloatArray]
+def _differences_exact(x: FloatArray) -> bool:
+    """Whether ``x_ij - x_ik`` is exact in float64 for every pair in a row of the block.
+
+    True for a narrow input (at most 24 significand bits) whose non-zero magnitudes all lie
+    within ``2**27`` of the largest: no two operands' binades are then more than 28 apart.
+    This spares the reference Dekker's TwoSum (five more passes over the block) in the usual
+    case; any other block takes it.
+    """
+    if _significand_bits(x.dtype) > _NARROW_SIGNIFICAND or x.size == 0:
+        return False
+    magnitude = np.abs(x).astype(np.float32, copy=False)  # exact: a narrow dtype fits float32
+    largest = float(magnitude.max())
+    if not np.isfinite(largest):
+        return False  # rows holding inf or NaN (inputs rounded past a dtype's range)
+    small = magnitude < np.float32(largest * 2.0**-_EXACT_BINADE_GAP)
+    return not small.any() or not np.count_nonzero(magnitude[small])
+
+
+def _significand_bits(dtype: np.dtype) -> int:
+    try:
+        return int(ml_dtypes.finfo(dtype).nmant) + 1  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError):
+        return 64  # not a floating-point dtype: no claim
+
+
+def _sum_terms_of_one_sign(terms: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Row sums of non-negative ``terms`` as ``hi + lo``, to ``2**(2k - 104)`` relative
+    (``2**k >= C``), far below an ulp of ``hi`` for any realistic class count.
+
+    Each row is split at ``sigma = 2**(k+1) mu`` (``mu`` the power of two just above the
+    row's largest term) into high parts ``q = fl((sigma + t) - sigma)`` and low parts
+    ``r = t - q``, both exact (Rump, Ogita and Oishi's ExtractScalar [4]). Every ``q`` is a
+    multiple of ``ulp(sigma)`` and their sum stays below ``sigma / 2``, so it is exact in any
+    order; each ``r`` is below ``ulp(sigma) / 2``, so the plain sum of the ``C`` low parts
+    errs by at most ``C**2 2**-105 sigma``. Four vector passes, where a double-double tree
+    needs log2(C) rounds of strided TwoSums. A NaN term makes its row's sum NaN.
+    """
+    n = terms.shape[-1]
+    k = max(n - 1, 1).bit_length()  # 2**k >= n
+    with np.errstate(invalid="ignore"):
+        largest = terms.max(axis=-1)
+        _, exponent = np.frexp(largest)  # largest < 2**exponent (0 and NaN give exponent 0)
+        sigma = np.ldexp(1.0, exponent + k + 1)[:, None]
+        high = terms + sigma
+        high -= sigma
+        high_sum = high.sum(axis=-1)
+        low = np.subtract(terms, high, out=high)  # the high parts are summed: reuse
+        return _two_sum(high_sum, low.sum(axis=-1))
+
+
+@dataclass(frozen=True)
+class ShiftedLogSum:
+    """What the softmax losses and gradients of a block of logits share, computed once.
+
+    With ``m = x[k] = max x`` (``k = top``, the row's first maximum): ``x - m = d_hi + d_lo``
+    exactly (``d_lo`` is None when every difference is exact); ``terms`` holds
+    ``exp(x_j - m)`` with the maximum's own entry set to 0; ``T1 = sum(terms)`` is carried
+    as ``t_hi`` plus a correction folded into ``log_t = log1p(T1)``.
+    """
+
+    top: FloatArray
+    d_hi: FloatArray
+    d_lo: FloatArray | None
+    terms: FloatArray
+    t_hi: FloatArray
+    log_t: FloatArray
 
 
 def shifted_log_sum(logits: FloatArray) -> ShiftedLogSum:
-    """The intermediates the softmax losses and gradients share, computed once per block."""
-    return _shifted_log_sum(np.asarray(logits, dtype=np.float64))
+    """The shared intermediates of a block of logits (any float dtype; rows with ``inf``
+    give NaN or ``inf`` downstream)."""
+    x = np.asarray(logits)
+    rows = np.arange(x.shape[0])
+    top = np.argmax(x, axis=-1)  # exact in the input's own dtype: no float64 copy needed
+    m = x[rows, top].astype(np.float64)[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        d_lo: FloatArray | None = None
+        if _differences_exact(x):
+            d_hi = np.subtract(x, m, dtype=np.float64)  # one pass, exact (see above)
+        else:
+            d_hi, d_lo = _two_sum(np.asarray(x, dtype=np.float64), -m)  # d <= 0
+            d_lo[~np.isfinite(d_hi)] = 0.0
+            if not d_lo.any():
+                d_lo = None
+        terms = np.exp(d_hi)
+        terms[rows, top] = 0.0  # T1 leaves out one maximal term: exp(0) = 1 is log1p's "1 +"
+        if d_lo is None:
+            t_hi, t_lo = _sum_terms_of_one_sign(terms)
+        else:
+            # exp(d_hi + d_lo) = exp(d_hi) (1 + d_lo): first order suffices, |d_lo| <= 2**-53 |d|
+            terms_lo = terms * d_lo
+            t_hi, t_lo = _dd_sum(terms, terms_lo)
+            terms += terms_lo
+    return ShiftedLogSum(top, d_hi, d_lo, terms, t_hi, _log1p_dd(t_hi, t_lo))
 
 
-def softmax_losses(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
+def softmax_losses(logits: FloatArray, coefficients: FloatArray,
+                   parts: ShiftedLogSum | None = None) -> FloatArray:
     """Per-row ``-sum_c a_c log softmax(x)_c`` in float64, accurate to a few ulp.
 
     Parameters
@@ -132,30 +215,33 @@ def softmax_losses(logits: FloatArray, coefficients: FloatArray) -> FloatArray:
         loss = sum_c a_c (m - x_c) + (sum_c a_c) * log1p(T1)
 
     Both terms are non-negative, so there is no cancellation however small the loss; the
-    differences ``m - x_c`` are exact double-double pairs; ``exp(d_hi + d_lo)`` is taken as
-    ``exp(d_hi) (1 + d_lo)``; ``log1p`` keeps the small-loss case accurate ([1], section 2).
+    differences ``m - x_c`` are exact (double-double pairs where float64 cannot hold them);
+    ``exp(d_hi + d_lo)`` is taken as ``exp(d_hi) (1 + d_lo)``; ``T1`` is summed to far below
+    an ulp; ``log1p`` keeps the small-loss case accurate ([1], section 2).
     Rows containing ``inf`` (inputs rounded past a dtype's range) give ``nan`` or ``inf``.
     """
-    x = np.asarray(logits, dtype=np.float64)
     a = np.asarray(coefficients, dtype=np.float64)
-    _, d_hi, d_lo, log_t = _shifted_log_sum(x)
+    parts = parts if parts is not None else shifted_log_sum(logits)
     with np.errstate(invalid="ignore"):
-        s_hi, s_lo = _dd_sum(np.where(a > 0, a * -d_hi, 0.0), np.where(a > 0, a * -d_lo, 0.0))
+        weighted = a > 0
+        s_hi, s_lo = _dd_sum(np.where(weighted, a * -parts.d_hi, 0.0),
+                             None if parts.d_lo is None
+                             else np.where(weighted, a * -parts.d_lo, 0.0))
         total_a = np.sum(a, axis=-1)
-        return _nonnegative_total(s_hi, s_lo, total_a * log_t)
+        return _nonnegative_total(s_hi, s_lo, total_a * parts.log_t)
 
 
 def softmax_index_losses(logits: FloatArray, target: FloatArray, weight: FloatArray,
                          parts: ShiftedLogSum | None = None) -> FloatArray:
     """:func:`softmax_losses` for integer labels without smoothing: ``a`` is ``weight`` at
     ``target`` and 0 elsewhere, so the first sum is one term per row (no dense pass)."""
-    x = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(x.shape[0])
-    _, d_hi, d_lo, log_t = parts if parts is not None else _shifted_log_sum(x)
+    parts = parts if parts is not None else shifted_log_sum(logits)
+    rows = np.arange(parts.d_hi.shape[0])
     w = np.asarray(weight, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        gap_hi, gap_lo = -d_hi[rows, target], -d_lo[rows, target]
-        return np.where(w > 0, w * gap_hi + (w * gap_lo + w * log_t), 0.0)
+        gap_hi = -parts.d_hi[rows, target]
+        gap_lo = 0.0 if parts.d_lo is None else -parts.d_lo[rows, target]
+        return np.where(w > 0, w * gap_hi + (w * gap_lo + w * parts.log_t), 0.0)
 
 
 def softmax_probability_losses(probabilities: FloatArray, coefficients: FloatArray) -> FloatArray:
@@ -260,9 +346,17 @@ def reduce(per_example: FloatArray, reduction: str, denominator: float) -> float
 
 
 def _softmax(parts: ShiftedLogSum) -> FloatArray:
-    _, d_hi, d_lo, log_t = parts
-    with np.errstate(invalid="ignore", over="ignore"):
-        return np.exp(d_hi - log_t[:, None]) * (1.0 + d_lo)
+    """``p_j = exp(x_j - m) / (1 + T1)``: the exponentials already taken for the loss, scaled.
+
+    Reusing them costs one multiplication per entry instead of a second ``exp``, and is more
+    accurate than ``exp(x_j - lse)``, whose rounded argument errs by up to ``|x_j - lse| u``.
+    """
+    rows = np.arange(parts.terms.shape[0])
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        scale = 1.0 / (1.0 + parts.t_hi)
+        p = parts.terms * scale[:, None]
+        p[rows, parts.top] = scale  # the maximum's own term, exp(0) = 1
+    return p
 
 
 def softmax_gradients(logits: FloatArray, coefficients: FloatArray,
@@ -272,16 +366,16 @@ def softmax_gradients(logits: FloatArray, coefficients: FloatArray,
     The row maximum's entry, where p is close to 1, is formed without cancellation as
     ``sum_{j != k} a_j + A expm1(-log1p(T1))``; elsewhere ``p <= 1/2``.
     """
-    x = np.asarray(logits, dtype=np.float64)
     a = np.asarray(coefficients, dtype=np.float64)
-    rows = np.arange(x.shape[0])
-    top = np.argmax(x, axis=-1)
-    parts = parts if parts is not None else _shifted_log_sum(x)
+    parts = parts if parts is not None else shifted_log_sum(logits)
+    rows, top = np.arange(a.shape[0]), parts.top
     total = a.sum(axis=-1)
     with np.errstate(invalid="ignore", over="ignore"):
-        grad = total[:, None] * _softmax(parts) - a
+        grad = _softmax(parts)
+        grad *= total[:, None]
+        grad -= a
         others = total - a[rows, top]
-        grad[rows, top] = others + total * np.expm1(-parts[3])
+        grad[rows, top] = others + total * np.expm1(-parts.log_t)
     return grad
 
 
@@ -289,18 +383,17 @@ def softmax_index_gradients(logits: FloatArray, target: FloatArray, weight: Floa
                             parts: ShiftedLogSum | None = None) -> FloatArray:
     """:func:`softmax_gradients` for integer labels: ``w_t (p - onehot(t))``, with the
     target's entry ``-w_t (1 - p_t)`` formed without cancellation when t is the maximum."""
-    x = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(x.shape[0])
-    top = np.argmax(x, axis=-1)
-    parts = parts if parts is not None else _shifted_log_sum(x)
+    parts = parts if parts is not None else shifted_log_sum(logits)
+    rows, top = np.arange(parts.terms.shape[0]), parts.top
     w = np.asarray(weight, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         p = _softmax(parts)
         at_target = p[rows, target] - 1.0
         # 1 - p_t = T1 / (1 + T1) = -expm1(-log1p(T1)) when the target is the row maximum
-        at_target = np.where(target == top, np.expm1(-parts[3]), at_target)
+        at_target = np.where(target == top, np.expm1(-parts.log_t), at_target)
         p[rows, target] = at_target
-        return w[:, None] * p
+        p *= w[:, None]
+        return p
 
 
 def _sigmoid(x: FloatArray) -> FloatArray:
