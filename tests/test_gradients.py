@@ -157,3 +157,73 @@ def test_float32_reference_gradient_against_mpmath(x: list[float], target: int) 
 
         true = mpmath.diff(loss_j, row[j])
         assert abs(mpmath.mpf(got[j]) - true) <= 4 * np.spacing(abs(float(true))) + 1e-300
+
+
+def _gradient_and_events(pipeline_name: str, family: str, dtype: str, case: Case,
+                         fed: bool) -> tuple[np.ndarray, list[object]]:
+    pipeline = next(p for p in available(family, True) if p.name == pipeline_name)
+    den = Denominators(np.zeros(case.classes))
+    for block in blocks(case):
+        den.add(case, block)
+    run = PipelineRun(pipeline, Precision(dtype))
+    parts = []
+    for block in blocks(case, block_elements=8):  # several blocks: saved values per block
+        if fed:
+            run.feed(case, block)
+        parts.append(np.asarray(run.gradient(case, block, den), dtype=np.float64))
+    return np.concatenate(parts), run.gradient_runner.ordered_events()
+
+
+_SOFTMAX_CASES = [
+    Case("i", np.array([[1000.0, 2000.0, 2500.0], [1.0, 2.0, 3.0], [0.0, -90.0, 5.0]]),
+         np.array([1, 2, 1]), "index", LossSpec()),
+    Case("w", np.array([[3.0, -1.0, 0.5], [60.0, -60.0, 0.0], [2.0, 2.0, 2.0]]),
+         np.array([0, 1, -100]), "index",
+         LossSpec(class_weights=np.array([2.0, 0.5, 1.0]), ignore_index=-100)),
+    Case("s", np.array([[3.0, -1.0, 0.5], [12.0, -20.0, 0.0]]), np.array([2, 1]), "index",
+         LossSpec(label_smoothing=0.1)),
+    Case("d", np.array([[3.0, -1.0, 0.5], [100.0, -20.0, 0.0]]),
+         np.array([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0]]), "probabilities", LossSpec()),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("name", ["naive", "shifted", "stable"])
+@pytest.mark.parametrize("case", _SOFTMAX_CASES, ids=lambda c: c.name)
+def test_backward_from_saved_forward_values_is_the_recomputed_backward(
+        case: Case, name: str, dtype: str) -> None:
+    # Reusing the forward pass's values must change nothing: same bits, same events.
+    saved, saved_events = _gradient_and_events(name, "softmax", dtype, case, fed=True)
+    fresh, fresh_events = _gradient_and_events(name, "softmax", dtype, case, fed=False)
+    np.testing.assert_array_equal(saved, fresh)
+    assert saved_events == fresh_events
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("name", ["naive", "stable"])
+def test_sigmoid_backward_from_saved_forward_values(name: str, dtype: str) -> None:
+    case = Case("b", np.array([[-20.0, 0.5, 90.0], [1.0, 30.0, -3.0]]),
+                np.array([[1.0, 0.0, 0.0], [0.25, 1.0, 1.0]]), "binary",
+                LossSpec(family="sigmoid"))
+    saved, saved_events = _gradient_and_events(name, "sigmoid", dtype, case, fed=True)
+    fresh, fresh_events = _gradient_and_events(name, "sigmoid", dtype, case, fed=False)
+    np.testing.assert_array_equal(saved, fresh)
+    assert saved_events == fresh_events
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("name", ["naive", "shifted", "stable"])
+def test_integer_labels_backward_equals_the_one_hot_backward(name: str, dtype: str) -> None:
+    # Integer labels take a sparse path through the loss's backward; one-hot labels the
+    # dense one. Autodiff gives both the same numbers.
+    x = np.array([[3.0, -1.0, 0.5], [60.0, -60.0, 0.0], [2.0, 2.0, 7.0]])
+    t = np.array([0, 1, 2])
+    w = np.array([2.0, 0.5, 1.0])
+    sparse = Case("i", x, t, "index", LossSpec(class_weights=w))
+    dense = Case("o", x, np.eye(3)[t] * w[t][:, None], "probabilities", LossSpec(
+        reduction="sum"))
+    sparse_sum = Case("i", x, t, "index", LossSpec(class_weights=w, reduction="sum"))
+    got, _ = _gradient_and_events(name, "softmax", dtype, sparse_sum, fed=True)
+    want, _ = _gradient_and_events(name, "softmax", dtype, dense, fed=True)
+    np.testing.assert_array_equal(got, want)
+    assert _gradient_and_events(name, "softmax", dtype, sparse, fed=True)[0].shape == x.shape

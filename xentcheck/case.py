@@ -117,6 +117,17 @@ def valid_elements(case: Case, labels: FloatArray) -> FloatArray:
     return np.ones(np.shape(labels), dtype=bool)
 
 
+def target_coefficients(case: Case, labels: FloatArray) -> FloatArray:
+    """Integer labels: ``(N,)`` the weight of each row's target class (1 without class
+    weights; 0 for ignored rows), before label smoothing."""
+    index = np.asarray(labels).astype(np.int64)
+    keep = valid_rows(case, index)
+    weights = case.spec.class_weights
+    if weights is None:
+        return keep.astype(np.float64)
+    return np.asarray(weights, dtype=np.float64)[np.where(keep, index, 0)] * keep
+
+
 def softmax_coefficients(case: Case, labels: FloatArray) -> FloatArray:
     """The float64 weights a[i, c] with ``loss_i = -sum_c a[i, c] log p[i, c]``.
 
@@ -133,10 +144,10 @@ def softmax_coefficients(case: Case, labels: FloatArray) -> FloatArray:
     if case.label_kind == "index":
         index = np.asarray(labels).astype(np.int64)
         keep = valid_rows(case, index)
-        safe = np.where(keep, index, 0)
         coef = np.zeros((len(index), classes))
-        target_weight = weights[safe] * keep
-        np.put_along_axis(coef, safe[:, None], ((1.0 - smoothing) * target_weight)[:, None], -1)
+        target_weight = target_coefficients(case, index)
+        np.put_along_axis(coef, np.where(keep, index, 0)[:, None],
+                          ((1.0 - smoothing) * target_weight)[:, None], -1)
         if smoothing:
             coef += keep[:, None] * (smoothing / classes) * weights[None, :]
         return coef

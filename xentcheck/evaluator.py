@@ -15,7 +15,7 @@ from itertools import combinations
 import numpy as np
 
 from . import reference as ref
-from .case import Case, softmax_coefficients, valid_elements
+from .case import Case, softmax_coefficients, target_coefficients, valid_elements
 from .execution import Denominators, PipelineRun, blocks, upstream_gradient
 from .findings import (
     FLAGS,
@@ -73,9 +73,7 @@ def reference_block(block: Block, *, gradient: bool,
         return ref.softmax_probability_losses(block.logits, coef), None
     parts = ref.shifted_log_sum(block.logits)
     if _sparse_labels(block):
-        weights = np.ones(case.classes) if spec.class_weights is None else np.asarray(
-            spec.class_weights, dtype=np.float64)
-        target_weight = weights[block.target] * block.valid
+        target_weight = target_coefficients(case, block.labels)
         losses = ref.softmax_index_losses(block.logits, block.target, target_weight, parts)
         grad = ref.softmax_index_gradients(block.logits, block.target,
                                            target_weight * gradient_scale,
@@ -311,30 +309,39 @@ class _GradientStats:
     def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
             precision: Precision) -> None:
         self.seen = True
-        computed = np.asarray(gradient, dtype=np.float64).reshape(reference.shape)
+        computed = np.asarray(gradient).reshape(reference.shape)  # in D: no float64 copy
         counted = (block.valid[:, None] if block.case.spec.family == "softmax"
                    else block.valid_elements)
         if not np.all(counted):  # ignored rows or targets count nowhere
-            computed = np.where(counted, computed, 0.0)
+            computed = np.where(counted, computed, 0).astype(computed.dtype, copy=False)
             reference = np.where(counted, reference, 0.0)
         with np.errstate(invalid="ignore"):
-            error = np.abs(computed - reference)  # NaN where computed is NaN (or inf - inf)
-        magnitude = np.abs(reference)
+            # |g - g_ref| in float64 (numpy widens D in the loop); NaN where g is NaN or
+            # inf - inf. Reused in place: these are the block's largest temporaries.
+            error = np.subtract(computed, reference, dtype=np.float64)
+            np.abs(error, out=error)
         row_error = error.max(axis=-1)  # NaN propagates: a row with a NaN entry is NaN
-        row_reference = magnitude.max(axis=-1)
+        del error
+        row_reference = np.maximum(reference.max(axis=-1), -reference.min(axis=-1))
         bad_rows = ~np.isfinite(row_error)
         if bad_rows.any():
-            self.nan |= bool(np.isnan(computed[bad_rows]).any())
-            self.inf |= bool(np.isinf(computed[bad_rows]).any())
+            bad = np.asarray(computed[bad_rows], dtype=np.float64)
+            self.nan |= bool(np.isnan(bad).any())
+            self.inf |= bool(np.isinf(bad).any())
         finite_rows = row_error[~bad_rows]
         if finite_rows.size:
             self.largest_error = max(self.largest_error, float(finite_rows.max()))
         self.largest_reference = max(self.largest_reference, float(row_reference.max()))
         if self.zeroed is None:
-            zeroed = (computed == 0) & (magnitude >= precision.tiny)
-            if zeroed.any():
-                row, col = np.unravel_index(int(np.argmax(zeroed)), zeroed.shape)
-                self.zeroed = (block.start + int(row), int(col))
+            # entries flushed to 0 whose true value is a normal number of D; the comparison
+            # with 0 runs in D, and the reference is looked at only where it holds
+            flushed = np.flatnonzero(computed == 0)
+            if flushed.size:
+                harmed = np.abs(reference.ravel()[flushed]) >= precision.tiny
+                if harmed.any():
+                    row, col = np.unravel_index(int(flushed[np.argmax(harmed)]),
+                                                reference.shape)
+                    self.zeroed = (block.start + int(row), int(col))
         with np.errstate(invalid="ignore", divide="ignore"):
             relative = np.where(row_reference == 0, np.where(row_error == 0, 0.0, np.inf),
                                 row_error / row_reference)

@@ -74,10 +74,12 @@ class PipelineRun:
         # one the gradient passes through that turns it bad
         self.gradient_runner = StageRunner(precision, tuple(reversed(pipeline.all_stages)))
         self._parts: list[FloatArray] = []
+        self._fed: tuple[int, int] | None = None  # (start, rows) of the block last fed
 
     def feed(self, case: Case, block: Block) -> None:
         self.runner.bind(_watched_rows(case, block), block.start)
         self._parts.append(self.pipeline.per_example(self.runner, block))
+        self._fed = (block.start, len(block.labels))
 
     def gradient(self, case: Case, block: Block, denominators: Denominators) -> FloatArray | None:
         """The block's gradient with respect to the logits, in D (None: not applicable).
@@ -90,7 +92,10 @@ class PipelineRun:
             weights = self.precision.round(weights).astype(np.float64)
         upstream = upstream_gradient(case, denominators, weights)
         self.gradient_runner.bind(_watched_rows(case, block), block.start)
-        return self.pipeline.backward(self.gradient_runner, block, upstream)
+        # the forward values of this block, when it was just fed; else backward recomputes them
+        fed = self._fed == (block.start, len(block.labels))
+        saved = self.runner.saved if fed else {}
+        return self.pipeline.backward(self.gradient_runner, block, upstream, saved)
 
     def finish(self, case: Case, denominators: Denominators) -> tuple[FloatArray, FloatArray]:
         """The reduced loss (the per-example array for ``none``) and the per-example losses."""

@@ -10,16 +10,20 @@ the evaluator, the reference and the reports do not change.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 
-from .case import Case, softmax_coefficients, valid_elements, valid_rows
+from .case import Case, softmax_coefficients, target_coefficients, valid_elements, valid_rows
 from .errors import UsageError
 from .precision import FloatArray
 from .stages import StageRunner
+
+# Forward values a pipeline keeps for its backward pass, by name.
+Saved = Mapping[str, FloatArray]
 
 # Keras' backend epsilon, the bound ``clipped`` clips probabilities to.
 KERAS_EPSILON = 1e-7
@@ -67,10 +71,12 @@ class Pipeline(ABC):
         Softmax: shape ``(N,)``; sigmoid: ``(N, K)``.
         """
 
-    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
         """The gradient of the loss with respect to the inputs, ``(N, C)`` in D, computed as
         automatic differentiation of this formulation computes it; None where the
-        formulation has no gradient to check (probability inputs)."""
+        formulation has no gradient to check (probability inputs). ``saved`` holds the
+        forward values :meth:`per_example` kept for this block; missing ones are recomputed."""
         return None
 
     @property
@@ -132,8 +138,9 @@ def _textbook_softmax_nll(run: StageRunner, block: Block, z: FloatArray) -> Floa
     """``p = exp(z) / sum(exp(z))``, then ``-sum(y * log(p))``: naive (z = x) and shifted
     (z = x - max x) differ only in what they exponentiate."""
     critical = _textbook_critical(block)
-    e = run.exp("exp", z, critical=critical)
-    p = run.divide("divide", e, run.sum("sum", e, keepdims=True), critical=critical)
+    e = run.save("exp", run.exp("exp", z, critical=critical))
+    s = run.save("sum", run.sum("sum", e, keepdims=True))
+    p = run.save("divide", run.divide("divide", e, s, critical=critical))
     return _softmax_nll(run, block, run.log("log", p, where=critical))
 
 
@@ -153,8 +160,9 @@ class SoftmaxNaive(Pipeline):
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
         return _textbook_softmax_nll(run, block, run.cast("cast", block.logits))
 
-    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
-        return _softmax_backward_naive(self, run, block, upstream)
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
+        return _softmax_backward_naive(self, run, block, upstream, saved or {})
 
 
 class SoftmaxShifted(Pipeline):
@@ -165,11 +173,12 @@ class SoftmaxShifted(Pipeline):
     stages = ("cast", "shift", "exp", "sum", "divide", "log", *_NLL_STAGES)
 
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
-        x = run.cast("cast", block.logits)
+        x = run.save("cast", run.cast("cast", block.logits))
         return _textbook_softmax_nll(run, block, run.subtract("shift", x, run.max("shift", x)))
 
-    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
-        return _softmax_backward_shifted(self, run, block, upstream)
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
+        return _softmax_backward_shifted(self, run, block, upstream, saved or {})
 
 
 class SoftmaxStable(Pipeline):
@@ -183,10 +192,12 @@ class SoftmaxStable(Pipeline):
         x = run.cast("cast", block.logits)
         z = run.subtract("shift", x, run.max("shift", x))
         log_sum = run.log("log", run.sum("sum", run.exp("exp", z), keepdims=True))
-        return _softmax_nll(run, block, run.subtract("log_softmax", z, log_sum))
+        log_softmax = run.save("log_softmax", run.subtract("log_softmax", z, log_sum))
+        return _softmax_nll(run, block, log_softmax)
 
-    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
-        return _softmax_backward_stable(self, run, block, upstream)
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
+        return _softmax_backward_stable(self, run, block, upstream, saved or {})
 
 
 def _normalised_probabilities(run: StageRunner, block: Block, critical: FloatArray) -> FloatArray:
@@ -265,15 +276,17 @@ class SigmoidNaive(Pipeline):
         critical = block.valid_elements
         x = run.cast("cast", block.logits)
         target = run.cast("cast", block.labels)
-        e = run.exp("exp", run.negate("exp", x))
-        s = run.divide("divide", 1.0, run.add("add", 1.0, e), critical=critical)
-        q = run.subtract("complement", 1.0, s, critical=critical)
+        e = run.save("exp", run.exp("exp", run.negate("exp", x)))
+        d = run.save("add", run.add("add", 1.0, e))
+        s = run.save("divide", run.divide("divide", 1.0, d, critical=critical))
+        q = run.save("complement", run.subtract("complement", 1.0, s, critical=critical))
         return _binary_from_logs(
             run, block, target, run.log("log", s, where=critical), run.log("log", q, where=critical)
         )
 
-    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
-        return _sigmoid_backward_naive(self, run, block, upstream)
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
+        return _sigmoid_backward_naive(self, run, block, upstream, saved or {})
 
 
 class SigmoidStable(Pipeline):
@@ -314,8 +327,9 @@ class SigmoidStable(Pipeline):
             loss = run.multiply("weight", loss, weights)
         return run.select("nll", block.valid_elements, loss, 0.0)
 
-    def backward(self, run: StageRunner, block: Block, upstream: float) -> FloatArray | None:
-        return _sigmoid_backward_stable(self, run, block, upstream)
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
+        return _sigmoid_backward_stable(self, run, block, upstream, saved or {})
 
 
 class SigmoidProbabilitiesNaive(Pipeline):
@@ -420,8 +434,9 @@ def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pip
 # the textbook softmax differentiates through log and the division, so a probability that
 # underflowed to 0 becomes 0 * inf = NaN; the fused log-softmax and BCE-with-logits kernels
 # use their closed forms (softmax - target, sigmoid - target). ``upstream`` is d(loss) /
-# d(per-example loss): 1 / denominator for ``mean``, 1 otherwise. Forward values are
-# recomputed with an unwatched runner; the backward runner watches only the gradient.
+# d(per-example loss): 1 / denominator for ``mean``, 1 otherwise. Forward values come from
+# the forward pass of the same block (``saved``) or are recomputed with an unwatched runner;
+# the backward runner watches only the gradient.
 
 
 def _quiet(run: StageRunner, pipeline: Pipeline, block: Block) -> StageRunner:
@@ -434,15 +449,23 @@ def _softmax_coefficients_in(run: StageRunner, block: Block) -> FloatArray:
     return run.precision.round(softmax_coefficients(block.case, block.labels))
 
 
+def _textbook_forward(fwd: StageRunner, z: Callable[[], FloatArray],
+                      saved: Saved) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``e = exp(z)``, ``s = sum(e)``, ``p = e / s``: kept by the forward pass, or recomputed."""
+    if all(name in saved for name in ("exp", "sum", "divide")):
+        return saved["exp"], saved["sum"], saved["divide"]
+    e = fwd.exp("exp", z())
+    s = fwd.sum("sum", e, keepdims=True)
+    return e, s, fwd.divide("divide", e, s)
+
+
 def _textbook_softmax_backward(
-    run: StageRunner, fwd: StageRunner, block: Block, z: FloatArray, upstream: float
+    run: StageRunner, fwd: StageRunner, block: Block, forward: tuple[FloatArray, ...],
+    upstream: float,
 ) -> FloatArray:
     critical = _textbook_critical(block)
-    e = fwd.exp("exp", z)
-    s = fwd.sum("sum", e, keepdims=True)
-    p = fwd.divide("divide", e, s)
-    coef = _softmax_coefficients_in(run, block)
-    grad_logp = run.multiply("nll", coef, -upstream)
+    e, s, p = forward
+    grad_logp, _ = _nll_backward(run, block, upstream, need_total=False)
     # log's backward: g / p, only where the formulation took the log
     grad_p = np.where(critical, run.divide("log", grad_logp, p, blame=[grad_logp],
                                            where=critical), 0.0)
@@ -457,17 +480,19 @@ def _textbook_softmax_backward(
 
 
 def _softmax_backward_naive(self: Pipeline, run: StageRunner, block: Block,
-                            upstream: float) -> FloatArray:
+                            upstream: float, saved: Saved) -> FloatArray:
     fwd = _quiet(run, self, block)
-    return _textbook_softmax_backward(run, fwd, block, fwd.cast("cast", block.logits), upstream)
+    forward = _textbook_forward(fwd, lambda: fwd.cast("cast", block.logits), saved)
+    return _textbook_softmax_backward(run, fwd, block, forward, upstream)
 
 
 def _softmax_backward_shifted(self: Pipeline, run: StageRunner, block: Block,
-                              upstream: float) -> FloatArray:
+                              upstream: float, saved: Saved) -> FloatArray:
     fwd = _quiet(run, self, block)
-    x = fwd.cast("cast", block.logits)
-    z = fwd.subtract("shift", x, fwd.max("shift", x))
-    grad_z = _textbook_softmax_backward(run, fwd, block, z, upstream)
+    x = saved["cast"] if "cast" in saved else fwd.cast("cast", block.logits)
+    forward = _textbook_forward(fwd, lambda: fwd.subtract("shift", x, fwd.max("shift", x)),
+                                saved)
+    grad_z = _textbook_softmax_backward(run, fwd, block, forward, upstream)
     # z = x - max(x): x gets grad_z, and the max's position also gets -sum(grad_z)
     top = np.argmax(np.asarray(x), axis=-1)
     back = run.negate("shift", run.sum("shift", grad_z))
@@ -475,16 +500,39 @@ def _softmax_backward_shifted(self: Pipeline, run: StageRunner, block: Block,
                    blame=[grad_z, back[:, None]])
 
 
-def _softmax_backward_stable(self: Pipeline, run: StageRunner, block: Block,
-                             upstream: float) -> FloatArray:
-    fwd = _quiet(run, self, block)
-    x = fwd.cast("cast", block.logits)
-    z = fwd.subtract("shift", x, fwd.max("shift", x))
-    log_softmax = fwd.subtract("log_softmax", z, fwd.log("log", fwd.sum(
-        "sum", fwd.exp("exp", z), keepdims=True)))
+def _nll_backward(run: StageRunner, block: Block, upstream: float, *,
+                  need_total: bool = True) -> tuple[FloatArray, FloatArray | None]:
+    """d loss / d log p in D, ``(N, C)``, and (``need_total``) its row sums ``(N, 1)``.
+
+    With integer labels the gradient has one non-zero entry per row, ``-a_t upstream``: it is
+    formed on the targets alone and scattered, and its row sum is that entry exactly, unless
+    a product is not finite (then the dense steps run, so the event is located as usual).
+    """
+    case = block.case
+    if case.label_kind == "index" and not case.spec.label_smoothing:
+        coef = run.precision.round(target_coefficients(case, block.labels))
+        with np.errstate(all="ignore"):
+            at_target = run.precision.round(
+                coef.astype(run.precision.compute_dtype) * -upstream)
+        if run.precision.all_finite(at_target):
+            grad = run.scatter("nll", block.logits.shape, block.target, at_target)
+            return grad, at_target[:, None]
     grad = run.multiply("nll", _softmax_coefficients_in(run, block), -upstream)
+    return grad, run.sum("log_softmax", grad, keepdims=True) if need_total else None
+
+
+def _softmax_backward_stable(self: Pipeline, run: StageRunner, block: Block,
+                             upstream: float, saved: Saved) -> FloatArray:
+    fwd = _quiet(run, self, block)
+    log_softmax = saved.get("log_softmax")
+    if log_softmax is None:
+        x = fwd.cast("cast", block.logits)
+        z = fwd.subtract("shift", x, fwd.max("shift", x))
+        log_softmax = fwd.subtract("log_softmax", z, fwd.log("log", fwd.sum(
+            "sum", fwd.exp("exp", z), keepdims=True)))
     # log_softmax's backward: g - exp(log_softmax) * sum(g)
-    total = run.sum("log_softmax", grad, keepdims=True)
+    grad, total = _nll_backward(run, block, upstream)
+    assert total is not None
     softmax = fwd.exp("log_softmax", log_softmax)
     return run.subtract("log_softmax", grad,
                         run.multiply("log_softmax", softmax, total, blame=[total]),
@@ -505,13 +553,16 @@ def _binary_parts(run: StageRunner, block: Block, upstream: float) -> tuple[
 
 
 def _sigmoid_backward_naive(self: Pipeline, run: StageRunner, block: Block,
-                            upstream: float) -> FloatArray:
+                            upstream: float, saved: Saved) -> FloatArray:
     fwd = _quiet(run, self, block)
-    x = fwd.cast("cast", block.logits)
-    e = fwd.exp("exp", fwd.negate("exp", x))
-    d = fwd.add("add", 1.0, e)
-    s = fwd.divide("divide", 1.0, d)
-    q = fwd.subtract("complement", 1.0, s)
+    if all(name in saved for name in ("exp", "add", "divide", "complement")):
+        e, d, s, q = saved["exp"], saved["add"], saved["divide"], saved["complement"]
+    else:
+        x = fwd.cast("cast", block.logits)
+        e = fwd.exp("exp", fwd.negate("exp", x))
+        d = fwd.add("add", 1.0, e)
+        s = fwd.divide("divide", 1.0, d)
+        q = fwd.subtract("complement", 1.0, s)
     target, pos, scale = _binary_parts(run, block, upstream)
     grad_loss = run.negate("combine", scale, blame=[scale])
     grad_log_s = run.multiply("combine", run.multiply("combine", grad_loss, target,
@@ -528,7 +579,7 @@ def _sigmoid_backward_naive(self: Pipeline, run: StageRunner, block: Block,
 
 
 def _sigmoid_backward_stable(self: Pipeline, run: StageRunner, block: Block,
-                             upstream: float) -> FloatArray:
+                             upstream: float, saved: Saved) -> FloatArray:
     fwd = _quiet(run, self, block)
     x = fwd.cast("cast", block.logits)
     target, pos, scale = _binary_parts(run, block, upstream)

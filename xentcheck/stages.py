@@ -66,12 +66,20 @@ class StageRunner:
         self.row_offset = 0
         self.events: list[StageEvent] = []
         self._seen: set[tuple[str, str]] = set()
+        # forward values a pipeline keeps for its backward pass, for the current block only
+        self.saved: dict[str, FloatArray] = {}
 
     def bind(self, valid_rows: FloatArray, row_offset: int = 0) -> StageRunner:
         """Point the runner at the next block of rows; events found so far are kept."""
         self.valid_rows = np.asarray(valid_rows, dtype=bool)
         self.row_offset = row_offset
+        self.saved = {}
         return self
+
+    def save(self, name: str, value: FloatArray) -> FloatArray:
+        """Keep a forward value of this block for the backward pass (as autograd does)."""
+        self.saved[name] = value
+        return value
 
     # -- rounding ---------------------------------------------------------------------------
 
