@@ -151,11 +151,37 @@ def test_streaming_in_small_blocks_gives_identical_findings(
     monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 9 * 5)  # 13 blocks of 5 rows
     streamed = evaluate(case, ALL, available("softmax", True))
     assert streamed.reference == whole.reference
+    _assert_same_findings(whole, streamed)
+
+
+def _assert_same_findings(whole: ScenarioResult, streamed: ScenarioResult) -> None:
     for a, b in zip(whole.findings, streamed.findings, strict=True):
         assert (a.flags, a.first_bad, a.events) == (b.flags, b.first_bad, b.events)
-        for field in ("loss", "abs_error", "rel_error", "ulp_error"):
+        assert (a.grad_flags, a.grad_first_bad) == (b.grad_flags, b.grad_first_bad)
+        for field in ("loss", "abs_error", "rel_error", "ulp_error", "grad_error"):
             va, vb = getattr(a, field), getattr(b, field)
             assert va == vb or (math.isnan(va) and math.isnan(vb)), field
+        np.testing.assert_array_equal(a.grad_row_errors, b.grad_row_errors)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_blocks_on_several_threads_give_the_one_thread_findings(
+    monkeypatch: pytest.MonkeyPatch, workers: int,
+) -> None:
+    from xentcheck import evaluator
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 40, (90, 7)).astype(np.float32)
+    y = rng.integers(0, 7, 90)
+    case = Case("t", x, y, "index", LossSpec())
+    monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 7 * 4)  # 23 blocks, merged in order
+    monkeypatch.setattr(evaluator, "_workers", lambda: 2)
+    threaded = evaluate(case, ALL, available("softmax", True))
+    monkeypatch.setattr(evaluator, "_workers", lambda: workers)
+    other = evaluate(case, ALL, available("softmax", True))
+    assert threaded.reference == other.reference
+    _assert_same_findings(threaded, other)
+    assert any(f.first_bad is not None for f in threaded.findings)  # events to merge
 
 
 def test_float16_sum_reduction_overflows_at_the_reduce_stage() -> None:

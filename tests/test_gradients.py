@@ -168,9 +168,13 @@ def _gradient_and_events(pipeline_name: str, family: str, dtype: str, case: Case
     run = PipelineRun(pipeline, Precision(dtype))
     parts = []
     for block in blocks(case, block_elements=8):  # several blocks: saved values per block
-        if fed:
-            run.feed(case, block)
-        parts.append(np.asarray(run.gradient(case, block, den), dtype=np.float64))
+        if fed:  # forward then backward from the forward's values, as the evaluator runs
+            outcome = run.run_block(case, block, den)
+            run.absorb(outcome)
+            gradient = outcome.gradient
+        else:  # backward alone, recomputing the forward values
+            gradient = run.gradient(case, block, den)
+        parts.append(np.asarray(gradient, dtype=np.float64))
     return np.concatenate(parts), run.gradient_runner.ordered_events()
 
 

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .arrays import load_array, load_csv_with_labels
 from .case import Case
 from .errors import InputError, XentcheckError
@@ -153,6 +154,7 @@ def cli() -> None:
 
     Example: xentcheck run configs/naive_overflow.yaml
     """
+    keep_freed_memory()  # large inputs: reuse freed temporaries instead of faulting them in
 
 
 @cli.command()

@@ -7,8 +7,10 @@ over the input, and turns what they produced into findings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 
@@ -16,7 +18,14 @@ import numpy as np
 
 from . import reference as ref
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements
-from .execution import Denominators, PipelineRun, blocks, upstream_gradient
+from .execution import (
+    BlockRun,
+    Denominators,
+    PipelineRun,
+    blocks,
+    release_block,
+    upstream_gradient,
+)
 from .findings import (
     FLAGS,
     GRAD_FLAGS,
@@ -347,6 +356,16 @@ class _GradientStats:
                                 row_error / row_reference)
         self.rows.append(np.where(bad_rows, np.nan, relative))
 
+    def merge(self, later: _GradientStats) -> None:
+        """Take in the statistics of a later block."""
+        self.seen |= later.seen
+        self.largest_error = max(self.largest_error, later.largest_error)
+        self.largest_reference = max(self.largest_reference, later.largest_reference)
+        self.nan |= later.nan
+        self.inf |= later.inf
+        self.zeroed = self.zeroed if self.zeroed is not None else later.zeroed
+        self.rows.extend(later.rows)
+
     def error(self) -> float | None:
         """Normwise relative error: largest |g - g_ref| over largest |g_ref| (None: none)."""
         if not self.seen:
@@ -358,9 +377,77 @@ class _GradientStats:
         return self.largest_error / self.largest_reference
 
 
+@dataclass
+class _BlockOutcome:
+    """Everything measured on one block, before it is merged (in input order)."""
+
+    reference: FloatArray
+    rounded: dict[str, FloatArray]
+    runs: list[BlockRun]
+    gradients: list[_GradientStats]
+    stats: _BlockStats
+    rows_done: int
+
+
+def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
+                   denominators: Denominators, rounded_cases: Mapping[str, Case],
+                   upstream: float) -> _BlockOutcome:
+    """The reference and every run on one block, with the gradients measured and dropped."""
+    given, rounded, reference_gradient = _references(block, rounded_cases, upstream)
+    outcomes, gradients = [], []
+    for run in runs:
+        outcome = run.run_block(case, block, denominators)
+        measured = _GradientStats()
+        if outcome.gradient is not None and reference_gradient is not None:
+            measured.add(block, outcome.gradient, reference_gradient, run.precision)
+        outcome.gradient = None  # measured: a block's gradients are not kept
+        outcomes.append(outcome)
+        gradients.append(measured)
+    stats = _block_stats(block)
+    release_block(block)
+    return _BlockOutcome(given, rounded, outcomes, gradients, stats,
+                         block.start + len(block.labels))
+
+
+def _workers() -> int:
+    """Threads for the blocks: one per core this process may use (numpy releases the GIL
+    in its loops), at most four, so that the blocks in flight stay few."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def _in_order(work: Callable[[Block], _BlockOutcome], items: Iterator[Block],
+              workers: int) -> Iterator[_BlockOutcome]:
+    """``work`` over the blocks on ``workers`` threads, yielded in input order; at most
+    ``workers + 1`` blocks are in flight, which bounds memory whatever the input's size."""
+    if workers == 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[_BlockOutcome]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],
                  dtype_names: Sequence[str], progress: Progress | None) -> _Pass:
-    """Feed every block once to the reference, the rounded references and every run."""
+    """Feed every block once to the reference, the rounded references and every run.
+
+    Blocks are measured on several threads, each block by one thread from start to end
+    (reference, forward and backward passes, gradient statistics), and merged in input
+    order, so the result is the same as one thread's.
+    """
     rounded_cases = {name: _rounded_case(case, Precision(name)) for name in dtype_names}
     collected = _Pass(
         runs=[PipelineRun(pipe, prec) for prec in precisions for pipe in pipelines],
@@ -373,32 +460,27 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         collected.denominators.add(case, block)
     upstream = upstream_gradient(case, collected.denominators, case.spec.class_weights)
     collected.gradients = [_GradientStats() for _ in collected.runs]
-    # The reference of a block is computed on a second thread while this one runs the
-    # pipelines over it (numpy releases the GIL in its loops): both cores stay busy.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for block in blocks(case):
-            references = pool.submit(_references, block, rounded_cases, upstream)
-            gradients = []
-            for run in collected.runs:
-                run.feed(case, block)
-                gradients.append(run.gradient(case, block, collected.denominators))
-            stats = _block_stats(block)
-            collected.max_logit = max(collected.max_logit, stats.largest)
-            collected.min_logit = min(collected.min_logit, stats.smallest)
-            collected.rows_sum_to_one &= stats.rows_sum_to_one
-            if stats.spread is not None:
-                collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
-            given, rounded, reference_gradient = references.result()
-            for gradient, stats_of_run, run in zip(gradients, collected.gradients,
-                                                   collected.runs, strict=True):
-                if gradient is not None and reference_gradient is not None:
-                    stats_of_run.add(block, gradient, reference_gradient,
-                                     run.precision)
-            collected.reference.append(given)
-            for name, values in rounded.items():
-                collected.rounded[name].append(values)
-            if progress is not None:
-                progress(block.start + len(block.labels), case.rows)
+
+    def work(block: Block) -> _BlockOutcome:
+        return _measure_block(case, block, collected.runs, collected.denominators,
+                              rounded_cases, upstream)
+
+    for outcome in _in_order(work, blocks(case, release=False), _workers()):
+        for run, run_outcome in zip(collected.runs, outcome.runs, strict=True):
+            run.absorb(run_outcome)
+        for merged, measured in zip(collected.gradients, outcome.gradients, strict=True):
+            merged.merge(measured)
+        stats = outcome.stats
+        collected.max_logit = max(collected.max_logit, stats.largest)
+        collected.min_logit = min(collected.min_logit, stats.smallest)
+        collected.rows_sum_to_one &= stats.rows_sum_to_one
+        if stats.spread is not None:
+            collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
+        collected.reference.append(outcome.reference)
+        for name, values in outcome.rounded.items():
+            collected.rounded[name].append(values)
+        if progress is not None:
+            progress(outcome.rows_done, case.rows)
     return collected
 
 

@@ -7,32 +7,54 @@ The evaluator (``run``), the sweeps and the limit bisection all execute pipeline
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .arrays import release_pages
 from .case import Case
-from .pipelines import Block, Pipeline, reduce_losses
+from .pipelines import Block, Pipeline, Saved, reduce_losses
 from .precision import FloatArray, Precision
-from .stages import StageRunner
+from .stages import StageEvent, StageRunner
 
 # Values per block: large enough that numpy's per-call overhead vanishes, small enough that
 # a block and its temporaries (a dozen float64 copies) stay within a few hundred MiB.
 BLOCK_ELEMENTS = 1 << 20
 
 
-def blocks(case: Case, block_elements: int | None = None) -> Iterator[Block]:
-    """The case's rows in consecutive blocks of about ``block_elements`` values."""
+def blocks(case: Case, block_elements: int | None = None, *,
+           release: bool = True) -> Iterator[Block]:
+    """The case's rows in consecutive blocks of about ``block_elements`` values.
+
+    With ``release``, a block's pages of a memory-mapped input are let go when the next block
+    is asked for; a caller that keeps blocks longer passes False and calls
+    :func:`release_block` itself.
+    """
     size = BLOCK_ELEMENTS if block_elements is None else block_elements
     step = max(1, size // max(1, case.classes))
     for start in range(0, case.rows, step):
         stop = min(case.rows, start + step)
         block = Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start)
         yield block
-        # done with these rows: a memory-mapped input's pages need not stay resident
-        release_pages(case.logits, block.logits)
-        release_pages(case.labels, block.labels)
+        if release:
+            release_block(block)
+
+
+def release_block(block: Block) -> None:
+    """Done with these rows: a memory-mapped input's pages need not stay resident."""
+    release_pages(block.case.logits, block.logits)
+    release_pages(block.case.labels, block.labels)
+
+
+@dataclass
+class BlockRun:
+    """What one pipeline in one precision did on one block, independent of other blocks:
+    blocks can run on several threads and be absorbed in order (:meth:`PipelineRun.absorb`)."""
+
+    per_example: FloatArray
+    events: list[StageEvent]
+    gradient: FloatArray | None = None
+    gradient_events: list[StageEvent] = field(default_factory=list)
 
 
 @dataclass
@@ -74,28 +96,49 @@ class PipelineRun:
         # one the gradient passes through that turns it bad
         self.gradient_runner = StageRunner(precision, tuple(reversed(pipeline.all_stages)))
         self._parts: list[FloatArray] = []
-        self._fed: tuple[int, int] | None = None  # (start, rows) of the block last fed
 
     def feed(self, case: Case, block: Block) -> None:
-        self.runner.bind(_watched_rows(case, block), block.start)
-        self._parts.append(self.pipeline.per_example(self.runner, block))
-        self._fed = (block.start, len(block.labels))
+        """Run the forward pass over the next block (blocks in order)."""
+        self.absorb(self.run_block(case, block))
+
+    def run_block(self, case: Case, block: Block,
+                  denominators: Denominators | None = None) -> BlockRun:
+        """The forward pass over one block and, given the whole input's ``denominators``,
+        the backward pass from the forward's own values. Touches no state of this run."""
+        forward = StageRunner(self.precision, self.runner.stages)
+        forward.bind(_watched_rows(case, block), block.start)
+        outcome = BlockRun(self.pipeline.per_example(forward, block), forward.events)
+        if denominators is not None:
+            outcome.gradient, outcome.gradient_events = self._backward(
+                case, block, denominators, forward.saved)
+        return outcome
+
+    def absorb(self, outcome: BlockRun) -> None:
+        """Take in a block's outcome; blocks must be absorbed in input order."""
+        self._parts.append(outcome.per_example)
+        self.runner.absorb(outcome.events)
+        self.gradient_runner.absorb(outcome.gradient_events)
 
     def gradient(self, case: Case, block: Block, denominators: Denominators) -> FloatArray | None:
-        """The block's gradient with respect to the logits, in D (None: not applicable).
+        """The block's gradient with respect to the logits, in D (None: not applicable), with
+        the forward values recomputed.
 
         ``denominators`` must already hold the whole input's counts (the upstream gradient of
         a ``mean`` is one over its denominator).
         """
+        gradient, events = self._backward(case, block, denominators, {})
+        self.gradient_runner.absorb(events)
+        return gradient
+
+    def _backward(self, case: Case, block: Block, denominators: Denominators,
+                  saved: Saved) -> tuple[FloatArray | None, list[StageEvent]]:
         weights = case.spec.class_weights
         if weights is not None:
             weights = self.precision.round(weights).astype(np.float64)
         upstream = upstream_gradient(case, denominators, weights)
-        self.gradient_runner.bind(_watched_rows(case, block), block.start)
-        # the forward values of this block, when it was just fed; else backward recomputes them
-        fed = self._fed == (block.start, len(block.labels))
-        saved = self.runner.saved if fed else {}
-        return self.pipeline.backward(self.gradient_runner, block, upstream, saved)
+        runner = StageRunner(self.precision, self.gradient_runner.stages)
+        runner.bind(_watched_rows(case, block), block.start)
+        return self.pipeline.backward(runner, block, upstream, saved), runner.events
 
     def finish(self, case: Case, denominators: Denominators) -> tuple[FloatArray, FloatArray]:
         """The reduced loss (the per-example array for ``none``) and the per-example losses."""

@@ -76,6 +76,13 @@ class StageRunner:
         self.saved = {}
         return self
 
+    def absorb(self, events: Sequence[StageEvent]) -> None:
+        """Take in the events another runner found on a later block (first ones win)."""
+        for event in events:
+            if (event.stage, event.kind) not in self._seen:
+                self._seen.add((event.stage, event.kind))
+                self.events.append(event)
+
     def save(self, name: str, value: FloatArray) -> FloatArray:
         """Keep a forward value of this block for the backward pass (as autograd does)."""
         self.saved[name] = value
