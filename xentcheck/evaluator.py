@@ -106,6 +106,22 @@ def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Blo
     return Block(rounded_case, logits, labels, block.start)
 
 
+def _held_exactly(block: Block, precision: Precision, rounded_case: Case) -> bool:
+    """Whether D holds the block's inputs by their dtypes alone (float32 logits in float32
+    or float64, say), so rounding them cannot change them; the weights are compared."""
+    def fits(values: FloatArray) -> bool:
+        given = np.asarray(values).dtype
+        return given.kind not in "iub" and np.can_cast(given, precision.dtype, "safe")
+
+    spec, rounded = block.case.spec, rounded_case.spec
+    return (
+        fits(block.logits)
+        and (block.case.label_kind == "index" or fits(block.labels))
+        and _same_optional(spec.class_weights, rounded.class_weights)
+        and _same_optional(spec.pos_weight, rounded.pos_weight)
+    )
+
+
 def _same_inputs(block: Block, rounded: Block) -> bool:
     """Whether rounding to D left every input of the block unchanged."""
     case, other = block.case.spec, rounded.case.spec
@@ -492,6 +508,9 @@ def _references(
     given, gradient = reference_block(block, gradient=True, gradient_scale=upstream)
     rounded = {}
     for name, rounded_case in rounded_cases.items():
+        if _held_exactly(block, Precision(name), rounded_case):
+            rounded[name] = given  # D's format holds every input value: nothing to round
+            continue
         rb = rounded_block(block, Precision(name), rounded_case)
         if _same_inputs(block, rb):
             rounded[name] = given  # D holds these inputs exactly
