@@ -274,3 +274,23 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal() -> None:
     case = Case("big", x, np.zeros(len(x), dtype=np.int64), "index", LossSpec())
     with progress_bar(case, 1) as progress:
         assert progress is None  # pytest captures stderr: not a terminal
+
+
+def test_inputs_a_dtype_holds_are_not_rounded_again() -> None:
+    import ml_dtypes
+
+    from xentcheck.evaluator import _held_exactly, _rounded_case
+
+    def held(x: np.ndarray, dtype: str, spec: LossSpec | None = None) -> bool:
+        case = Case("h", x, np.zeros(len(x), dtype=np.int64), "index", spec or LossSpec())
+        block = next(execution.blocks(case))
+        return _held_exactly(block, Precision(dtype), _rounded_case(case, Precision(dtype)))
+
+    x32 = np.array([[0.1, 2.0]], dtype=np.float32)
+    assert held(x32, "float32") and held(x32, "float64")
+    assert not held(x32, "float16") and not held(x32, "bfloat16")
+    assert held(x32.astype(ml_dtypes.bfloat16), "bfloat16")
+    assert held(x32.astype(np.float16), "float32") and not held(x32.astype(np.float16), "bfloat16")
+    # weights are compared value by value: 0.1 is not a float32 number
+    assert not held(x32, "float32", LossSpec(class_weights=np.array([0.1, 1.0])))
+    assert held(x32, "float32", LossSpec(class_weights=np.array([0.5, 1.0])))

@@ -114,3 +114,16 @@ def test_unknown_dtype_or_accumulate() -> None:
     with pytest.raises(UsageError, match="accumulate"):
         Precision("float16", "int8")  # type: ignore[arg-type]
     assert Precision("bfloat16").dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_bit_tests_agree_with_numpy_on_every_16_bit_pattern(name: str) -> None:
+    # all 65,536 values of the format, NaNs of every payload, both zeros and infinities
+    precision = Precision(name)  # type: ignore[arg-type]
+    values = np.arange(1 << 16, dtype=np.uint16).view(precision.dtype)
+    wide = values.astype(np.float32)
+    np.testing.assert_array_equal(precision.isfinite(values), np.isfinite(wide))
+    np.testing.assert_array_equal(precision.isnan(values), np.isnan(wide))
+    np.testing.assert_array_equal(precision.isinf(values), np.isinf(wide))
+    np.testing.assert_array_equal(precision.iszero(values), wide == 0)
+    assert precision.isnan(np.float32("nan")) and not precision.iszero(np.float32(1e-40))

@@ -360,7 +360,7 @@ class _GradientStats:
         if self.zeroed is None:
             # entries flushed to 0 whose true value is a normal number of D; the comparison
             # with 0 runs in D, and the reference is looked at only where it holds
-            flushed = np.flatnonzero(computed == 0)
+            flushed = np.flatnonzero(precision.iszero(computed))
             if flushed.size:
                 harmed = np.abs(reference.ravel()[flushed]) >= precision.tiny
                 if harmed.any():

@@ -96,6 +96,9 @@ class PipelineRun:
         # one the gradient passes through that turns it bad
         self.gradient_runner = StageRunner(precision, tuple(reversed(pipeline.all_stages)))
         self._parts: list[FloatArray] = []
+        # the events absorbed so far, replaced whole (threads read it while blocks run)
+        self._known: frozenset[tuple[str, str]] = frozenset()
+        self._known_backward: frozenset[tuple[str, str]] = frozenset()
 
     def feed(self, case: Case, block: Block) -> None:
         """Run the forward pass over the next block (blocks in order)."""
@@ -105,7 +108,7 @@ class PipelineRun:
                   denominators: Denominators | None = None) -> BlockRun:
         """The forward pass over one block and, given the whole input's ``denominators``,
         the backward pass from the forward's own values. Touches no state of this run."""
-        forward = StageRunner(self.precision, self.runner.stages)
+        forward = StageRunner(self.precision, self.runner.stages, self._known)
         forward.bind(_watched_rows(case, block), block.start)
         outcome = BlockRun(self.pipeline.per_example(forward, block), forward.events)
         if denominators is not None:
@@ -118,6 +121,11 @@ class PipelineRun:
         self._parts.append(outcome.per_example)
         self.runner.absorb(outcome.events)
         self.gradient_runner.absorb(outcome.gradient_events)
+        if outcome.events:
+            self._known = frozenset((e.stage, e.kind) for e in self.runner.events)
+        if outcome.gradient_events:
+            self._known_backward = frozenset(
+                (e.stage, e.kind) for e in self.gradient_runner.events)
 
     def gradient(self, case: Case, block: Block, denominators: Denominators) -> FloatArray | None:
         """The block's gradient with respect to the logits, in D (None: not applicable), with
@@ -136,7 +144,7 @@ class PipelineRun:
         if weights is not None:
             weights = self.precision.round(weights).astype(np.float64)
         upstream = upstream_gradient(case, denominators, weights)
-        runner = StageRunner(self.precision, self.gradient_runner.stages)
+        runner = StageRunner(self.precision, self.gradient_runner.stages, self._known_backward)
         runner.bind(_watched_rows(case, block), block.start)
         return self.pipeline.backward(runner, block, upstream, saved), runner.events
 

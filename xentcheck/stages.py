@@ -59,9 +59,13 @@ class StageRunner:
     input's own coordinates when the input streams through in blocks.
     """
 
-    def __init__(self, precision: Precision, stages: Sequence[str]) -> None:
+    def __init__(self, precision: Precision, stages: Sequence[str],
+                 known: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.precision = precision
         self.stages = tuple(stages)
+        # (stage, kind) pairs an earlier block already recorded: their first event is found,
+        # so looking for them again here would be wasted work (they would lose to it)
+        self.known = known
         self.valid_rows: FloatArray = np.ones(0, dtype=bool)
         self.row_offset = 0
         self.events: list[StageEvent] = []
@@ -109,6 +113,11 @@ class StageRunner:
             mask = mask & np.broadcast_to(np.asarray(where, dtype=bool), shape)
         return mask
 
+    def _found(self, stage: str, *kinds: str | None) -> bool:
+        """Whether every one of these events of ``stage`` is already known."""
+        return all(kind is None or (stage, kind) in self._seen or (stage, kind) in self.known
+                   for kind in kinds)
+
     def _record(self, stage: str, kind: str, mask: FloatArray) -> None:
         if (stage, kind) in self._seen or not mask.any():
             return
@@ -139,10 +148,15 @@ class StageRunner:
         """Record what this step created. ``reduced_axis``: the operand axis a sum removed."""
         if stage not in self.stages:
             raise ValueError(f"stage {stage!r} is not declared by the pipeline")
-        watch_underflow = critical is not None and bool(np.any(critical))
+        watch_underflow = (critical is not None and not self._found(stage, "underflow")
+                           and bool(np.any(critical)))
         all_finite = self.precision.all_finite(out)
         if not watch_underflow and all_finite:
             return  # the common case costs one pass over the output
+        if not all_finite and self._found(stage, "nan", "overflow", pole):
+            all_finite = True  # nothing left to find here: skip the operands' passes
+            if not watch_underflow:
+                return
 
         def per_output(flags: FloatArray) -> FloatArray:
             # Bring an operand-shaped property to the output's shape.
@@ -154,12 +168,13 @@ class StageRunner:
         if not all_finite:
             operand_nonfinite = np.zeros(out.shape, dtype=bool)
             operand_nan = np.zeros(out.shape, dtype=bool)
+            precision = self.precision
             for operand in operands:
                 value = np.asarray(operand)
-                operand_nonfinite = operand_nonfinite | per_output(~np.isfinite(value))
-                operand_nan = operand_nan | per_output(np.isnan(value))
-            self._record(stage, "nan", np.isnan(out) & ~operand_nan & mask)
-            new_inf = np.isinf(out) & ~operand_nonfinite & mask
+                operand_nonfinite = operand_nonfinite | per_output(~precision.isfinite(value))
+                operand_nan = operand_nan | per_output(precision.isnan(value))
+            self._record(stage, "nan", precision.isnan(out) & ~operand_nan & mask)
+            new_inf = precision.isinf(out) & ~operand_nonfinite & mask
             if pole is not None and pole_operand is not None:
                 at_pole = per_output(np.asarray(pole_operand) == 0)
                 self._record(stage, pole, new_inf & at_pole)
