@@ -212,7 +212,8 @@ class StageRunner:
         """
         out = self._round(x)
         given = np.asarray(x).dtype
-        if critical is None and given.kind not in "iub" and np.can_cast(given, out.dtype, "safe"):
+        if (critical is None and given.kind not in "iub"
+                and np.can_cast(given, self.precision.dtype, "safe")):
             return out  # D holds every float exactly: no overflow, NaN or flush can arise
         self._watch(stage, out, [x], where=None, critical=critical, fresh_tiny=True)
         return out
@@ -287,7 +288,7 @@ class StageRunner:
     def scatter(self, stage: str, shape: tuple[int, ...], index: FloatArray,
                 values: FloatArray) -> FloatArray:
         """Zeros of ``shape`` with ``values[i]`` at ``[i, index[i]]``: gather's backward."""
-        out = np.zeros(shape, dtype=self.precision.dtype)
+        out = np.zeros(shape, dtype=self.precision.storage_dtype)
         np.put_along_axis(out, np.asarray(index)[:, None],
                           self._round(np.asarray(values))[:, None], -1)
         return out
