@@ -118,17 +118,20 @@ def test_bad_files_are_one_input_error(tmp_path: Path, kind: str, message: str) 
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(("bad", "shown"), [(np.inf, "inf"), (-np.inf, "-inf"),
+                                             (np.nan, "nan")])
 def test_streamed_validation_finds_the_first_bad_value(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float, shown: str
 ) -> None:
     from xentcheck import scenario
 
     x = np.zeros((50, 7), dtype=np.float32)
-    x[37, 4] = np.inf
+    x[37, 4] = bad
+    x[45, 1] = np.nan  # a later one is not the one reported
     np.save(tmp_path / "x.npy", x)
     monkeypatch.setattr(scenario, "_CHECK_VALUES", 7 * 3)  # 17 blocks of 3 rows
     logits = load(tmp_path / "x.npy")
-    with pytest.raises(InputError, match=r"holds inf at index \[37, 4\]"):
+    with pytest.raises(InputError, match=rf"holds {shown} at index \[37, 4\]"):
         scenario.make_case(name="s", logits=logits, labels=np.zeros(50, dtype=np.int64))
 
 

@@ -355,15 +355,20 @@ _CHECK_VALUES = 1 << 22
 
 
 def _find_first(
-    array: FloatArray, predicate: Callable[[FloatArray], FloatArray]
+    array: FloatArray, predicate: Callable[[FloatArray], FloatArray],
+    possible: Callable[[FloatArray], bool] | None = None,
 ) -> list[int] | None:
     """Index (in ``array``'s shape) of the first value where ``predicate`` holds, scanning
-    row blocks so that a memory-mapped file is never read into memory whole."""
+    row blocks so that a memory-mapped file is never read into memory whole. ``possible``
+    screens a block cheaply in its own dtype: where it says no, the predicate is not run."""
     width = array.shape[-1] if array.ndim else 1
     rows = array.reshape(-1, width)
     step = max(1, _CHECK_VALUES // max(1, width))
     for start in range(0, rows.shape[0], step):
         chunk = rows[start:start + step]
+        if possible is not None and not possible(chunk):
+            release_pages(array, chunk)
+            continue
         with np.errstate(invalid="ignore"):
             hit = np.asarray(predicate(np.asarray(chunk, dtype=np.float64)))
         release_pages(array, chunk)
@@ -372,6 +377,12 @@ def _find_first(
             flat = (start + int(r)) * width + int(c)
             return [int(i) for i in np.unravel_index(flat, array.shape)] if array.ndim else []
     return None
+
+
+def _may_hold_nonfinite(chunk: FloatArray) -> bool:
+    """False only if every value is finite: a NaN makes the maximum NaN, an infinity the
+    maximum or minimum infinite. Two reductions in the chunk's own dtype, no copy."""
+    return not (np.isfinite(np.max(chunk)) and np.isfinite(np.min(chunk)))
 
 
 def _value_at(array: FloatArray, index: list[int]) -> float:
@@ -387,7 +398,7 @@ def _checked_logits(logits: FloatArray, family: str, from_logits: bool) -> Float
         raise InputError(f"must be floating point, not {array.dtype}", field=key)
     if array.ndim == 0 or array.size == 0:
         raise InputError("must be a non-empty array (a list of logits per example)", field=key)
-    where = _find_first(array, lambda v: ~np.isfinite(v))
+    where = _find_first(array, lambda v: ~np.isfinite(v), _may_hold_nonfinite)
     if where is not None:
         raise InputError(f"holds {_value_at(array, where)} at index {where}; inputs must be "
                          "finite", field=key)
@@ -413,7 +424,7 @@ def _checked_labels(
         raise InputError("must not be empty", field=key)
     if labels.dtype.kind not in "iuf" and labels.dtype.name != "bfloat16":
         raise InputError(f"must be numbers, not {labels.dtype}", field=key)
-    where = _find_first(labels, lambda v: ~np.isfinite(v))
+    where = _find_first(labels, lambda v: ~np.isfinite(v), _may_hold_nonfinite)
     if where is not None:
         raise InputError(f"holds {_value_at(labels, where)} at index {where}", field=key)
 
