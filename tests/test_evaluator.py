@@ -294,3 +294,12 @@ def test_inputs_a_dtype_holds_are_not_rounded_again() -> None:
     # weights are compared value by value: 0.1 is not a float32 number
     assert not held(x32, "float32", LossSpec(class_weights=np.array([0.1, 1.0])))
     assert held(x32, "float32", LossSpec(class_weights=np.array([0.5, 1.0])))
+
+
+def test_blocks_in_flight_hold_at_most_three_default_blocks_of_values() -> None:
+    from xentcheck.evaluator import _block_size
+
+    default = execution.BLOCK_ELEMENTS
+    assert _block_size(1) == default and _block_size(2) == default
+    for workers in (3, 4):
+        assert (workers + 1) * _block_size(workers) <= 3 * default

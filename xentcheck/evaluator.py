@@ -16,6 +16,7 @@ from itertools import combinations
 
 import numpy as np
 
+from . import execution
 from . import reference as ref
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements
 from .execution import (
@@ -435,6 +436,14 @@ def _workers() -> int:
     return max(1, min(cores, 4))
 
 
+def _block_size(workers: int) -> int:
+    """Values per block such that the blocks in flight hold no more values than three blocks
+    of the default size (what two threads keep in flight): memory stays bounded however
+    many cores there are."""
+    in_flight = 1 if workers == 1 else workers + 1
+    return max(1, min(execution.BLOCK_ELEMENTS, 3 * execution.BLOCK_ELEMENTS // in_flight))
+
+
 def _in_order(work: Callable[[Block], _BlockOutcome], items: Iterator[Block],
               workers: int) -> Iterator[_BlockOutcome]:
     """``work`` over the blocks on ``workers`` threads, yielded in input order; at most
@@ -481,7 +490,8 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         return _measure_block(case, block, collected.runs, collected.denominators,
                               rounded_cases, upstream)
 
-    for outcome in _in_order(work, blocks(case, release=False), _workers()):
+    workers = _workers()
+    for outcome in _in_order(work, blocks(case, _block_size(workers), release=False), workers):
         for run, run_outcome in zip(collected.runs, outcome.runs, strict=True):
             run.absorb(run_outcome)
         for merged, measured in zip(collected.gradients, outcome.gradients, strict=True):
