@@ -53,15 +53,16 @@ def _round_to_half(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     rounded &= np.uint32(0xFFFFE000)
     out = rounded.view(np.float32)
     magnitude = np.abs(x)
-    subnormal = magnitude < _HALF_MIN_NORMAL
-    if subnormal.any():
-        small = x[subnormal]
-        out[subnormal] = np.copysign((np.abs(small) + _HALF_GRID) - _HALF_GRID, small)
     beyond = ~(magnitude < _HALF_OVERFLOW)  # NaN included
+    subnormal = magnitude < _HALF_MIN_NORMAL
+    # Both fixes are written through ``where=``: no gathers, however many values need them
+    # (all of a row's probabilities are float16-subnormal beyond 16,384 classes).
+    if subnormal.any():
+        magnitude += _HALF_GRID  # every value; only the subnormal ones are kept below
+        magnitude -= _HALF_GRID
+        np.copysign(magnitude, x, out=out, where=subnormal)
     if beyond.any():
-        wild = x[beyond]
-        out[beyond] = np.where(np.isnan(wild), np.float32(np.nan),
-                               np.copysign(np.float32(np.inf), wild))
+        np.multiply(x, np.float32(np.inf), out=out, where=beyond)  # +-inf; NaN stays NaN
     return out
 
 AccumulateName = Literal["default", "same", "float32", "float64"]

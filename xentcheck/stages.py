@@ -72,12 +72,16 @@ class StageRunner:
         self._seen: set[tuple[str, str]] = set()
         # forward values a pipeline keeps for its backward pass, for the current block only
         self.saved: dict[str, FloatArray] = {}
+        # critical positions by (critical, where) masks, for the current block only: a
+        # pipeline passes the same masks to several steps
+        self._critical: dict[tuple[int, int, tuple[int, ...]], tuple[Any, ...]] = {}
 
     def bind(self, valid_rows: FloatArray, row_offset: int = 0) -> StageRunner:
         """Point the runner at the next block of rows; events found so far are kept."""
         self.valid_rows = np.asarray(valid_rows, dtype=bool)
         self.row_offset = row_offset
         self.saved = {}
+        self._critical = {}
         return self
 
     def absorb(self, events: Sequence[StageEvent]) -> None:
@@ -164,8 +168,8 @@ class StageRunner:
                 flags = np.asarray(flags.any(axis=reduced_axis))
             return np.broadcast_to(flags, out.shape)
 
-        mask = self._where(out.shape, where)
         if not all_finite:
+            mask = self._where(out.shape, where)
             operand_nonfinite = np.zeros(out.shape, dtype=bool)
             operand_nan = np.zeros(out.shape, dtype=bool)
             precision = self.precision
@@ -182,14 +186,27 @@ class StageRunner:
             self._record(stage, "overflow", new_inf)
 
         if watch_underflow:
-            self._watch_underflow(stage, out, operands, mask, critical, fresh_tiny)
+            positions = self._critical_positions(out.shape, critical, where)
+            self._watch_underflow(stage, out, operands, positions, fresh_tiny)
+
+    def _critical_positions(self, shape: tuple[int, ...], critical: Mask,
+                            where: Mask) -> tuple[FloatArray, ...]:
+        """Where ``critical`` holds among the watched positions, found once per block for
+        each pair of masks (the masks are kept alongside, so their ids stay theirs)."""
+        key = (id(critical), id(where), shape)
+        cached = self._critical.get(key)
+        if cached is None:
+            watched = self._where(shape, where)
+            found = np.nonzero(watched & np.broadcast_to(critical, shape))
+            cached = self._critical[key] = (critical, where, found)
+        positions: tuple[FloatArray, ...] = cached[2]
+        return positions
 
     def _watch_underflow(
-        self, stage: str, out: FloatArray, operands: Sequence[Operand], mask: FloatArray,
-        critical: Mask, fresh_tiny: bool,
+        self, stage: str, out: FloatArray, operands: Sequence[Operand],
+        positions: tuple[FloatArray, ...], fresh_tiny: bool,
     ) -> None:
         # Critical positions are few (one target per row, typically): look only at those.
-        positions = np.nonzero(mask & np.broadcast_to(critical, out.shape))
         if not positions[0].size:
             return
         tiny = np.abs(out[positions].astype(np.float64)) < self.precision.tiny
