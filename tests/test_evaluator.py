@@ -175,9 +175,9 @@ def test_blocks_on_several_threads_give_the_one_thread_findings(
     y = rng.integers(0, 7, 90)
     case = Case("t", x, y, "index", LossSpec())
     monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 7 * 4)  # 23 blocks, merged in order
-    monkeypatch.setattr(evaluator, "_workers", lambda: 2)
+    monkeypatch.setattr(evaluator, "worker_count", lambda: 2)
     threaded = evaluate(case, ALL, available("softmax", True))
-    monkeypatch.setattr(evaluator, "_workers", lambda: workers)
+    monkeypatch.setattr(evaluator, "worker_count", lambda: workers)
     other = evaluate(case, ALL, available("softmax", True))
     assert threaded.reference == other.reference
     _assert_same_findings(threaded, other)
@@ -297,9 +297,7 @@ def test_inputs_a_dtype_holds_are_not_rounded_again() -> None:
 
 
 def test_blocks_in_flight_hold_at_most_three_default_blocks_of_values() -> None:
-    from xentcheck.evaluator import _block_size
-
     default = execution.BLOCK_ELEMENTS
-    assert _block_size(1) == default and _block_size(2) == default
+    assert execution.block_size(1) == default and execution.block_size(2) == default
     for workers in (3, 4):
-        assert (workers + 1) * _block_size(workers) <= 3 * default
+        assert (workers + 1) * execution.block_size(workers) <= 3 * default

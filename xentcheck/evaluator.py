@@ -7,25 +7,24 @@ over the input, and turns what they produced into findings.
 
 from __future__ import annotations
 
-import os
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 
 import numpy as np
 
-from . import execution
 from . import reference as ref
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements
 from .execution import (
     BlockRun,
     Denominators,
     PipelineRun,
+    block_size,
     blocks,
+    in_order,
     release_block,
     upstream_gradient,
+    worker_count,
 )
 from .findings import (
     FLAGS,
@@ -426,45 +425,6 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
                          block.start + len(block.labels))
 
 
-def _workers() -> int:
-    """Threads for the blocks: one per core this process may use (numpy releases the GIL
-    in its loops), at most four, so that the blocks in flight stay few."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
-
-
-def _block_size(workers: int) -> int:
-    """Values per block such that the blocks in flight hold no more values than three blocks
-    of the default size (what two threads keep in flight): memory stays bounded however
-    many cores there are."""
-    in_flight = 1 if workers == 1 else workers + 1
-    return max(1, min(execution.BLOCK_ELEMENTS, 3 * execution.BLOCK_ELEMENTS // in_flight))
-
-
-def _in_order(work: Callable[[Block], _BlockOutcome], items: Iterator[Block],
-              workers: int) -> Iterator[_BlockOutcome]:
-    """``work`` over the blocks on ``workers`` threads, yielded in input order; at most
-    ``workers + 1`` blocks are in flight, which bounds memory whatever the input's size."""
-    if workers == 1:
-        yield from map(work, items)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future[_BlockOutcome]] = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(work, item))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-
 def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],
                  dtype_names: Sequence[str], progress: Progress | None) -> _Pass:
     """Feed every block once to the reference, the rounded references and every run.
@@ -490,8 +450,8 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         return _measure_block(case, block, collected.runs, collected.denominators,
                               rounded_cases, upstream)
 
-    workers = _workers()
-    for outcome in _in_order(work, blocks(case, _block_size(workers), release=False), workers):
+    workers = worker_count()
+    for outcome in in_order(work, blocks(case, block_size(workers), release=False), workers):
         for run, run_outcome in zip(collected.runs, outcome.runs, strict=True):
             run.absorb(run_outcome)
         for merged, measured in zip(collected.gradients, outcome.gradients, strict=True):

@@ -6,8 +6,12 @@ The evaluator (``run``), the sweeps and the limit bisection all execute pipeline
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +24,8 @@ from .stages import StageEvent, StageRunner
 # Values per block: large enough that numpy's per-call overhead vanishes, small enough that
 # a block and its temporaries (a dozen float64 copies) stay within a few hundred MiB.
 BLOCK_ELEMENTS = 1 << 20
+
+Outcome = TypeVar("Outcome")
 
 
 def blocks(case: Case, block_elements: int | None = None, *,
@@ -44,6 +50,45 @@ def release_block(block: Block) -> None:
     """Done with these rows: a memory-mapped input's pages need not stay resident."""
     release_pages(block.case.logits, block.logits)
     release_pages(block.case.labels, block.labels)
+
+
+def worker_count() -> int:
+    """Threads for the blocks: one per core this process may use (numpy releases the GIL
+    in its loops), at most four, so that the blocks in flight stay few."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def block_size(workers: int) -> int:
+    """Values per block such that the blocks in flight hold no more values than three blocks
+    of the default size (what two threads keep in flight): memory stays bounded however
+    many cores there are."""
+    in_flight = 1 if workers == 1 else workers + 1
+    return max(1, min(BLOCK_ELEMENTS, 3 * BLOCK_ELEMENTS // in_flight))
+
+
+def in_order(work: Callable[[Block], Outcome], items: Iterator[Block],
+             workers: int) -> Iterator[Outcome]:
+    """``work`` over the blocks on ``workers`` threads, yielded in input order; at most
+    ``workers + 1`` blocks are in flight, which bounds memory whatever the input's size."""
+    if workers == 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[Outcome]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 @dataclass
