@@ -222,3 +222,17 @@ def test_sum_of_non_negative_terms_is_nearly_exact(values: list[float], scale: f
     assert error <= exact * Fraction(2) ** (2 * 6 - 104) + Fraction(2) ** -1074
     assert hi[0] == float(exact) or abs(Fraction(float(hi[0])) - exact) <= Fraction(
         float(np.spacing(float(exact))), 2) + Fraction(2) ** -1074
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0, 700.0])
+def test_sum_of_a_vocabulary_of_terms_against_fsum(spread: float) -> None:
+    # 131,072 terms exp(d), d in [-spread, 0]: the class counts of real vocabularies. The
+    # residual of the double-double result against Shewchuk's exactly rounded sum
+    # (math.fsum) must be within the bound 2**(2k - 104) of the sum, k = 17.
+    rng = np.random.default_rng(int(spread))
+    terms = np.exp(-rng.random((1, 1 << 17)) * spread)
+    hi, lo = ref._sum_terms_of_one_sign(terms)
+    exact = math.fsum(terms[0])
+    assert float(hi[0]) == exact or abs(float(hi[0]) - exact) <= np.spacing(exact)
+    residual = math.fsum([*terms[0], -float(hi[0])])  # sum - hi, rounded once
+    assert abs(float(lo[0]) - residual) <= exact * 2.0 ** (2 * 17 - 104) + np.spacing(residual)
