@@ -49,6 +49,14 @@ class Block:
         return valid_elements(self.case, self.labels)
 
     @cached_property
+    def target_mask(self) -> FloatArray:
+        """``(N, C)``: True at each row's target class (integer labels). Built once per block:
+        the textbook pipelines' forward and backward passes all ask for it."""
+        mask = np.zeros(self.logits.shape, dtype=bool)
+        np.put_along_axis(mask, self.target[:, None], True, axis=-1)
+        return mask
+
+    @cached_property
     def target(self) -> FloatArray:
         """Integer labels with ignored rows pointed at class 0 (their losses are dropped)."""
         labels = np.asarray(self.labels).astype(np.int64)
@@ -130,7 +138,7 @@ def _textbook_critical(block: Block) -> FloatArray:
     """
     case = block.case
     if case.label_kind == "index" and not case.spec.label_smoothing:
-        return _target_mask(block)
+        return block.target_mask
     return np.ones(block.logits.shape, dtype=bool)
 
 
@@ -142,12 +150,6 @@ def _textbook_softmax_nll(run: StageRunner, block: Block, z: FloatArray) -> Floa
     s = run.save("sum", run.sum("sum", e, keepdims=True))
     p = run.save("divide", run.divide("divide", e, s, critical=critical))
     return _softmax_nll(run, block, run.log("log", p, where=critical))
-
-
-def _target_mask(block: Block) -> FloatArray:
-    mask = np.zeros(block.logits.shape, dtype=bool)
-    np.put_along_axis(mask, block.target[:, None], True, axis=-1)
-    return mask
 
 
 class SoftmaxNaive(Pipeline):
