@@ -4,9 +4,11 @@ Pipelines are judged against this, float64 pipelines included, so it cannot simp
 ``stable`` formulation evaluated in float64: that one loses every digit when the loss is
 tiny (logits ``[0, -40]``, target 0: the loss is 4.248e-18 and ``z - log(sum(exp(z)))``
 gives 0) and cancels when large logits nearly tie. The formulas below are rearranged so
-that every term is non-negative (no cancellation), the differences of logits are carried
-exactly as double-double pairs (Dekker's TwoSum), and the sums are accumulated in
-double-double, so the only errors left are a few correctly-rounded or libm operations.
+that every term is non-negative (no cancellation), the differences of logits are exact
+(in float64 where it provably holds them, else as double-double pairs by Dekker's TwoSum),
+and the sums are carried to far below an ulp (ExtractScalar for the softmax sum,
+double-double otherwise), so the only errors left are a few correctly-rounded or libm
+operations.
 Tests check them against mpmath at 50 significant digits.
 
 References
