@@ -1,6 +1,6 @@
 """Each pipeline in each dtype against an independent numpy re-implementation of its formula.
 
-The re-implementations follow DESIGN.md's precision model directly: inputs rounded to D,
+The re-implementations follow the precision model (README, Precision) directly: inputs rounded to D,
 each elementwise step evaluated in float32 (D itself for float32/float64) and rounded to D,
 sums accumulated in float32 for 16-bit D and rounded to D. Where the order of operations is
 the same the results must be bit-identical.

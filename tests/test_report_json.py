@@ -1,4 +1,4 @@
-"""The JSON report follows DESIGN.md schema 1 exactly (plus additive keys)."""
+"""The JSON report follows schema 1 (docs/json-report.md) exactly, plus additive keys."""
 
 from __future__ import annotations
 

@@ -208,7 +208,7 @@ def _flags(
     runner: StageRunner,
     tolerance: Tolerance,
 ) -> tuple[str, ...]:
-    """The DESIGN.md flags of one finding, judged value by value.
+    """The flags of one finding (docs/json-report.md), judged value by value.
 
     ``precision_loss`` compares with the loss of the inputs rounded to D (the arithmetic's
     own error) wherever that is finite; ``input_rounding`` compares that loss with the

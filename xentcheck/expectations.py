@@ -6,7 +6,7 @@ A scenario's ``expect:`` is a list of mappings. Each selects findings by ``pipel
 ``loss``
     ``finite``, ``nan``, ``inf`` or ``not_finite``.
 ``flags`` / ``no_flags``
-    flags that must be present / absent (DESIGN.md vocabulary).
+    flags that must be present / absent (the vocabulary of docs/json-report.md).
 ``max_ulp_error``, ``max_rel_error``, ``max_abs_error``
     upper bounds on the error against the reference.
 ``min_largest_safe_logit``, ``min_largest_safe_spread``

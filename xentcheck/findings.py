@@ -12,7 +12,7 @@ import numpy as np
 from .precision import FloatArray
 from .stages import StageEvent
 
-# The flag vocabulary of DESIGN.md, in display order.
+# The flag vocabulary (docs/json-report.md), in display order.
 FLAGS: tuple[str, ...] = ("nan", "inf", "overflow", "underflow", "precision_loss", "input_rounding")
 # The gradient's flags: NaN or inf entries, entries flushed to 0 that should not be, and a
 # normwise error beyond the tolerance.

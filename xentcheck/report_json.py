@@ -1,4 +1,4 @@
-"""The JSON report, schema 1 of DESIGN.md. Renders findings; computes nothing."""
+"""The JSON report, schema 1 (docs/json-report.md). Renders findings; computes nothing."""
 
 from __future__ import annotations
 

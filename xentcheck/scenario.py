@@ -1,7 +1,7 @@
 """Scenario files: YAML in, validated Cases out.
 
-One scenario per file, or a top-level ``scenarios:`` list. Keys are exactly those of
-DESIGN.md; an unknown key is an error with a suggestion, so a typo is never ignored. Only
+One scenario per file, or a top-level ``scenarios:`` list. Keys are those of
+docs/scenarios.md; an unknown key is an error with a suggestion, so a typo is never ignored. Only
 ``yaml.SafeLoader`` is used. Every problem is an :class:`InputError` naming the file and key.
 """
 
