@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from xentcheck.case import Case, LossSpec
@@ -22,6 +24,14 @@ from xentcheck.precision import precisions_for
 from xentcheck.report_json import render_json
 
 UNNORMALISED = str(Path(__file__).parent.parent / "configs" / "probabilities_unnormalised.yaml")
+
+
+def run(*args: str, width: int = 160) -> str:
+    result = CliRunner().invoke(cli, ["run", *args], env={"COLUMNS": str(width),
+                                                          "NO_COLOR": "1"},
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 def per_example_case() -> Case:
@@ -71,3 +81,48 @@ def test_value_mismatch_quotes_the_closed_form_loss_at_its_example() -> None:
     assert math.isclose(mismatch["losses"][0], naive, rel_tol=1e-14)
     results = {r["pipeline"]: r["per_example"] for r in scenario["results"]}
     assert mismatch["losses"] == [results["naive"][1], results["clipped"][1]]
+
+
+def row_text(text: str, pipeline: str, dtype: str) -> str:
+    return "\n".join(line for line in text.splitlines()
+                     if re.match(rf"^│?{pipeline}\s+│?\s*{dtype}\s", line))
+
+
+def test_every_row_shows_the_loss_at_the_same_example() -> None:
+    text = run(UNNORMALISED)
+    scenario = scenario_json(UNNORMALISED)
+    assert "loss at [1]" in text  # the example, named in the header of the column
+    reference = scenario["reference"]["per_example"][1]
+    assert f"reference loss at example [1]: {reference:.17g}" in text
+    for result in scenario["results"]:
+        row = row_text(text, result["pipeline"], result["dtype"])
+        value = result["per_example"][1]
+        shown = value if isinstance(value, str) else f"{value:.9g}"
+        assert re.search(rf"(?<![\w.]){re.escape(shown)}(?![\w.])", row), (row, shown)
+        worst = "[" + ",".join(map(str, result["worst_index"])) + "]"
+        assert worst in row
+    # bfloat16 naive: its worst error is at example 0 but the row shows example 1
+    naive_bf16 = next(r for r in scenario["results"]
+                      if (r["pipeline"], r["dtype"]) == ("naive", "bfloat16"))
+    assert naive_bf16["worst_index"] == [0]
+    for mismatch in scenario["mismatches"]:
+        a, b = mismatch["pipelines"]
+        la, lb = (v if isinstance(v, str) else f"{v:.9g}" for v in mismatch["losses"])
+        assert f"{mismatch['dtype']} at example [1]: {a} gives {la}" in text
+        assert f"{b} gives {lb}" in text
+
+
+def test_the_header_names_a_logits_file_once(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    np.save(tmp_path / "lm.npy", np.array([[1.0, 2.0, 3.0]]))
+    np.save(tmp_path / "labels.npy", np.array([2]))
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["run", "--logits", "lm.npy", "--labels", "labels.npy"],
+                           env={"NO_COLOR": "1"}, catch_exceptions=False)
+    assert result.stdout.splitlines()[0] == "lm.npy"
+    path = str(tmp_path / "lm.npy")
+    result = runner.invoke(cli, ["run", "--logits", path, "--labels",
+                                 str(tmp_path / "labels.npy")], env={"NO_COLOR": "1"},
+                           catch_exceptions=False)
+    assert result.stdout.splitlines()[0] == path
