@@ -90,7 +90,7 @@ def _measure(columns: Sequence[Column], rows: Sequence[Row]) -> tuple[list[int],
 
 
 # Cells up to this wide stay on one line in a split table ("format max", a number).
-ONE_LINE = 16
+ONE_LINE = 24
 
 
 def _snug(minimum: Sequence[int], natural: Sequence[int]) -> list[int]:

@@ -188,7 +188,8 @@ def _findings_columns(result: ScenarioResult) -> list[Column]:
         columns.append(Column("worst at", "right"))
     columns += [Column("abs err", "right"), Column("rel err", "right"),
                 Column("ulp err", "right"), Column("flags"), Column("first bad stage"),
-                Column("gradient"), Column("safe logit ≤"), Column("safe spread ≤")]
+                Column("gradient"), Column("safe logit ≤"),
+                Column("safe spread ≤", follows=True)]
     return columns
 
 
