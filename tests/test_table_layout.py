@@ -28,7 +28,14 @@ from xentcheck.report_table import LEGEND, render_limits_table, render_sweep_tab
 from xentcheck.sweep import SweepSpec, run_sweep
 
 WIDTHS = (40, 60, 80, 100, 160)
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+# relative, as a user gives them: an absolute path can be longer than a 40-column line
+CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _in_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
 FORMAT_MAX = {name: float(Precision(name).max) for name in DTYPE_NAMES}  # type: ignore[arg-type]
 
 
@@ -88,6 +95,8 @@ def focus_index(scenario: dict[str, Any]) -> tuple[int, ...]:
 
 
 def assert_run_cells(text: str, scenario: dict[str, Any]) -> None:
+    assert_whole(scenario["name"], text)
+    assert_whole(scenario["source"], text)
     focus = focus_index(scenario) if scenario["reduction"] == "none" else None
     if focus is not None:
         assert_whole("[" + ",".join(map(str, focus)) + "]", text)

@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.padding import Padding
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -191,33 +190,35 @@ def _table(columns: Sequence[Column], rows: Sequence[Row], chosen: Sequence[int]
     return table
 
 
-def _blocks(columns: Sequence[Column], rows: Sequence[Row], width: int) -> RenderableType:
-    """One block per row: the keys as a heading, then ``column  value`` lines."""
+def _blocks(console: Console, columns: Sequence[Column], rows: Sequence[Row]) -> None:
+    """One block per row: the keys as a heading, then ``column  value`` lines (the value
+    under its label where the two do not fit side by side)."""
+    width = console.width
     keys = [i for i, c in enumerate(columns) if c.key]
     others = [i for i, c in enumerate(columns) if not c.key]
     minimum, _ = _measure(columns, rows)
     label = max((natural_width(columns[i].header) for i in others), default=0)
-    value_room = width - BLOCK_INDENT - label - 2
-    side_by_side = others and value_room >= max(minimum[i] for i in others)
-    parts: list[RenderableType] = []
+    beside = BLOCK_INDENT + label + 2
+    side_by_side = bool(others) and width - beside >= max(minimum[i] for i in others)
     for n, row in enumerate(rows):
         if n:
-            parts.append(Text(""))
+            console.print()
         heading = Text(" · ").join(row.cells[i] for i in keys) if keys else Text("")
         heading.stylize("bold")
-        parts.append(heading)
-        if side_by_side:
-            grid = Table.grid(padding=(0, 2))
-            grid.add_column(width=label)
-            grid.add_column(width=value_room, overflow="fold")
-            for i in others:
-                grid.add_row(Text(columns[i].header, style="dim"), row.cells[i])
-            parts.append(Padding(grid, (0, 0, 0, BLOCK_INDENT)))
-            continue
+        console.print(heading, soft_wrap=True)
         for i in others:
-            parts.append(Padding(Text(columns[i].header, style="dim"), (0, 0, 0, BLOCK_INDENT)))
-            parts.append(Padding(row.cells[i], (0, 0, 0, 2 * BLOCK_INDENT)))
-    return Group(*parts)
+            name = Text(columns[i].header, style="dim")
+            if side_by_side:
+                lead, room = Text(" " * BLOCK_INDENT) + name + " " * (beside - BLOCK_INDENT
+                                                                     - name.cell_len), \
+                    width - beside
+            else:
+                console.print(Text(" " * BLOCK_INDENT) + name, soft_wrap=True)
+                lead, room = Text(" " * 2 * BLOCK_INDENT), width - 2 * BLOCK_INDENT
+            for k, line in enumerate(row.cells[i].wrap(console, room) or [Text("")]):
+                shown = (lead if k == 0 else Text(" " * lead.cell_len)) + line
+                shown.rstrip()
+                console.print(shown, soft_wrap=True)
 
 
 def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Row]) -> None:
@@ -233,7 +234,7 @@ def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Row]
         return
     planned = plan_parts(columns, rows, width)
     if planned is None:
-        console.print(_blocks(columns, rows, width))
+        _blocks(console, columns, rows)
         return
     for n, (chosen, widths) in enumerate(planned):
         if n:
@@ -244,11 +245,14 @@ def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Row]
 def print_wrapped(console: Console, text: Text | str, indent: int = 0, hang: int | None = None,
                   style: str = "") -> None:
     """A paragraph wrapped at spaces to the console: the first line indented by ``indent``,
-    the lines after it by ``hang`` (default: the same)."""
+    the lines after it by ``hang`` (default: the same), less where a word would not fit."""
     body = text.copy() if isinstance(text, Text) else Text(text)
     if style:
         body.stylize(style)
     hang = indent if hang is None else hang
+    # a word (a path, a number) longer than the indented line moves left, whole
+    widest = max(0, console.width - longest_word(body))
+    indent, hang = min(indent, widest), min(hang, widest)
     room = max(1, console.width - max(indent, hang))
     for n, line in enumerate(body.wrap(console, room)):
         line.rstrip()
