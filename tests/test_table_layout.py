@@ -19,12 +19,19 @@ from click.testing import CliRunner
 from rich.cells import cell_len
 from rich.console import Console
 
+from xentcheck.case import Case, LossSpec
 from xentcheck.cli import cli
+from xentcheck.evaluator import evaluate
 from xentcheck.limits import limit_rows
 from xentcheck.misuse import RULES
 from xentcheck.pipelines import select
-from xentcheck.precision import DTYPE_NAMES, Precision
-from xentcheck.report_table import LEGEND, render_limits_table, render_sweep_table
+from xentcheck.precision import DTYPE_NAMES, Precision, precisions_for
+from xentcheck.report_table import (
+    LEGEND,
+    render_limits_table,
+    render_sweep_table,
+    render_table,
+)
 from xentcheck.sweep import SweepSpec, run_sweep
 
 WIDTHS = (40, 60, 80, 100, 160)
@@ -218,6 +225,15 @@ def test_a_rich_console_of_each_width(width: int) -> None:
     assert any(tokens)  # naive and shifted have a spread edge
     for token in filter(None, tokens):
         assert_whole(token, text)
+    case = Case("c", np.array([[1000.0, 2000.0, 2500.0], [0.0, -40.0, 1.0]]), np.array([1, 0]),
+                "index", LossSpec())
+    result = evaluate(case, precisions_for(["bfloat16", "float64"]),
+                      select("softmax", True, None))
+    text = rich_text(lambda c: render_table([result], c), width)
+    assert_fits(text, width)
+    for finding in result.findings:
+        assert finding.loss is not None
+        assert_whole(f"{finding.loss:.9g}", text)
     spec = SweepSpec(classes=10, stop=1e3, points=40)
     result = run_sweep(spec, [Precision("bfloat16")], select("softmax", True, None))
     text = rich_text(lambda c: render_sweep_table(result, c), width)
