@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,8 +130,31 @@ def progress_bar(case: Case, pairs: int) -> Iterator[Progress | None]:
         yield advance
 
 
+# Width of a report that goes to neither a terminal nor COLUMNS (a log, a CI job): the wide
+# layout of every table fits.
+UNBOUNDED_WIDTH = 180
+
+
+def known_width(stream: Any) -> int | None:
+    """The width the reader sees: ``COLUMNS`` when set (for a terminal, a pipe or a file
+    alike), else the width of the terminal the output goes to, else, piped or redirected
+    from a terminal, the width of that terminal (stderr still shows it); None when no
+    terminal is in sight (a log, a CI job)."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    for candidate in (stream, sys.stderr):
+        try:
+            if candidate.isatty():
+                return os.get_terminal_size(candidate.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            continue  # no file descriptor behind it (a test runner's capture)
+    return None
+
+
 def make_console(file: Any = None) -> Console:
-    """A console that honours NO_COLOR / FORCE_COLOR and does not wrap when piped."""
+    """A console that honours NO_COLOR / FORCE_COLOR and ``COLUMNS`` (also when piped),
+    and lays its tables out for that width (see :mod:`xentcheck.layout`)."""
     force = os.environ.get("FORCE_COLOR", "") not in ("", "0")
     no_color = bool(os.environ.get("NO_COLOR"))
     stream = file or sys.stdout
@@ -138,7 +163,7 @@ def make_console(file: Any = None) -> Console:
         file=stream,
         force_terminal=terminal and not no_color if force else None,
         no_color=no_color,
-        width=None if terminal else 180,
+        width=known_width(stream) or UNBOUNDED_WIDTH,
         highlight=False,
         soft_wrap=False,
     )
@@ -494,9 +519,36 @@ def explain(rule: str | None) -> None:
       xentcheck explain label-out-of-range
     """
     try:
-        click.echo(explain_rule(rule), nl=False)
+        text = explain_rule(rule)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
+    width = known_width(sys.stdout)
+    if width is not None:  # else a log: lines as long as they are
+        text = "".join(f"{line}\n" for line in _wrap_explanation(text, width))
+    click.echo(text, nl=False)
+
+
+# A rule's summary starts after its id and name, two spaces on: lines wrap under it.
+_SUMMARY = re.compile(r"^(\S+ {2,}\S+ {2,})")
+_NARROWEST_SUMMARY = 24  # below this the summary wraps under the id instead
+
+
+def _wrap_explanation(text: str, width: int) -> list[str]:
+    """``explain``'s text wrapped at spaces to the terminal: never inside a rule's name
+    (names hold hyphens), a listed rule's summary hanging under its start."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if len(line) <= width:
+            lines.append(line)
+            continue
+        match = _SUMMARY.match(line)
+        hang = len(match.group(1)) if match else 0
+        if match and width - hang < _NARROWEST_SUMMARY:  # the summary under the id
+            lines.append(match.group(1).rstrip())
+            line, hang = "    " + line[len(match.group(1)):], 4
+        lines += textwrap.wrap(line, width, subsequent_indent=" " * hang,
+                               break_long_words=False, break_on_hyphens=False)
+    return lines
 
 
 def _emit(output_format: str, output: str | None, json_text: Callable[[], str],

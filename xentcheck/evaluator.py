@@ -246,7 +246,8 @@ def _mismatches(findings: Sequence[Finding], tolerances: Mapping[str, Tolerance]
             if (fa != fb).any():
                 i = int(np.argmax(fa != fb))
                 out.append(Mismatch(dtype, (a.pipeline, b.pipeline), "finiteness",
-                                    (float(va[i]), float(vb[i])), float("inf")))
+                                    (float(va[i]), float(vb[i])), float("inf"),
+                                    _flat_example(a, i)))
                 continue
             with np.errstate(invalid="ignore"):
                 both = fa & fb
@@ -256,8 +257,37 @@ def _mismatches(findings: Sequence[Finding], tolerances: Mapping[str, Tolerance]
             if bad.any():
                 i = int(np.argmax(np.where(bad, diff, -1.0)))
                 out.append(Mismatch(dtype, (a.pipeline, b.pipeline), "value",
-                                    (float(va[i]), float(vb[i])), float(diff[i])))
+                                    (float(va[i]), float(vb[i])), float(diff[i]),
+                                    _flat_example(a, i)))
     return out
+
+
+def _flat_example(finding: Finding, flat: int) -> tuple[int, ...] | None:
+    """Where a mismatch is, in the per-example losses' own shape (None: one reduced loss),
+    so that a report can name the example whose values it quotes."""
+    if finding.per_example is None:
+        return None
+    shape = np.shape(finding.per_example)
+    return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
+
+
+def _focus_example(case: Case, findings: Sequence[Finding],
+                   truth: _Truth) -> tuple[int, ...] | None:
+    """For ``reduction: none``: the counted example where the pipelines are farthest from the
+    reference (largest relative error over every finding; NaN, and a finite value where the
+    reference is 0 or infinite, count as infinitely far), the first of equals. A table shows
+    every pipeline's loss at this one example, so that its rows can be compared."""
+    if truth.counted is None or not truth.counted.any():
+        return None
+    target = truth.values
+    farthest = np.zeros(target.size)
+    for finding in findings:
+        computed = np.asarray(finding.per_example, dtype=np.float64).ravel()[truth.counted]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            relative = np.where(computed == target, 0.0,
+                                np.abs(computed - target) / np.abs(target))
+        farthest = np.maximum(farthest, np.where(np.isnan(relative), np.inf, relative))
+    return _example_index(case, int(np.flatnonzero(truth.counted)[int(np.argmax(farthest))]))
 
 
 def _values(finding: Finding) -> FloatArray:
@@ -650,6 +680,7 @@ def evaluate(
         reference=reference,
         findings=tuple(findings),
         mismatches=tuple(_mismatches(findings, tolerances)),
+        focus_index=_focus_example(case, findings, truth),
         warnings=check_case(case, stats),
         class_weights=None if case.spec.class_weights is None
         else tuple(float(w) for w in np.ravel(case.spec.class_weights)),

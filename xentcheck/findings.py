@@ -88,6 +88,9 @@ class Mismatch:
     kind: str  # "finiteness" (one finite, the other not) or "value" (apart beyond tolerance)
     losses: tuple[float, float]
     difference: float
+    # reduction "none": the example whose losses are quoted (the first that differs in
+    # finiteness, or the farthest apart); None for a reduced loss
+    index: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class ScenarioResult:
     mismatches: tuple[Mismatch, ...]
     warnings: tuple[MisuseWarning, ...] = ()
     class_weights: tuple[float, ...] | None = None  # as used (computed, for "balanced")
+    # reduction "none": the example where the pipelines are farthest from the reference,
+    # whose losses a table shows side by side
+    focus_index: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,8 @@ def _mismatch(mismatch: Mismatch) -> dict[str, Any]:
         "kind": mismatch.kind,
         "losses": [number(v) for v in mismatch.losses],
         "difference": number(mismatch.difference),
+        # additive key: the example whose losses are quoted (reduction "none"), else null
+        "index": None if mismatch.index is None else list(mismatch.index),
     }
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import PurePath
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from .expectations import Verdict
 from .findings import Finding, Mismatch, ScenarioResult
+from .layout import Column, Row, fits, print_table, print_wrapped
 from .limits import LimitRow
 from .precision import Precision
 from .sweep import SweepCurve, SweepResult, downsample
@@ -23,17 +24,23 @@ FLAG_STYLES = {
     "precision_loss": "yellow",
     "input_rounding": "cyan",
 }
+# The legend's paragraphs, each wrapped at spaces to the terminal.
 LEGEND = (
     "flags: nan/inf = the loss is NaN/infinite · overflow = a stage made ±inf from finite "
     "values · underflow = a value that matters was flushed to 0 or a subnormal · "
     "precision_loss = error beyond tolerance · input_rounding = rounding the inputs alone "
-    "moves the loss beyond tolerance.\n"
+    "moves the loss beyond tolerance.",
     "gradient: max |g - g_ref| / max |g_ref| of d loss / d logits as autodiff of the "
     "formulation computes it (zeroed = entries flushed to 0 that should not be; the stage is "
-    "the first the backward pass goes through that makes it bad).\n"
+    "the first the backward pass goes through that makes it bad).",
     "safe logit ≤: every input whose logits stay below it gives a finite loss (worst case: "
     "all C logits equal) · safe spread ≤: the same for the gap between a row's largest logit "
-    "and its target's · format max: no edge before the format's own range."
+    "and its target's · format max: no edge before the format's own range.",
+)
+PER_EXAMPLE_LEGEND = (
+    "reduction none: 'loss at [i]' is every row's loss at the one example i where the "
+    "pipelines are farthest from the reference; the errors are each row's largest over all "
+    "examples, 'worst at' the example of its largest ulp error."
 )
 LABEL_KINDS = {"index": "integer labels", "dense": "one-hot/probability labels",
                "binary": "binary targets"}
@@ -45,13 +52,18 @@ def _num(value: float | None, digits: int = 6) -> str:
     return f"{value:.{digits}g}"
 
 
-def _loss_text(finding: Finding) -> Text:
+def _index(index: Sequence[int] | None) -> str:
+    """An example or element index as one word (``[0,3]``): a narrow cell wraps at spaces."""
+    return "—" if index is None else "[" + ",".join(str(i) for i in index) + "]"
+
+
+def _loss_text(finding: Finding, focus: tuple[int, ...] | None) -> Text:
+    """The loss, or for ``reduction: none`` the loss at the scenario's focus example (the
+    same example on every row)."""
     value = finding.loss
-    label = ""
-    if value is None and finding.per_example is not None and finding.worst_index is not None:
-        value = float(finding.per_example[finding.worst_index])
-        label = f" @{list(finding.worst_index)}"
-    text = Text(_num(value, 9) + label)
+    if value is None and finding.per_example is not None and focus is not None:
+        value = float(finding.per_example[focus])
+    text = Text(_num(value, 9))
     if value is not None and not math.isfinite(value):
         text.stylize("bold red")
     return text
@@ -70,7 +82,7 @@ def _first_bad(finding: Finding) -> Text:
     event = finding.first_bad
     if event is None:
         return Text("—", style="dim")
-    where = f" at {list(event.index)}" if event.index else ""
+    where = f" at {_index(event.index)}" if event.index else ""
     return Text(f"{event.stage}: {event.kind}{where}", style="red" if event.kind != "underflow"
                 else "yellow")
 
@@ -85,7 +97,7 @@ def _gradient_text(finding: Finding) -> Text:
     text = Text(" ".join(flags), style="bold red" if {"nan", "inf"} & set(flags) else "yellow")
     event = finding.grad_first_bad
     if event is not None:
-        text.append(f" @{event.stage} {list(event.index)}", style="red")
+        text.append(f" @{event.stage} {_index(event.index)}", style="red")
     elif "nan" not in flags:
         text.append(f" err {_num(finding.grad_error, 2)}")
     return text
@@ -106,37 +118,99 @@ def _limit_text(limit: float | None, headroom: float | None, dtype: str) -> Text
 
 
 def _mismatch_line(m: Mismatch) -> str:
+    """One disagreement, quoting the values the table (at the focus example) or the JSON
+    report's ``per_example`` (at the example named) holds."""
     a, b = m.pipelines
     la, lb = (_num(v, 9) for v in m.losses)
+    where = f"{m.dtype}" if m.index is None else f"{m.dtype} at example {_index(m.index)}"
     if m.kind == "finiteness":
-        return f"  {m.dtype}: {a} gives {la} but {b} gives {lb} (one finite, the other not)"
-    return f"  {m.dtype}: {a} gives {la} and {b} gives {lb}, {_num(m.difference, 3)} apart"
+        return f"{where}: {a} gives {la} but {b} gives {lb} (one finite, the other not)"
+    return f"{where}: {a} gives {la} and {b} gives {lb}, {_num(m.difference, 3)} apart"
 
 
-def _header(result: ScenarioResult, console: Console) -> None:
-    console.print(Text(result.name, style="bold"), Text(result.source, style="dim"))
-    if result.description:
-        console.print(f"  {result.description}")
-    kind = LABEL_KINDS.get(result.label_kind, result.label_kind)
-    inputs = "logits" if result.from_logits else "probabilities"
-    console.print(
-        f"  {result.family} cross-entropy from {inputs}, {kind} · shape "
-        f"{list(result.shape)} · {result.classes} class{'es' if result.classes != 1 else ''} · "
-        f"reduction {result.reduction}"
-    )
+def _title(result: ScenarioResult) -> Text:
+    """The scenario's name and where it came from, each once (``--logits lm.npy`` names the
+    scenario after its file)."""
+    title = Text(result.name, style="bold")
+    if result.source and result.source != result.name \
+            and PurePath(result.source).name != result.name:
+        title.append(" ")
+        title.append(result.source, style="dim")
+    elif result.source and result.source != result.name:
+        title = Text(result.source, style="bold")
+    return title
+
+
+def _reference_line(result: ScenarioResult) -> str:
     ref = result.reference
-    reference = f"{ref.loss:.17g}" if ref.loss is not None else "per example (reduction none)"
+    focus = result.focus_index
+    if ref.loss is not None:
+        reference = f"reference loss {ref.loss:.17g}"
+    elif focus is not None and ref.per_example is not None:
+        reference = (f"reference loss at example {_index(focus)}: "
+                     f"{float(ref.per_example[focus]):.17g} (the example where the pipelines "
+                     "are farthest from the reference)")
+    else:
+        reference = "reference loss per example (reduction none)"
     stats = result.stats
     largest = "largest |logit|" if result.family == "sigmoid" else "largest logit"
-    line = f"  reference loss {reference} · input {stats.input_dtype}: {largest} " + _num(
+    line = f"{reference} · input {stats.input_dtype}: {largest} " + _num(
         stats.max_abs_logit if result.family == "sigmoid" else stats.max_logit
     )
     if stats.max_spread is not None:
         line += f", largest spread (row max - target logit) {_num(stats.max_spread)}"
-    console.print(line)
+    return line
+
+
+def _header(result: ScenarioResult, console: Console) -> None:
+    print_wrapped(console, _title(result), 0, 2)
+    if result.description:
+        print_wrapped(console, result.description, 2)
+    kind = LABEL_KINDS.get(result.label_kind, result.label_kind)
+    inputs = "logits" if result.from_logits else "probabilities"
+    print_wrapped(
+        console,
+        f"{result.family} cross-entropy from {inputs}, {kind} · shape "
+        f"{_index(result.shape)} · {result.classes} class"
+        f"{'es' if result.classes != 1 else ''} · reduction {result.reduction}", 2)
+    print_wrapped(console, _reference_line(result), 2)
     if result.class_weights is not None:
         weights = ", ".join(_num(w, 4) for w in result.class_weights)
-        console.print(f"  class weights: [{weights}]")
+        print_wrapped(console, f"class weights: [{weights}]", 2, 4)
+
+
+def _findings_columns(result: ScenarioResult) -> list[Column]:
+    per_example = result.reduction == "none"
+    loss = f"loss at {_index(result.focus_index)}" if per_example else "loss"
+    columns = [Column("pipeline", key=True), Column("dtype", key=True),
+               Column(loss, "right")]
+    if per_example:
+        columns.append(Column("worst at", "right"))
+    columns += [Column("abs err", "right"), Column("rel err", "right"),
+                Column("ulp err", "right"), Column("flags"), Column("first bad stage"),
+                Column("gradient"), Column("safe logit ≤"),
+                Column("safe spread ≤", follows=True)]
+    return columns
+
+
+def _findings_rows(result: ScenarioResult) -> list[Row]:
+    rows = []
+    previous = None
+    for f in result.findings:
+        default = Precision(f.dtype).accumulate_label == f.accumulate
+        dtype = f.dtype if default else f"{f.dtype} (acc {f.accumulate})"
+        cells = [Text(f.pipeline), Text(dtype), _loss_text(f, result.focus_index)]
+        if result.reduction == "none":
+            cells.append(Text(_index(f.worst_index)))
+        cells += [
+            Text(_num(f.abs_error, 3)), Text(_num(f.rel_error, 3)), Text(_num(f.ulp_error, 3)),
+            _flags_text(f.flags), _first_bad(f), _gradient_text(f),
+            _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype),
+            _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype),
+        ]
+        rows.append(Row(cells, new_section=previous is not None and f.dtype != previous))
+        previous = f.dtype
+    return rows
 
 
 def render_scenario(result: ScenarioResult, console: Console) -> None:
@@ -144,44 +218,22 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
     mismatches."""
     _header(result, console)
     for warning in result.warnings:
-        console.print(f"  warning {warning.rule} {warning.name}: {warning.message} "
-                      f"(xentcheck explain {warning.rule})", style="bold yellow")
-    table = Table(show_lines=False, header_style="bold", pad_edge=False)
-    for column, justify in (
-        ("pipeline", "left"), ("dtype", "left"), ("loss", "right"), ("abs err", "right"),
-        ("rel err", "right"), ("ulp err", "right"), ("flags", "left"),
-        ("first bad stage", "left"), ("gradient", "left"), ("safe logit ≤", "left"),
-        ("safe spread ≤", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    previous = None
-    for f in result.findings:
-        if previous is not None and f.dtype != previous:
-            table.add_section()
-        previous = f.dtype
-        default = Precision(f.dtype).accumulate_label == f.accumulate
-        dtype = f.dtype if default else f"{f.dtype} (acc {f.accumulate})"
-        table.add_row(
-            f.pipeline, dtype, _loss_text(f), _num(f.abs_error, 3), _num(f.rel_error, 3),
-            _num(f.ulp_error, 3), _flags_text(f.flags), _first_bad(f), _gradient_text(f),
-            _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype),
-            _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype),
-        )
-    console.print(table)
+        print_wrapped(console, f"warning {warning.rule} {warning.name}: {warning.message} "
+                      f"(xentcheck explain {warning.rule})", 2, 4, style="bold yellow")
+    print_table(console, _findings_columns(result), _findings_rows(result))
     ref = result.reference
     changed = [
         f"{dtype} {rounded:.9g}" for dtype, rounded in ref.rounded.items()
         if ref.loss is not None and rounded is not None and rounded != ref.loss
     ]
     if changed and ref.loss is not None:
-        console.print(
-            f"  loss of the inputs rounded to: {' · '.join(changed)} (reference "
-            f"{ref.loss:.9g}; the rest of each error is arithmetic)", style="cyan"
-        )
+        print_wrapped(
+            console, f"loss of the inputs rounded to: {' · '.join(changed)} (reference "
+            f"{ref.loss:.9g}; the rest of each error is arithmetic)", 2, 4, style="cyan")
     if result.mismatches:
         console.print("  mismatches between pipelines:", style="bold")
         for m in result.mismatches:
-            console.print(_mismatch_line(m))
+            print_wrapped(console, _mismatch_line(m), 2, 4)
     console.print()
 
 
@@ -217,29 +269,33 @@ def render_table(results: Sequence[ScenarioResult], console: Console,
         if verdicts is not None and verdicts[i].outcomes:
             render_verdict(result, verdicts[i], console)
             console.print()
-    console.print(LEGEND, style="dim")
+    if any(r.reduction == "none" for r in results):
+        print_wrapped(console, PER_EXAMPLE_LEGEND, 0, 2, style="dim")
+    for paragraph in LEGEND:
+        print_wrapped(console, paragraph, 0, 2, style="dim")
 
 
 def render_limits_table(rows: Sequence[LimitRow], console: Console) -> None:
     """The ``limits`` command: bisected edges with their closed forms, per dtype."""
     if not rows:
         return
-    console.print(Text(f"Limits for {rows[0].classes} classes", style="bold"),
-                  Text("(bisection on the pipeline itself; closed form from the format)",
-                       style="dim"))
-    table = Table(header_style="bold", pad_edge=False)
-    for column in ("loss", "pipeline", "dtype", "safe logit ≤", "closed form", "safe spread ≤",
-                   "closed form", "no subnormals", "agree"):
-        table.add_column(column, justify="left" if column in ("loss", "pipeline", "dtype")
-                         else "right")
+    title = Text(f"Limits for {rows[0].classes} classes", style="bold")
+    title.append(" (bisection on the pipeline itself; closed form from the format)",
+                 style="dim")
+    print_wrapped(console, title, 0, 2)
+    keys = ("loss", "pipeline", "dtype")
+    columns = [Column(name, key=True) for name in keys] + [
+        Column(name, "right", follows=name == "closed form")
+        for name in ("safe logit ≤", "closed form", "safe spread ≤", "closed form",
+                     "no subnormals", "agree")]
+    table: list[Row] = []
     previous = None
     for row in rows:
-        if previous is not None and row.dtype != previous:
-            table.add_section()
+        new_section = previous is not None and row.dtype != previous
         previous = row.dtype
         closed = row.closed_form
-        table.add_row(
-            row.family, row.pipeline, row.dtype,
+        cells = (
+            Text(row.family), Text(row.pipeline), Text(row.dtype),
             _limit_value(row.bisected.largest_safe_logit, row.dtype),
             _limit_value(closed.largest_safe_logit if closed else None, row.dtype),
             _limit_value(row.bisected.largest_safe_spread, row.dtype),
@@ -248,7 +304,8 @@ def render_limits_table(rows: Sequence[LimitRow], console: Console) -> None:
             Text("yes", style="green") if row.agrees else Text(
                 "—" if closed is None else "NO", style="dim" if closed is None else "bold red"),
         )
-    console.print(table)
+        table.append(Row(cells, new_section))
+    print_table(console, columns, table)
 
 
 def _limit_value(value: float | None, dtype: str) -> Text:
@@ -277,34 +334,80 @@ def _sparkline(curve: SweepCurve, width: int) -> Text:
     return text
 
 
-def render_sweep_table(result: SweepResult, console: Console, width: int = 48) -> None:
-    """Break points per pipeline and precision, and a terminal curve of bits lost."""
-    spec = result.spec
-    scale = "log-spaced" if spec.log_scale else "linear"
-    console.print(Text(f"Sweep: {spec.family}, {spec.classes} classes, pattern {spec.pattern!r}, "
-                       f"{spec.points} {scale} magnitudes {spec.start:g} … {spec.stop:g}",
-                       style="bold"))
-    table = Table(header_style="bold", pad_edge=False)
-    for column in ("pipeline", "dtype", "not finite from", "inaccurate from",
-                   "gradient not finite / inaccurate from",
-                   f"bits of error  {spec.start:g} → {spec.stop:g}"):
-        table.add_column(column)
+CURVE_WIDTH = 48  # the sparkline's widest; narrower terminals get a shorter one
+CURVE_NARROWEST = 8  # below this the curve goes on its own line under its label
+
+
+def _sweep_columns_rows(result: SweepResult) -> tuple[list[Column], list[Row]]:
+    columns = [Column("pipeline", key=True), Column("dtype", key=True),
+               Column("not finite from"), Column("inaccurate from"),
+               Column("gradient not finite / inaccurate from")]
+    rows = []
     previous = None
     for curve in result.curves:
-        if previous is not None and curve.dtype != previous:
-            table.add_section()
+        new_section = previous is not None and curve.dtype != previous
         previous = curve.dtype
-        table.add_row(
-            curve.pipeline, curve.dtype,
+        rows.append(Row((
+            Text(curve.pipeline), Text(curve.dtype),
             Text(_num(curve.first_nonfinite, 5), style="bold red")
             if curve.first_nonfinite is not None else Text("—", style="dim"),
             Text(_num(curve.first_inaccurate, 5), style="yellow")
             if curve.first_inaccurate is not None else Text("—", style="dim"),
             Text(f"{_num(curve.grad_first_nonfinite, 5)} / "
                  f"{_num(curve.grad_first_inaccurate, 5)}"),
-            _sparkline(curve, width),
-        )
-    console.print(table)
-    console.print("bits of error: log2(1 + ulps) against the loss of the inputs rounded to the "
-                  "dtype (▁ exact … █ every bit lost); x = NaN or inf; 'inaccurate' = error "
-                  "beyond the tolerance.", style="dim")
+        ), new_section))
+    return columns, rows
+
+
+def _axis(start: str, stop: str, width: int) -> str:
+    """The curve's x axis: the first magnitude under its left end, the last under its right
+    end (or both in a phrase where the curve is too short to hold them apart)."""
+    if len(start) + len(stop) + 1 > width:
+        return f"{start} to {stop}"
+    return start + " " * (width - len(start) - len(stop)) + stop
+
+
+def _print_curves(result: SweepResult, console: Console) -> None:
+    """The bits-of-error curves under the table, as wide as the terminal allows, each
+    after its pipeline and dtype, with the magnitudes of both ends on the axis."""
+    spec = result.spec
+    start, stop = f"{spec.start:g}", f"{spec.stop:g}"
+    label = max(len(f"{c.pipeline} {c.dtype}") for c in result.curves)
+    width = min(CURVE_WIDTH, console.width - label - 2)
+    beside = width >= CURVE_NARROWEST
+    if not beside:
+        width = min(CURVE_WIDTH, console.width - 2)
+    console.print()
+    print_wrapped(console, f"bits of error, magnitude {start} to {stop}:", 0, 2, style="bold")
+    indent = label + 2 if beside else 2
+    console.print(" " * indent + _axis(start, stop, width), style="dim", soft_wrap=True)
+    for curve in result.curves:
+        name = f"{curve.pipeline} {curve.dtype}"
+        if beside:
+            console.print(Text(name.ljust(label + 2)) + _sparkline(curve, width),
+                          soft_wrap=True)
+        else:
+            console.print(name)
+            console.print(Text("  ") + _sparkline(curve, width), soft_wrap=True)
+
+
+def render_sweep_table(result: SweepResult, console: Console) -> None:
+    """Break points per pipeline and precision, and a terminal curve of bits lost: in the
+    table where it fits at full width, else under it, shortened to the terminal."""
+    spec = result.spec
+    scale = "log-spaced" if spec.log_scale else "linear"
+    print_wrapped(console, f"Sweep: {spec.family}, {spec.classes} classes, pattern "
+                  f"{spec.pattern!r}, {spec.points} {scale} magnitudes {spec.start:g} to "
+                  f"{spec.stop:g}", 0, 2, style="bold")
+    columns, rows = _sweep_columns_rows(result)
+    curve_column = Column(f"bits of error  {spec.start:g} → {spec.stop:g}")
+    with_curves = [Row((*row.cells, _sparkline(curve, CURVE_WIDTH)), row.new_section)
+                   for row, curve in zip(rows, result.curves, strict=True)]
+    if fits([*columns, curve_column], with_curves, console.width):
+        print_table(console, [*columns, curve_column], with_curves)
+    else:
+        print_table(console, columns, rows)
+        _print_curves(result, console)
+    print_wrapped(console, "bits of error: log2(1 + ulps) against the loss of the inputs "
+                  "rounded to the dtype (▁ exact to █ every bit lost); x = NaN or inf; "
+                  "'inaccurate' = error beyond the tolerance.", 0, 2, style="dim")
