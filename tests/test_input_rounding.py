@@ -218,3 +218,29 @@ def test_unsigned_integers_near_the_top_of_uint64() -> None:
     ints = [2**64 - 1, 2**63 + 2**55 + 1, 2**63 + 2**55, 2**63 + 2**54 + 1, 7]
     got = Precision("bfloat16").round(np.array(ints, dtype=np.uint64)).astype(np.float64)
     assert got.tolist() == [exact_round(v, "bfloat16") for v in ints]
+
+
+# -- through the evaluator: the rounded reference and the bfloat16 losses -------------------
+
+
+def test_the_rounded_reference_and_bfloat16_losses_of_the_reported_row() -> None:
+    """``[1 + 2**-8 + 2**-40, 0]``, label 1: bfloat16 holds ``[1.0078125, 0]``, so the loss of
+    the rounded inputs is ``log(1 + e**1.0078125)`` (mpmath), and the stable pipeline's
+    bfloat16 loss is that value rounded to bfloat16 (its float32 steps err far below a
+    bfloat16 ulp here)."""
+    import mpmath
+
+    from xentcheck.case import Case, LossSpec
+    from xentcheck.evaluator import evaluate
+    from xentcheck.pipelines import select
+
+    mpmath.mp.dps = 40
+    x = np.array([[1 + 2.0**-8 + 2.0**-40, 0.0]])
+    case = Case("t", x, np.array([1]), "index", LossSpec())
+    result = evaluate(case, [Precision("bfloat16")], select("softmax", True, ["stable"]))
+    rounded_truth = mpmath.log(1 + mpmath.exp(mpmath.mpf(1.0078125)))
+    assert result.reference.rounded["bfloat16"] == pytest.approx(float(rounded_truth),
+                                                                 rel=4 * 2.0**-53)
+    # the double-rounded input 1.0 would give log(1 + e) = 1.3133, a bfloat16 ulp lower
+    stable = result.findings[0]
+    assert stable.loss == exact_round(float(rounded_truth), "bfloat16") == 1.3203125
