@@ -165,6 +165,17 @@ def test_minus_inf_logits_are_accepted_plus_inf_and_nan_are_not() -> None:
             make_case(name="t", logits=np.array([[0.0, bad]]), labels=labels)
 
 
+def test_bfloat16_logits_holding_nan_are_one_clean_error() -> None:
+    """The screen's reduction over bfloat16 values warns on NaN in ml_dtypes: kept quiet
+    (the suite turns warnings into errors), so the input error is all that is said."""
+    import ml_dtypes
+
+    x = np.array([[0.0, -INF, np.nan]], dtype=ml_dtypes.bfloat16)
+    with pytest.raises(InputError, match=r"holds nan at index \[0, 2\]"):
+        make_case(name="t", logits=x, labels=np.array([0]))
+    make_case(name="t", logits=x[:, :2], labels=np.array([0]))
+
+
 def test_probability_inputs_still_reject_minus_inf() -> None:
     with pytest.raises(InputError, match=r"holds -inf at index \[0, 1\]; inputs must be "
                                          r"finite$"):
@@ -408,7 +419,8 @@ def test_run_on_a_npy_with_masks(tmp_path: Path) -> None:
     assert ulps(scenario["reference"]["loss"], true) <= 2
     for finding in scenario["results"]:
         assert finding["flags"] == [] and finding["first_bad_stage"] is None, finding
-    assert scenario["input"]["max_abs_logit"] == 3.0
+    assert scenario["input"]["max_abs_logit"] == 3.0 and scenario["input"]["max_logit"] == 3.0
+    assert scenario["input"]["masked_logits"] == 7
     assert scenario["warnings"] == []
 
 

@@ -382,13 +382,15 @@ def _find_first(
 def _may_hold_nonfinite(chunk: FloatArray) -> bool:
     """False only if every value is finite: a NaN makes the maximum NaN, an infinity the
     maximum or minimum infinite. Two reductions in the chunk's own dtype, no copy."""
-    return not (np.isfinite(np.max(chunk)) and np.isfinite(np.min(chunk)))
+    with np.errstate(invalid="ignore"):  # ml_dtypes' bfloat16 reduction warns on NaN
+        return not (np.isfinite(np.max(chunk)) and np.isfinite(np.min(chunk)))
 
 
 def _may_hold_nan_or_inf(chunk: FloatArray) -> bool:
     """False only if the chunk holds neither NaN nor +inf (-inf, a masked logit, may be
     there): a NaN makes the maximum NaN, a +inf makes it +inf. One reduction, no copy."""
-    return not bool(np.max(chunk) < np.inf)
+    with np.errstate(invalid="ignore"):  # ml_dtypes' bfloat16 reduction warns on NaN
+        return not bool(np.max(chunk) < np.inf)
 
 
 def _value_at(array: FloatArray, index: list[int]) -> float:
