@@ -25,6 +25,7 @@ FORMATS = {
     "bfloat16": (8, -126, 127),
     "float16": (11, -14, 15),
     "float32": (24, -126, 127),
+    "float64": (53, -1022, 1023),
 }
 
 
@@ -196,7 +197,7 @@ def integer_cases() -> list[int]:
     (beyond 2**53, where float64 itself rounds)."""
     out = []
     for power in (12, 20, 25, 40, 53, 54, 60, 62):
-        for digits in (8, 11, 24):
+        for digits in (8, 11, 24, 53):
             base = 2**power
             half = 2 ** (power - digits) if power >= digits else 0
             for offset in (0, 1, -1, half, half + 1, half - 1, 3 * half, 3 * half + 1):
@@ -206,7 +207,7 @@ def integer_cases() -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32", "float64"])
 def test_integer_inputs_round_once(name: str) -> None:
     ints = integer_cases()
     got = Precision(name).round(np.array(ints, dtype=np.int64)).astype(np.float64)
