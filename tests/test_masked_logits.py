@@ -449,3 +449,30 @@ def test_the_rules_are_explained() -> None:
     listing = explain()
     assert "masked-target" in listing and "all-masked-row" in listing
     assert "label smoothing" in explain("XC203").lower()
+
+
+def test_masked_statistics_are_the_same_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts and first positions merged block by block equal the whole input's."""
+    from xentcheck import execution
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(0.0, 3.0, (40, 6))
+    x[rng.random(x.shape) < 0.25] = -INF
+    x[[7, 30]] = -INF  # all masked: row 7 counted, row 30 ignored
+    labels = rng.integers(0, 6, 40)
+    labels[30] = -100
+    case = Case("t", x, labels, "index", LossSpec(ignore_index=-100))
+
+    def run() -> ScenarioResult:
+        return evaluate(case, precisions_for(["float32"]), available("softmax", True))
+
+    whole = run()
+    monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 6 * 3)  # 14 blocks of 3 rows
+    split = run()
+    assert split.stats == whole.stats and split.warnings == whole.warnings
+    masked = whole.stats.masked
+    weighted = (x[np.arange(40), np.where(labels < 0, 0, labels)] == -INF) & (labels >= 0)
+    weighted[7] = False
+    assert masked.entries == int((x == -INF).sum()) and masked.weighted == int(weighted.sum())
+    assert (masked.rows, masked.first_row, masked.ignored_rows) == (1, 7, 1)
+    assert masked.first_weighted == (int(np.argmax(weighted)), int(labels[np.argmax(weighted)]))

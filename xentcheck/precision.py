@@ -73,7 +73,7 @@ def _float64_to_odd_float32(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float3
     Rounding to odd into a format with at least two more significand bits than the target,
     then to nearest even into the target, is one correct rounding of the original (Boldo and
     Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding
-    to odd", IEEE Trans. Computers 57(4), 2008, Theorem 2). float32 carries 24 bits where
+    to odd", IEEE Trans. Computers 57(4), 462-471, 2008). float32 carries 24 bits where
     bfloat16 has 8, at every exponent bfloat16 has (subnormals included: the two formats
     share their exponent range). ``astype`` rounds to nearest; an inexact result with an
     even last bit is moved one step towards ``x`` (float32 bit patterns of one sign are
