@@ -31,13 +31,14 @@ from .findings import (
     GRAD_FLAGS,
     Finding,
     InputStats,
+    MaskedInputs,
     Mismatch,
     ReferenceValue,
     ScenarioResult,
     Tolerance,
 )
 from .limits import pipeline_limit
-from .misuse import SUM_TOLERANCE, check_case
+from .misuse import SUM_TOLERANCE, check_case, masked_inputs, merge_masked
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
 from .stages import StageEvent, StageRunner
@@ -163,12 +164,14 @@ def elementwise_errors(
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Absolute, relative and ulp errors (ulps of D at the truth), value by value.
 
-    Equal infinities count as exact; NaN where either side makes the error undefined.
+    Equal infinities count as exact, and so does a NaN where the truth is NaN (a row whose
+    every logit is masked: softmax is 0/0 in exact arithmetic too); NaN where either side
+    alone makes the error undefined.
     """
     c = np.asarray(computed, dtype=np.float64).ravel()
     t = np.asarray(truth, dtype=np.float64).ravel()
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        same = c == t  # covers equal infinities
+        same = (c == t) | (np.isnan(c) & np.isnan(t))  # covers equal infinities
         abs_err = np.where(same, 0.0, np.abs(c - t))
         rel_err = np.where(same, 0.0, abs_err / np.abs(t))
         ulp_err = np.where(same, 0.0, abs_err / precision.ulp(t))
@@ -302,32 +305,40 @@ def _values(finding: Finding) -> FloatArray:
 
 @dataclass(frozen=True)
 class _BlockStats:
-    largest: float
-    smallest: float
+    largest: float  # -inf where every entry is masked
+    smallest: float  # the smallest unmasked entry; inf where every entry is masked
     spread: float | None  # row max minus a weighted class's logit, largest over the block
     rows_sum_to_one: bool  # every value in [0, 1], every row summing to 1
+    masked: MaskedInputs = field(default_factory=MaskedInputs)
 
 
 def _block_stats(block: Block) -> _BlockStats:
     """What the block's inputs look like: extremes, the largest spread, whether its rows
-    look like probability distributions."""
+    look like probability distributions, its masked entries.
+
+    Masked entries (``-inf`` logits) are left out of the extremes and the spread: their
+    exp is an exact 0, so they bring a formulation no closer to its limits.
+    """
     x = np.asarray(block.logits)
+    masked = block.masked
     top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
-    largest, smallest = float(top.max()), float(x.min())
-    distributions = smallest >= 0 and largest <= 1 and bool(
+    largest = float(top.max())
+    smallest = float(x.min() if masked is None else np.min(x, where=~masked, initial=np.inf))
+    distributions = masked is None and smallest >= 0 and largest <= 1 and bool(
         (np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
     spread = None
     case = block.case
     if case.spec.family == "softmax" and case.spec.from_logits:
         if case.label_kind == "index" and not case.spec.label_smoothing:
             target = x[np.arange(len(x)), block.target].astype(np.float64)
-            gaps = (top - target)[block.valid]
+            counted = block.valid if masked is None else block.valid & (target > -np.inf)
+            gaps = top[counted] - target[counted]
             spread = float(gaps.max()) if gaps.size else None
         else:
-            weighted = softmax_coefficients(case, block.labels) > 0
+            weighted = block.unmasked(softmax_coefficients(case, block.labels) > 0)
             gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
             spread = float(gaps.max()) if weighted.any() else None
-    return _BlockStats(largest, smallest, spread, distributions)
+    return _BlockStats(largest, smallest, spread, distributions, masked_inputs(block))
 
 
 # -- the whole evaluation --------------------------------------------------------------------
@@ -345,6 +356,7 @@ class _Pass:
     min_logit: float = np.inf
     max_spread: float | None = None
     rows_sum_to_one: bool = True
+    masked: MaskedInputs = field(default_factory=MaskedInputs)
     gradients: list[_GradientStats] = field(default_factory=list)
 
 
@@ -490,6 +502,7 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         collected.max_logit = max(collected.max_logit, stats.largest)
         collected.min_logit = min(collected.min_logit, stats.smallest)
         collected.rows_sum_to_one &= stats.rows_sum_to_one
+        collected.masked = merge_masked(collected.masked, stats.masked)
         if stats.spread is not None:
             collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
         collected.reference.append(outcome.reference)
@@ -658,13 +671,18 @@ def evaluate(
         rounded=truth.rounded_loss,
         rounded_counted=None if truth.loss is not None else truth.rounded_values,
     )
+    # Masked entries are left out of the extremes; with nothing else, the largest logit is
+    # -inf and the largest magnitude of an unmasked one is that of none, 0.
+    unmasked = collected.min_logit <= collected.max_logit
     stats = InputStats(
         input_dtype=str(case.logits.dtype),
-        max_abs_logit=max(abs(collected.max_logit), abs(collected.min_logit)),
+        max_abs_logit=(max(abs(collected.max_logit), abs(collected.min_logit)) if unmasked
+                       else 0.0),
         max_logit=collected.max_logit,
         max_spread=collected.max_spread,
-        min_logit=collected.min_logit,
+        min_logit=collected.min_logit if unmasked else -np.inf,
         rows_sum_to_one=collected.rows_sum_to_one and case.classes > 1,
+        masked=collected.masked,
     )
     return ScenarioResult(
         name=case.name,

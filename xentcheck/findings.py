@@ -94,8 +94,26 @@ class Mismatch:
 
 
 @dataclass(frozen=True)
+class MaskedInputs:
+    """Masked entries (``-inf`` logits) of the input, and the rows they decide.
+
+    Positions are flat rows of the input (plus the element's column for sigmoid).
+    """
+
+    entries: int = 0
+    # counted rows (sigmoid: elements) whose loss weighs a masked entry: their loss is inf
+    weighted: int = 0
+    first_weighted: tuple[int, ...] | None = None
+    # counted softmax rows with every entry masked: their loss is NaN
+    rows: int = 0
+    first_row: int | None = None
+    # ignored rows (ignore_index) with every entry masked: no loss, a NaN in autograd's gradient
+    ignored_rows: int = 0
+
+
+@dataclass(frozen=True)
 class InputStats:
-    """What the input itself looks like next to the limits."""
+    """What the input itself looks like next to the limits (masked entries left out)."""
 
     input_dtype: str
     max_abs_logit: float
@@ -103,6 +121,7 @@ class InputStats:
     max_spread: float | None  # largest (row max - target logit) over counted rows; softmax only
     min_logit: float = -np.inf
     rows_sum_to_one: bool = False  # every value in [0, 1] and every row summing to 1
+    masked: MaskedInputs = field(default_factory=MaskedInputs)
 
 
 @dataclass(frozen=True)

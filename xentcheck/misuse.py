@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .case import Case
+import numpy as np
+
+from .case import Case, softmax_coefficients
 from .errors import UsageError
-from .findings import InputStats, MisuseWarning
+from .findings import InputStats, MaskedInputs, MisuseWarning
+from .pipelines import Block
 
 # One-hot labels over at least this many classes are worth replacing by integer ids.
 LARGE_VOCABULARY = 1024
@@ -54,6 +57,21 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
          "one-hot or probability label rows that hold negatives or do not sum to 1",
          "Soft labels must be distributions: non-negative rows summing to 1. Otherwise the "
          "loss is not a cross-entropy (it can be negative, or scale with the row sum)."),
+    Rule("XC203", "masked-target",
+         "an example's loss weighs a masked (-inf) logit: its loss is inf",
+         "A -inf logit masks its class (a padded vocabulary entry, a token constrained "
+         "decoding rules out): its probability is exactly 0, so an example whose target is "
+         "masked, or whose one-hot/soft label puts weight on a masked class, has an infinite "
+         "loss, in every framework. Label smoothing puts weight on every class, masked ones "
+         "included. Make the mask and the labels agree (the gold token must stay allowed), "
+         "smooth only over the unmasked classes, or set such rows to the ignore_index."),
+    Rule("XC204", "all-masked-row",
+         "every logit of a row is masked (-inf): softmax is 0/0",
+         "With every entry -inf, softmax is 0/0 and the loss is NaN, in the frameworks as "
+         "here (the reference is NaN too). Even when the row's label is the ignore_index, "
+         "PyTorch's gradient of that row is NaN (log_softmax's backward multiplies a 0 by a "
+         "NaN) and reaches the model's weights. Padding rows need at least one finite logit "
+         "(mask with a large negative number, not -inf, or drop the rows before the loss)."),
     Rule("XC301", "single-class-softmax",
          "softmax over a single class: the loss is identically 0",
          "softmax of one logit is 1 whatever the logit, so the loss is 0 and nothing is "
@@ -104,7 +122,90 @@ def check_case(case: Case, stats: InputStats) -> tuple[MisuseWarning, ...]:
     elif stats.rows_sum_to_one:
         found.append(_warning("XC302", "every row sums to 1, like a softmax output; binary "
                                        "cross-entropy treats each element on its own"))
+    found += _masked_warnings(case, stats.masked)
     return tuple(found)
+
+
+def _masked_warnings(case: Case, masked: MaskedInputs) -> list[MisuseWarning]:
+    found = []
+    if masked.weighted and masked.first_weighted is not None:
+        row, column = masked.first_weighted
+        smoothing = " (label smoothing weighs every class)" if case.spec.label_smoothing else ""
+        if case.spec.family == "sigmoid":
+            where = [*case.unravel_row(row), *([] if case.logits.ndim == 1 else [column])]
+            found.append(_warning("XC203", f"{_count(masked.weighted, 'positive target')} at "
+                                           f"a masked (-inf) logit (the first at index "
+                                           f"{where}): loss inf"))
+        else:
+            found.append(_warning("XC203", f"{_count(masked.weighted, 'example')} weighing a "
+                                           f"masked (-inf) class{smoothing} (the first: row "
+                                           f"{list(case.unravel_row(row))}, class {column}): "
+                                           "loss inf"))
+    if masked.rows and masked.first_row is not None:
+        row_index = list(case.unravel_row(masked.first_row))
+        found.append(_warning("XC204", f"{_count(masked.rows, 'row')} with every logit masked "
+                                       f"(-inf) (the first at index {row_index}): loss NaN"))
+    if masked.ignored_rows:
+        found.append(_warning("XC204", f"{_count(masked.ignored_rows, 'ignored row')} with "
+                                       "every logit masked (-inf): no loss, but PyTorch's "
+                                       "gradient there is NaN"))
+    return found
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def masked_inputs(block: Block) -> MaskedInputs:
+    """Count a block's masked entries and the rows they decide (positions in the input)."""
+    masked = block.masked
+    if masked is None:
+        return MaskedInputs()
+    case = block.case
+    entries = int(np.count_nonzero(masked))
+    if case.spec.family == "sigmoid":
+        weight = np.asarray(block.labels, dtype=np.float64)
+        if case.spec.pos_weight is not None:
+            weight = weight * np.asarray(case.spec.pos_weight, dtype=np.float64)
+        if case.spec.class_weights is not None:
+            weight = weight * np.asarray(case.spec.class_weights, dtype=np.float64)
+        hit = masked & block.valid_elements & (weight > 0)
+        first = _first(hit, block.start)
+        return MaskedInputs(entries, int(np.count_nonzero(hit)), first)
+    every = masked.all(axis=-1)
+    counted = block.valid & ~every
+    if case.label_kind == "index" and not case.spec.label_smoothing:
+        weighs = block.target_mask
+    else:
+        weighs = softmax_coefficients(case, block.labels) > 0
+    hit = masked & weighs & counted[:, None]
+    hit_rows = hit.any(axis=-1)
+    first = _first(hit, block.start)  # (row, class)
+    whole = every & block.valid
+    first_row = _first(whole, block.start)
+    return MaskedInputs(entries, int(np.count_nonzero(hit_rows)), first,
+                        int(np.count_nonzero(whole)), None if first_row is None else first_row[0],
+                        int(np.count_nonzero(every & ~block.valid)))
+
+
+def _first(hit: np.ndarray, start: int) -> tuple[int, ...] | None:
+    """The first True position, its row counted in the whole input."""
+    if not hit.any():
+        return None
+    position = np.unravel_index(int(np.argmax(hit)), hit.shape)
+    return (start + int(position[0]), *(int(p) for p in position[1:]))
+
+
+def merge_masked(earlier: MaskedInputs, later: MaskedInputs) -> MaskedInputs:
+    """The masked-entry statistics of two consecutive stretches of rows."""
+    return MaskedInputs(
+        earlier.entries + later.entries,
+        earlier.weighted + later.weighted,
+        earlier.first_weighted if earlier.first_weighted is not None else later.first_weighted,
+        earlier.rows + later.rows,
+        earlier.first_row if earlier.first_row is not None else later.first_row,
+        earlier.ignored_rows + later.ignored_rows,
+    )
 
 
 def _size(nbytes: float) -> str:

@@ -57,6 +57,22 @@ class Block:
         return mask
 
     @cached_property
+    def masked(self) -> FloatArray | None:
+        """``(N, C)``: True at masked entries (``-inf`` logits, whose exp is an exact 0), or
+        None where the block has none (one reduction in the input's own dtype)."""
+        if not self.case.spec.from_logits:
+            return None
+        x = np.asarray(self.logits)
+        if not x.size or not bool(np.min(x) == -np.inf):
+            return None
+        return np.asarray(x == -np.inf)
+
+    def unmasked(self, positions: FloatArray) -> FloatArray:
+        """``positions`` less the masked entries: the log of a masked entry's exact zero is
+        an exact ``-inf``, not a pole that an earlier rounding hit."""
+        return positions if self.masked is None else positions & ~self.masked
+
+    @cached_property
     def target(self) -> FloatArray:
         """Integer labels with ignored rows pointed at class 0 (their losses are dropped)."""
         labels = np.asarray(self.labels).astype(np.int64)
@@ -149,7 +165,7 @@ def _textbook_softmax_nll(run: StageRunner, block: Block, z: FloatArray) -> Floa
     e = run.save("exp", run.exp("exp", z, critical=critical))
     s = run.save("sum", run.sum("sum", e, keepdims=True))
     p = run.save("divide", run.divide("divide", e, s, critical=critical))
-    return _softmax_nll(run, block, run.log("log", p, where=critical))
+    return _softmax_nll(run, block, run.log("log", p, where=block.unmasked(critical)))
 
 
 class SoftmaxNaive(Pipeline):
@@ -283,7 +299,8 @@ class SigmoidNaive(Pipeline):
         s = run.save("divide", run.divide("divide", 1.0, d, critical=critical))
         q = run.save("complement", run.subtract("complement", 1.0, s, critical=critical))
         return _binary_from_logs(
-            run, block, target, run.log("log", s, where=critical), run.log("log", q, where=critical)
+            run, block, target, run.log("log", s, where=block.unmasked(critical)),
+            run.log("log", q, where=critical),
         )
 
     def backward(self, run: StageRunner, block: Block, upstream: float,

@@ -65,6 +65,56 @@ def _round_to_half(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         np.multiply(x, np.float32(np.inf), out=out, where=beyond)  # +-inf; NaN stays NaN
     return out
 
+
+def _float64_to_odd_float32(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    """float64 values rounded to float32 *to odd*: exact values stay; any other value becomes
+    whichever of its two float32 neighbours has an odd last significand bit.
+
+    Rounding to odd into a format with at least two more significand bits than the target,
+    then to nearest even into the target, is one correct rounding of the original (Boldo and
+    Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding
+    to odd", IEEE Trans. Computers 57(4), 462-471, 2008). float32 carries 24 bits where
+    bfloat16 has 8, at every exponent bfloat16 has (subnormals included: the two formats
+    share their exponent range). ``astype`` rounds to nearest; an inexact result with an
+    even last bit is moved one step towards ``x`` (float32 bit patterns of one sign are
+    consecutive integers, so that step lands on the odd neighbour, across binades too). A
+    value beyond float32's range becomes its largest finite number (odd, and far beyond
+    bfloat16's overflow threshold), so it still overflows in the second rounding.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        nearest = x.astype(np.float32)
+        inexact = nearest.astype(np.float64) != x
+        inexact &= ~np.isnan(x)
+    bits = nearest.view(np.uint32).copy()
+    even = (bits & np.uint32(1)) == 0
+    step = inexact & even
+    if step.any():
+        towards_larger = np.abs(x) > np.abs(nearest.astype(np.float64))
+        bits[step & towards_larger] += np.uint32(1)
+        bits[step & ~towards_larger] -= np.uint32(1)
+    return bits.view(np.float32)
+
+
+def _integers_to_odd_float64(x: FloatArray) -> npt.NDArray[np.float64]:
+    """Integers as float64, rounded to odd beyond 2**53 (exact below): ``x = hi + lo`` with
+    ``lo`` the low 32 bits, both exact in float64; their sum is rounded to nearest and
+    its rounding error, found by TwoSum, decides the step to the odd neighbour."""
+    wide = x.astype(np.int64 if x.dtype.kind == "i" else np.uint64, copy=False)
+    low_bits = wide & wide.dtype.type(0xFFFFFFFF)
+    high = (wide - low_bits).astype(np.float64)  # at most 32 significant bits: exact
+    low = low_bits.astype(np.float64)
+    total = high + low
+    b_virtual = total - high
+    error = (high - (total - b_virtual)) + (low - b_virtual)  # Knuth's TwoSum: exact
+    bits = total.view(np.uint64).copy()
+    step = (error != 0) & ((bits & np.uint64(1)) == 0)
+    if step.any():
+        towards_larger = (error > 0) == (total > 0)
+        bits[step & towards_larger] += np.uint64(1)
+        bits[step & ~towards_larger] -= np.uint64(1)
+    return bits.view(np.float64)
+
+
 AccumulateName = Literal["default", "same", "float32", "float64"]
 ACCUMULATE_CHOICES: tuple[str, ...] = ("default", "same", "float32", "float64")
 
@@ -218,10 +268,24 @@ class Precision:
         return np.equal(values, 0) if bits is None else bits == 0
 
     def round(self, values: FloatArray) -> FloatArray:
-        """Round to D (round to nearest even; values beyond D's range become ±inf), held in
-        :attr:`storage_dtype`."""
+        """Round to D once, correctly, from the values' own dtype (to nearest, ties to even;
+        values from D's largest plus half an ulp on become ±inf; NaN stays NaN), held in
+        :attr:`storage_dtype`.
+
+        Conversions that would round twice are avoided: ml_dtypes (0.6) and PyTorch (2.13)
+        take float64 to bfloat16 through float32, so ``1 + 2**-8 + 2**-40`` lands on the tie
+        ``1 + 2**-8`` and then on 1.0 instead of 1.0078125. Here float64 reaches bfloat16
+        through float32 rounded to odd (:func:`_float64_to_odd_float32`); integers reach a
+        narrower format through float64 rounded to odd (exact below 2**53). numpy's float64
+        to float16 conversion rounds once, from the bits; float32, float16 and bfloat16 fit
+        in float32 exactly, so their conversions round once too.
+        """
         array = np.asarray(values)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            if array.dtype.kind in "iu" and self.dtype != np.float64:
+                array = _integers_to_odd_float64(array)
+            if self.name == "bfloat16" and array.dtype == np.float64:
+                array = _float64_to_odd_float32(array)
             if self.storage_dtype == self.dtype:
                 return array.astype(self.dtype, copy=False)
             if array.dtype == np.float32 and array.ndim:

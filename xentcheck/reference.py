@@ -116,7 +116,12 @@ def _differences_exact(x: FloatArray) -> bool:
     magnitude = np.abs(x).astype(np.float32, copy=False)  # exact: a narrow dtype fits float32
     largest = float(magnitude.max())
     if not np.isfinite(largest):
-        return False  # rows holding inf or NaN (inputs rounded past a dtype's range)
+        # -inf (a masked entry) minus a finite maximum is -inf exactly; +inf or NaN (inputs
+        # rounded past a dtype's range) take the general path
+        finite = np.isfinite(magnitude)
+        if np.isnan(largest) or bool(np.any(~finite & (np.asarray(x) > 0))):
+            return False
+        largest = float(np.max(magnitude, where=finite, initial=0.0))
     small = magnitude < np.float32(largest * 2.0**-_EXACT_BINADE_GAP)
     return not small.any() or not np.count_nonzero(magnitude[small])
 
@@ -378,6 +383,8 @@ def softmax_gradients(logits: FloatArray, coefficients: FloatArray,
         grad -= a
         others = total - a[rows, top]
         grad[rows, top] = others + total * np.expm1(-parts.log_t)
+    # a row without weight (ignored) has gradient 0, also where every entry is masked (NaN p)
+    grad[total == 0] = 0.0
     return grad
 
 
@@ -395,6 +402,7 @@ def softmax_index_gradients(logits: FloatArray, target: FloatArray, weight: Floa
         at_target = np.where(target == top, np.expm1(-parts.log_t), at_target)
         p[rows, target] = at_target
         p *= w[:, None]
+        p[w == 0] = 0.0  # an ignored row, also one whose every entry is masked (NaN p)
         return p
 
 

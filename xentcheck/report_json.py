@@ -122,6 +122,7 @@ def scenario_json(result: ScenarioResult) -> dict[str, Any]:
             "max_logit": number(stats.max_logit),
             "max_abs_logit": number(stats.max_abs_logit),
             "max_spread": number(stats.max_spread),
+            "masked_logits": stats.masked.entries,
         },
     }
 

@@ -382,7 +382,15 @@ def _find_first(
 def _may_hold_nonfinite(chunk: FloatArray) -> bool:
     """False only if every value is finite: a NaN makes the maximum NaN, an infinity the
     maximum or minimum infinite. Two reductions in the chunk's own dtype, no copy."""
-    return not (np.isfinite(np.max(chunk)) and np.isfinite(np.min(chunk)))
+    with np.errstate(invalid="ignore"):  # ml_dtypes' bfloat16 reduction warns on NaN
+        return not (np.isfinite(np.max(chunk)) and np.isfinite(np.min(chunk)))
+
+
+def _may_hold_nan_or_inf(chunk: FloatArray) -> bool:
+    """False only if the chunk holds neither NaN nor +inf (-inf, a masked logit, may be
+    there): a NaN makes the maximum NaN, a +inf makes it +inf. One reduction, no copy."""
+    with np.errstate(invalid="ignore"):  # ml_dtypes' bfloat16 reduction warns on NaN
+        return not bool(np.max(chunk) < np.inf)
 
 
 def _value_at(array: FloatArray, index: list[int]) -> float:
@@ -398,10 +406,16 @@ def _checked_logits(logits: FloatArray, family: str, from_logits: bool) -> Float
         raise InputError(f"must be floating point, not {array.dtype}", field=key)
     if array.ndim == 0 or array.size == 0:
         raise InputError("must be a non-empty array (a list of logits per example)", field=key)
-    where = _find_first(array, lambda v: ~np.isfinite(v), _may_hold_nonfinite)
+    if from_logits:
+        # -inf is a masked entry (a padded vocabulary, constrained decoding): exp gives 0, as
+        # in the frameworks. +inf and NaN have no such meaning.
+        where = _find_first(array, lambda v: np.isnan(v) | (v == np.inf), _may_hold_nan_or_inf)
+        allowed = "; inputs must be finite (or -inf, a masked entry)"
+    else:
+        where = _find_first(array, lambda v: ~np.isfinite(v), _may_hold_nonfinite)
+        allowed = "; inputs must be finite"
     if where is not None:
-        raise InputError(f"holds {_value_at(array, where)} at index {where}; inputs must be "
-                         "finite", field=key)
+        raise InputError(f"holds {_value_at(array, where)} at index {where}{allowed}", field=key)
     if not from_logits:
         where = _find_first(array, lambda v: (v < 0) | (v > 1))
         if where is not None:

@@ -13,7 +13,8 @@ and records the first place where the step *created* trouble from clean operands
     a pole was hit: the operand was an exact zero (usually flushed by an earlier stage);
 ``underflow``
     at a position the pipeline marks *critical* (a value that will be logged or divided by,
-    whose exact value is positive), the result is zero or subnormal while no operand was.
+    whose exact value is positive), the result is zero or subnormal while no operand was,
+    and every operand was finite (``exp(-inf) = 0``, a masked logit's, is exact).
 
 Trouble is only looked for at the positions that reach the loss (``where``; by default every
 row that is not ignored), so the harmless underflow of exp for a non-target class or a NaN in
@@ -210,11 +211,15 @@ class StageRunner:
         if not positions[0].size:
             return
         tiny = np.abs(out[positions].astype(np.float64)) < self.precision.tiny
-        if not fresh_tiny:
-            # A zero that came in is not this step's doing; it was reported where it began.
-            for operand in operands:
-                value = np.broadcast_to(np.asarray(operand), out.shape)[positions]
-                tiny &= np.abs(value.astype(np.float64)) >= self.precision.tiny
+        for operand in operands:
+            value = np.abs(np.broadcast_to(np.asarray(operand), out.shape)[positions]
+                           .astype(np.float64))
+            # An infinite operand makes a zero exact (exp(-inf), a masked logit's, or 1/inf):
+            # only finite operands flushed to zero underflow.
+            tiny &= value < np.inf
+            if not fresh_tiny:
+                # A zero that came in is not this step's doing; it was reported where it began.
+                tiny &= value >= self.precision.tiny
         if tiny.any():
             first = int(np.argmax(tiny))  # np.nonzero lists positions in C order
             self._record_index(stage, "underflow", tuple(int(p[first]) for p in positions))
