@@ -16,6 +16,7 @@ from typing import TypeVar
 import numpy as np
 
 from .arrays import release_pages
+from .backward import reduction_gradient
 from .case import Case
 from .pipelines import Block, Pipeline, Saved, reduce_losses
 from .precision import FloatArray, Precision
@@ -188,7 +189,8 @@ class PipelineRun:
         weights = case.spec.class_weights
         if weights is not None:
             weights = self.precision.round(weights).astype(np.float64)
-        upstream = upstream_gradient(case, denominators, weights)
+        upstream = reduction_gradient(self.precision, case.spec.reduction,
+                                      denominators.mean_denominator(case, weights))
         runner = StageRunner(self.precision, self.gradient_runner.stages, self._known_backward)
         runner.bind(_watched_rows(case, block), block.start)
         return self.pipeline.backward(runner, block, upstream, saved), runner.events
