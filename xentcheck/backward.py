@@ -39,14 +39,14 @@ backward it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .case import softmax_coefficients, target_coefficients
-from .precision import FloatArray, Precision
-from .stages import StageRunner
+from .precision import FloatArray, Operand, Precision
+from .stages import StageEvent, StageRunner
 
 if TYPE_CHECKING:
     from .pipelines import Block, Pipeline, Saved
@@ -278,5 +278,70 @@ def sigmoid_stable(pipeline: Pipeline, run: StageRunner, block: Block, upstream:
         "exp", fwd.negate("exp", x))))
     pz = fwd.multiply("combine", pw, target)
     factor = fwd.subtract("combine", fwd.add("combine", pz, 1.0), target)
-    grad = fwd.subtract("combine", fwd.multiply("combine", sig, factor), pz)
+    # the kernel's last step, watched: nothing before it is the gradient's doing
+    grad = run.subtract("combine", fwd.multiply("combine", sig, factor), pz, blame=[])
     return run.multiply("weight", grad, scale, blame=[grad, scale])
+
+
+# -- locating a bad entry --------------------------------------------------------------------
+
+
+class EntryTracer(StageRunner):
+    """A runner that follows one entry of one row's gradient through the backward pass.
+
+    Bound to a single row, it looks at every step's result in the entry's column (or the
+    row's one value, for row sums) and records the first step that made it NaN, infinite,
+    or zero/subnormal while the operands it is blamed on were not. The backward runner
+    watches every position for NaN and overflow, but not for flushes (an exact 0 is most
+    of a gradient); re-running the one row whose entry was flushed finds where it happened.
+    """
+
+    def __init__(self, precision: Precision, stages: Sequence[str], column: int) -> None:
+        super().__init__(precision, stages)
+        self.column = column
+
+    def _watch(self, stage: str, out: FloatArray, operands: Sequence[Operand],
+               **kwargs: Any) -> None:
+        if stage not in self.stages:
+            raise ValueError(f"stage {stage!r} is not declared by the pipeline")
+        array = np.asarray(out)
+        if array.ndim == 0:
+            return
+        position = (0,) if array.ndim == 1 else (0, min(self.column, array.shape[-1] - 1))
+        value = float(array[position])
+        reduced = kwargs.get("reduced_axis") is not None
+        inputs = []
+        for operand in operands:
+            values = np.asarray(operand, dtype=np.float64)
+            if reduced:
+                inputs.append(values.reshape(-1))  # a row sum: every term of the row
+            else:
+                inputs.append(np.broadcast_to(values, array.shape)[position].reshape(-1))
+        given = np.concatenate(inputs) if inputs else np.zeros(0)
+        tiny = self.precision.tiny
+        if np.isnan(value):
+            if not np.isnan(given).any():
+                self._record_index(stage, "nan", position)
+        elif np.isinf(value):
+            if np.isfinite(given).all():
+                self._record_index(stage, "overflow", position)
+        elif abs(value) < tiny:
+            # from forward values alone (a fused kernel's step), or from operands that were
+            # not tiny (all of them; for a row sum, any)
+            fresh = (not given.size or (np.abs(given) >= tiny).any() if reduced
+                     else (np.abs(given) >= tiny).all())
+            if fresh:
+                self._record_index(stage, "underflow", position)
+
+
+def trace_entry(pipeline: Pipeline, precision: Precision, block: Block, column: int,
+                upstream: float) -> StageEvent | None:
+    """The first backward step that turned entry ``column`` of the block's single row bad
+    (NaN, infinite, or flushed to zero), indexed by that entry; None if no step did."""
+    tracer = EntryTracer(precision, tuple(reversed(pipeline.all_stages)), column)
+    tracer.bind(np.ones(1, dtype=bool), block.start)
+    pipeline.backward(tracer, block, upstream, {})
+    event = tracer.first_event()
+    if event is None:
+        return None
+    return StageEvent(event.stage, event.kind, (block.start, column))

@@ -14,6 +14,7 @@ from itertools import combinations
 import numpy as np
 
 from . import reference as ref
+from .backward import trace_entry
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements
 from .execution import (
     BlockRun,
@@ -320,15 +321,23 @@ class _Pass:
 
 @dataclass
 class _GradientStats:
-    """A run's gradient against the reference gradient, gathered block by block."""
+    """A run's gradient against the reference gradient, gathered block by block.
+
+    The error is normwise, ``max |g - g_ref| / max |g_ref|``; where the reference gradient
+    is identically zero (one class; every row ignored) it is the absolute error
+    ``max |g|`` instead, judged against the absolute tolerance, so an exact 0 has error 0.
+    An entry that is NaN makes the error NaN, an infinite one (and no NaN) inf.
+    """
 
     largest_error: float = 0.0
     largest_reference: float = 0.0
     nan: bool = False
     inf: bool = False
-    zeroed: tuple[int, ...] | None = None  # first entry flushed to 0 that should not be
+    zeroed: tuple[int, int] | None = None  # first entry flushed to 0 that should not be
+    nonfinite: tuple[int, int] | None = None  # first NaN or infinite entry
     seen: bool = False
-    # per row: max |g - g_ref| / max |g_ref| (NaN where the row's gradient is not finite)
+    # per row: max |g - g_ref| / max |g_ref| (the absolute error where the row's reference
+    # is 0; NaN where the row's gradient is not finite)
     rows: list[FloatArray] = field(default_factory=list)
 
     def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
@@ -350,9 +359,13 @@ class _GradientStats:
         row_reference = np.maximum(reference.max(axis=-1), -reference.min(axis=-1))
         bad_rows = ~np.isfinite(row_error)
         if bad_rows.any():
+            first_row = int(np.argmax(bad_rows))
             bad = np.asarray(computed[bad_rows], dtype=np.float64)
             self.nan |= bool(np.isnan(bad).any())
             self.inf |= bool(np.isinf(bad).any())
+            if self.nonfinite is None:
+                column = int(np.argmax(~np.isfinite(bad[0])))
+                self.nonfinite = (block.start + first_row, column)
         finite_rows = row_error[~bad_rows]
         if finite_rows.size:
             self.largest_error = max(self.largest_error, float(finite_rows.max()))
@@ -368,8 +381,7 @@ class _GradientStats:
                                                 reference.shape)
                     self.zeroed = (block.start + int(row), int(col))
         with np.errstate(invalid="ignore", divide="ignore"):
-            relative = np.where(row_reference == 0, np.where(row_error == 0, 0.0, np.inf),
-                                row_error / row_reference)
+            relative = np.where(row_reference == 0, row_error, row_error / row_reference)
         self.rows.append(np.where(bad_rows, np.nan, relative))
 
     def merge(self, later: _GradientStats) -> None:
@@ -380,17 +392,37 @@ class _GradientStats:
         self.nan |= later.nan
         self.inf |= later.inf
         self.zeroed = self.zeroed if self.zeroed is not None else later.zeroed
+        self.nonfinite = self.nonfinite if self.nonfinite is not None else later.nonfinite
         self.rows.extend(later.rows)
 
+    @property
+    def absolute(self) -> bool:
+        """Whether the error is absolute (the reference gradient is identically zero)."""
+        return self.largest_reference == 0
+
     def error(self) -> float | None:
-        """Normwise relative error: largest |g - g_ref| over largest |g_ref| (None: none)."""
+        """The gradient's error (None: no gradient was checked); see the class docstring."""
         if not self.seen:
             return None
         if self.nan:
             return float("nan")
-        if self.largest_reference == 0:
-            return 0.0 if self.largest_error == 0 else float("inf")
+        if self.inf:
+            return float("inf")
+        if self.absolute:
+            return self.largest_error
         return self.largest_error / self.largest_reference
+
+    def beyond(self, tol: Tolerance) -> bool:
+        """Whether a finite error is beyond the tolerance (absolute or relative, as kind)."""
+        error = self.error()
+        if error is None or not np.isfinite(error):
+            return False
+        return bool(error > (tol.abs if self.absolute else tol.rel))
+
+    def first_bad_entry(self) -> tuple[int, int] | None:
+        """The entry to trace when no backward step was seen to go bad: the first non-finite
+        one, else the first flushed one."""
+        return self.nonfinite if self.nonfinite is not None else self.zeroed
 
 
 @dataclass
@@ -531,14 +563,28 @@ def _headroom(limit: float | None, value: float | None) -> float | None:
 
 
 def _gradient_flags(stats: _GradientStats, tol: Tolerance) -> tuple[str, ...]:
-    error = stats.error()
     raised = {
         "nan": stats.nan,
         "inf": stats.inf,
         "zeroed": stats.zeroed is not None,
-        "precision_loss": error is not None and bool(np.isfinite(error)) and error > tol.rel,
+        "precision_loss": stats.beyond(tol),
     }
     return tuple(flag for flag in GRAD_FLAGS if raised[flag])
+
+
+def _gradient_first_bad(case: Case, run: PipelineRun, denominators: Denominators,
+                        stats: _GradientStats) -> StageEvent | None:
+    """Where the gradient went bad: the backward runner's first event, or, where it saw
+    none (a flush to zero is not watched for), the first step that turned the first bad
+    entry bad, found by re-running that entry's row alone."""
+    event = run.gradient_runner.first_event()
+    entry = stats.first_bad_entry()
+    if event is not None or entry is None:
+        return event
+    row, column = entry
+    block = Block(case, case.logits_rows(row, row + 1), case.labels_rows(row, row + 1), row)
+    return trace_entry(run.pipeline, run.precision, block, column,
+                       run.upstream(case, denominators))
 
 
 def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
@@ -580,7 +626,8 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         grad_error=gradient.error(),
         grad_row_errors=np.concatenate(gradient.rows) if gradient.rows else None,
         grad_flags=_gradient_flags(gradient, tol),
-        grad_first_bad=_located(case, run.gradient_runner.first_event()),
+        grad_first_bad=_located(case, _gradient_first_bad(case, run, collected.denominators,
+                                                          gradient)),
     )
 
 
