@@ -4,7 +4,8 @@ A pipeline turns a block of rows into per-example losses in the storage dtype by
 named steps on a :class:`~xentcheck.stages.StageRunner`, which rounds and watches every step.
 The batch reduction (``sum``/``mean``) is the same for every pipeline and lives in
 :func:`reduce_losses`. Adding a formulation means adding a class here and registering it;
-the evaluator, the reference and the reports do not change.
+the evaluator, the reference and the reports do not change. Backward passes live in
+:mod:`xentcheck.backward`.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class Pipeline(ABC):
                  saved: Saved | None = None) -> FloatArray | None:
         """The gradient of the loss with respect to the inputs, ``(N, C)`` in D, computed as
         automatic differentiation of this formulation computes it; None where the
-        formulation has no gradient to check (probability inputs). ``saved`` holds the
-        forward values :meth:`per_example` kept for this block; missing ones are recomputed."""
+        formulation has no gradient to check (probability inputs). ``upstream`` is
+        d(reduced loss) / d(per-example loss), a value of D; ``saved`` holds the forward
+        values :meth:`per_example` kept for this block; missing ones are recomputed."""
         return None
 
     @property
