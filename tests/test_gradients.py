@@ -98,7 +98,8 @@ def test_naive_gradient_is_nan_from_log_while_stable_is_exact() -> None:
     naive, shifted, stable = result.findings
     assert naive.grad_flags == ("nan",) and naive.grad_first_bad is not None
     assert (naive.grad_first_bad.stage, naive.grad_first_bad.kind) == ("log", "nan")
-    assert naive.grad_first_bad.index == (0, 1)  # the target: p = inf/inf = NaN, g/p = NaN
+    # p = inf/inf = NaN in every class: g/p is NaN from the first (torch: all NaN)
+    assert naive.grad_first_bad.index == (0, 0)
     assert shifted.grad_first_bad is not None and shifted.grad_first_bad.stage == "log"
     # softmax - onehot = [0, -1, 1] (e^-500 is 0 in float32): exact
     assert stable.grad_error == 0.0 and stable.grad_flags == ()
@@ -231,3 +232,105 @@ def test_integer_labels_backward_equals_the_one_hot_backward(name: str, dtype: s
     want, _ = _gradient_and_events(name, "softmax", dtype, dense, fed=True)
     np.testing.assert_array_equal(got, want)
     assert _gradient_and_events(name, "softmax", dtype, sparse, fed=True)[0].shape == x.shape
+
+
+# -- the gradient's flags agree with themselves -------------------------------------------------
+
+
+def _sweep_cases() -> list[Case]:
+    rng = np.random.default_rng(10)
+    cases = []
+    for classes in (1, 2, 3, 7, 40, 300):
+        for scale in (0.5, 8.0, 60.0, 400.0, 3000.0):
+            rows = 4
+            x = rng.normal(0, scale, (rows, classes))
+            t = rng.integers(0, classes, rows)
+            cases.append(Case(f"i{classes}-{scale}", x, t, "index", LossSpec()))
+            ignored = t.copy()
+            ignored[::2] = -100
+            cases.append(Case(f"g{classes}-{scale}", x, ignored, "index", LossSpec(
+                ignore_index=-100, class_weights=rng.uniform(0.1, 3, classes),
+                reduction="sum")))
+            cases.append(Case(f"s{classes}-{scale}", x, t, "index", LossSpec(
+                label_smoothing=0.1, reduction="none")))
+            cases.append(Case(f"d{classes}-{scale}", x, rng.dirichlet(np.ones(classes), rows),
+                              "probabilities", LossSpec()))
+            z = rng.integers(0, 2, (rows, classes)).astype(float)
+            cases.append(Case(f"b{classes}-{scale}", x, z, "binary", LossSpec(
+                family="sigmoid", pos_weight=rng.uniform(0.5, 3, classes))))
+        cases.append(Case(f"all-ignored{classes}", rng.normal(0, 3, (3, classes)),
+                          np.full(3, -1), "index", LossSpec(ignore_index=-1)))
+    return cases
+
+
+@pytest.mark.parametrize("case", _sweep_cases(), ids=lambda c: c.name)
+def test_gradient_flags_errors_and_stages_agree(case: Case) -> None:
+    result = evaluate(case, precisions_for(["float16", "bfloat16", "float32", "float64"]),
+                      available(case.spec.family, True))
+    labels = np.asarray(case.labels)
+    zero_reference = case.spec.family == "softmax" and (
+        case.classes == 1 or bool(np.all(labels == case.spec.ignore_index)))
+    for f in result.findings:
+        assert f.grad_error is not None
+        flags = set(f.grad_flags)
+        where = (f.pipeline, f.dtype, f.grad_flags, f.grad_error)
+        # every flag of a bad entry has its stage
+        if flags & {"nan", "inf", "zeroed"}:
+            assert f.grad_first_bad is not None, where
+        # non-finite entries <=> non-finite error, of their kind
+        assert ("nan" in flags) == bool(np.isnan(f.grad_error)), where
+        assert ("inf" in flags and "nan" not in flags) == (f.grad_error == np.inf), where
+        # a finite error beyond the tolerance <=> precision_loss
+        if np.isfinite(f.grad_error):
+            limit = f.tolerance.abs if zero_reference else f.tolerance.rel
+            assert ("precision_loss" in flags) == (f.grad_error > limit), where
+        else:
+            assert "precision_loss" not in flags, where
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_one_class_gradient_error_is_absolute(dtype: str) -> None:
+    # The true gradient of a one-class softmax is 0: the error is max |g|, not 0/0 or inf
+    case = Case("c1", np.array([[3.0], [-2.5], [700.0]]), np.array([0, 0, 0]), "index",
+                LossSpec())
+    result = evaluate(case, precisions_for([dtype]), available("softmax", True))
+    for f in result.findings:
+        computed = pipeline_gradient(f.pipeline, "softmax", dtype, case)
+        finite = computed[np.isfinite(computed)]
+        if np.isnan(computed).any():
+            assert np.isnan(f.grad_error) and "nan" in f.grad_flags
+            continue
+        largest = float(np.max(np.abs(finite))) if finite.size else 0.0
+        assert f.grad_error == (np.inf if np.isinf(computed).any() else largest)
+        assert ("precision_loss" in f.grad_flags) == (0.0 < largest < np.inf)
+    stable = next(f for f in result.findings if f.pipeline == "stable")
+    assert stable.grad_error == 0.0 and stable.grad_flags == ()
+
+
+def test_zeroed_entries_are_traced_to_the_step_that_flushed_them() -> None:
+    # sigmoid(20) - 1 = -2.06e-9 is a normal float32; the stable kernel's last step
+    # (sigmoid * 1 - 1) rounds it to 0
+    case = Case("z", np.array([20.0, -1.0]), np.array([1.0, 0.0]), "binary",
+                LossSpec(family="sigmoid"))
+    result = evaluate(case, precisions_for(["float32"]), available("sigmoid", True))
+    stable = next(f for f in result.findings if f.pipeline == "stable")
+    assert stable.grad_flags == ("zeroed",)  # normwise, -2e-9 against 0.13 is no loss
+    assert stable.grad_first_bad is not None
+    assert (stable.grad_first_bad.stage, stable.grad_first_bad.index) == ("combine", (0,))
+    # softmax, float16: exp(-20) * g underflows in the exp step's backward at class 1
+    case = Case("s", np.array([[0.0, -12.0, 3.0]]), np.array([2]), "index", LossSpec())
+    result = evaluate(case, precisions_for(["float16"]), available("softmax", True))
+    for f in result.findings:
+        if "zeroed" in f.grad_flags and not {"nan", "inf"} & set(f.grad_flags):
+            assert f.grad_first_bad is not None and f.grad_first_bad.index == (0, 1), f
+
+
+def test_a_mean_over_no_counted_row_is_nan_and_its_gradient_exactly_zero() -> None:
+    # torch: the mean of nothing is 0/0 = NaN; every row is ignored, so every gradient
+    # entry is 0 (this raised ZeroDivisionError)
+    case = Case("a", np.array([[1.0, 2.0], [3.0, -4.0]]), np.array([-100, -100]), "index",
+                LossSpec(ignore_index=-100))
+    result = evaluate(case, precisions_for(["float16", "float32"]), available("softmax", True))
+    assert result.reference.loss is not None and np.isnan(result.reference.loss)
+    for f in result.findings:
+        assert f.grad_error == 0.0 and f.grad_flags == (), f

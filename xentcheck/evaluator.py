@@ -28,7 +28,6 @@ from .execution import (
 )
 from .findings import (
     FLAGS,
-    GRAD_FLAGS,
     Finding,
     InputStats,
     MaskedInputs,
@@ -37,6 +36,9 @@ from .findings import (
     ScenarioResult,
     Tolerance,
 )
+from .gradients import GradientStats as _GradientStats
+from .gradients import gradient_first_bad as _gradient_first_bad
+from .gradients import gradient_flags as _gradient_flags
 from .limits import pipeline_limit
 from .misuse import SUM_TOLERANCE, check_case, masked_inputs, merge_masked
 from .pipelines import Block, Pipeline
@@ -361,81 +363,6 @@ class _Pass:
 
 
 @dataclass
-class _GradientStats:
-    """A run's gradient against the reference gradient, gathered block by block."""
-
-    largest_error: float = 0.0
-    largest_reference: float = 0.0
-    nan: bool = False
-    inf: bool = False
-    zeroed: tuple[int, ...] | None = None  # first entry flushed to 0 that should not be
-    seen: bool = False
-    # per row: max |g - g_ref| / max |g_ref| (NaN where the row's gradient is not finite)
-    rows: list[FloatArray] = field(default_factory=list)
-
-    def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
-            precision: Precision) -> None:
-        self.seen = True
-        computed = np.asarray(gradient).reshape(reference.shape)  # in D: no float64 copy
-        counted = (block.valid[:, None] if block.case.spec.family == "softmax"
-                   else block.valid_elements)
-        if not np.all(counted):  # ignored rows or targets count nowhere
-            computed = np.where(counted, computed, 0).astype(computed.dtype, copy=False)
-            reference = np.where(counted, reference, 0.0)
-        with np.errstate(invalid="ignore"):
-            # |g - g_ref| in float64 (numpy widens D in the loop); NaN where g is NaN or
-            # inf - inf. Reused in place: these are the block's largest temporaries.
-            error = np.subtract(computed, reference, dtype=np.float64)
-            np.abs(error, out=error)
-        row_error = error.max(axis=-1)  # NaN propagates: a row with a NaN entry is NaN
-        del error
-        row_reference = np.maximum(reference.max(axis=-1), -reference.min(axis=-1))
-        bad_rows = ~np.isfinite(row_error)
-        if bad_rows.any():
-            bad = np.asarray(computed[bad_rows], dtype=np.float64)
-            self.nan |= bool(np.isnan(bad).any())
-            self.inf |= bool(np.isinf(bad).any())
-        finite_rows = row_error[~bad_rows]
-        if finite_rows.size:
-            self.largest_error = max(self.largest_error, float(finite_rows.max()))
-        self.largest_reference = max(self.largest_reference, float(row_reference.max()))
-        if self.zeroed is None:
-            # entries flushed to 0 whose true value is a normal number of D; the comparison
-            # with 0 runs in D, and the reference is looked at only where it holds
-            flushed = np.flatnonzero(precision.iszero(computed))
-            if flushed.size:
-                harmed = np.abs(reference.ravel()[flushed]) >= precision.tiny
-                if harmed.any():
-                    row, col = np.unravel_index(int(flushed[np.argmax(harmed)]),
-                                                reference.shape)
-                    self.zeroed = (block.start + int(row), int(col))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            relative = np.where(row_reference == 0, np.where(row_error == 0, 0.0, np.inf),
-                                row_error / row_reference)
-        self.rows.append(np.where(bad_rows, np.nan, relative))
-
-    def merge(self, later: _GradientStats) -> None:
-        """Take in the statistics of a later block."""
-        self.seen |= later.seen
-        self.largest_error = max(self.largest_error, later.largest_error)
-        self.largest_reference = max(self.largest_reference, later.largest_reference)
-        self.nan |= later.nan
-        self.inf |= later.inf
-        self.zeroed = self.zeroed if self.zeroed is not None else later.zeroed
-        self.rows.extend(later.rows)
-
-    def error(self) -> float | None:
-        """Normwise relative error: largest |g - g_ref| over largest |g_ref| (None: none)."""
-        if not self.seen:
-            return None
-        if self.nan:
-            return float("nan")
-        if self.largest_reference == 0:
-            return 0.0 if self.largest_error == 0 else float("inf")
-        return self.largest_error / self.largest_reference
-
-
-@dataclass
 class _BlockOutcome:
     """Everything measured on one block, before it is merged (in input order)."""
 
@@ -573,17 +500,6 @@ def _headroom(limit: float | None, value: float | None) -> float | None:
     return None if limit is None or value is None else limit - value
 
 
-def _gradient_flags(stats: _GradientStats, tol: Tolerance) -> tuple[str, ...]:
-    error = stats.error()
-    raised = {
-        "nan": stats.nan,
-        "inf": stats.inf,
-        "zeroed": stats.zeroed is not None,
-        "precision_loss": error is not None and bool(np.isfinite(error)) and error > tol.rel,
-    }
-    return tuple(flag for flag in GRAD_FLAGS if raised[flag])
-
-
 def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
              tol: Tolerance, gradient: _GradientStats) -> Finding:
     loss, per_example = run.finish(case, collected.denominators)
@@ -623,7 +539,8 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         grad_error=gradient.error(),
         grad_row_errors=np.concatenate(gradient.rows) if gradient.rows else None,
         grad_flags=_gradient_flags(gradient, tol),
-        grad_first_bad=_located(case, run.gradient_runner.first_event()),
+        grad_first_bad=_located(case, _gradient_first_bad(case, run, collected.denominators,
+                                                          gradient)),
     )
 
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 import numpy as np
 
 from .arrays import release_pages
+from .backward import reduction_gradient
 from .case import Case
 from .pipelines import Block, Pipeline, Saved, reduce_losses
 from .precision import FloatArray, Precision
@@ -183,14 +184,19 @@ class PipelineRun:
         self.gradient_runner.absorb(events)
         return gradient
 
-    def _backward(self, case: Case, block: Block, denominators: Denominators,
-                  saved: Saved) -> tuple[FloatArray | None, list[StageEvent]]:
+    def upstream(self, case: Case, denominators: Denominators) -> float:
+        """d(reduced loss) / d(per-example loss) in D, as autograd forms it."""
         weights = case.spec.class_weights
         if weights is not None:
             weights = self.precision.round(weights).astype(np.float64)
-        upstream = upstream_gradient(case, denominators, weights)
+        return reduction_gradient(self.precision, case.spec.reduction,
+                                  denominators.mean_denominator(case, weights))
+
+    def _backward(self, case: Case, block: Block, denominators: Denominators,
+                  saved: Saved) -> tuple[FloatArray | None, list[StageEvent]]:
         runner = StageRunner(self.precision, self.gradient_runner.stages, self._known_backward)
         runner.bind(_watched_rows(case, block), block.start)
+        upstream = self.upstream(case, denominators)
         return self.pipeline.backward(runner, block, upstream, saved), runner.events
 
     def finish(self, case: Case, denominators: Denominators) -> tuple[FloatArray, FloatArray]:
@@ -213,10 +219,12 @@ def _watched_rows(case: Case, block: Block) -> FloatArray:
 
 def upstream_gradient(case: Case, denominators: Denominators,
                       weights: FloatArray | None) -> float:
-    """d(loss) / d(per-example loss): one over the mean's denominator, else 1."""
+    """d(loss) / d(per-example loss): one over the mean's denominator, else 1. With nothing
+    counted (every row ignored) the mean is 0/0 and no example has a gradient to scale: 0."""
     if case.spec.reduction != "mean":
         return 1.0
-    return 1.0 / denominators.mean_denominator(case, weights)
+    denominator = denominators.mean_denominator(case, weights)
+    return 0.0 if denominator == 0 else 1.0 / denominator
 
 
 def run_pipeline(

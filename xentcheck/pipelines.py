@@ -4,20 +4,22 @@ A pipeline turns a block of rows into per-example losses in the storage dtype by
 named steps on a :class:`~xentcheck.stages.StageRunner`, which rounds and watches every step.
 The batch reduction (``sum``/``mean``) is the same for every pipeline and lives in
 :func:`reduce_losses`. Adding a formulation means adding a class here and registering it;
-the evaluator, the reference and the reports do not change.
+the evaluator, the reference and the reports do not change. Backward passes live in
+:mod:`xentcheck.backward`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 
-from .case import Case, softmax_coefficients, target_coefficients, valid_elements, valid_rows
+from . import backward as autodiff
+from .case import Case, valid_elements, valid_rows
 from .errors import UsageError
 from .precision import FloatArray
 from .stages import StageRunner
@@ -99,8 +101,9 @@ class Pipeline(ABC):
                  saved: Saved | None = None) -> FloatArray | None:
         """The gradient of the loss with respect to the inputs, ``(N, C)`` in D, computed as
         automatic differentiation of this formulation computes it; None where the
-        formulation has no gradient to check (probability inputs). ``saved`` holds the
-        forward values :meth:`per_example` kept for this block; missing ones are recomputed."""
+        formulation has no gradient to check (probability inputs). ``upstream`` is
+        d(reduced loss) / d(per-example loss), a value of D; ``saved`` holds the forward
+        values :meth:`per_example` kept for this block; missing ones are recomputed."""
         return None
 
     @property
@@ -137,8 +140,10 @@ def _softmax_nll(run: StageRunner, block: Block, logp: FloatArray) -> FloatArray
     else:
         target = run.cast("cast", block.labels)
         if smoothing:
-            target = run.add("smooth", run.multiply("smooth", target, 1.0 - smoothing),
-                             smoothing / classes)
+            # torch adds a Python number to a 16-bit tensor after storing it in D (it
+            # multiplies by one kept in float32): e / C is rounded to D first
+            share = run.precision.round(np.float64(smoothing / classes))
+            target = run.add("smooth", run.multiply("smooth", target, 1.0 - smoothing), share)
         if weights is not None:
             target = run.multiply("weight", target, weights)
         loss = run.negate("nll", run.sum("nll", run.multiply("nll", target, logp)))
@@ -180,7 +185,7 @@ class SoftmaxNaive(Pipeline):
 
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
-        return _softmax_backward_naive(self, run, block, upstream, saved or {})
+        return autodiff.softmax_naive(self, run, block, upstream, saved or {})
 
 
 class SoftmaxShifted(Pipeline):
@@ -196,7 +201,7 @@ class SoftmaxShifted(Pipeline):
 
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
-        return _softmax_backward_shifted(self, run, block, upstream, saved or {})
+        return autodiff.softmax_shifted(self, run, block, upstream, saved or {})
 
 
 class SoftmaxStable(Pipeline):
@@ -215,7 +220,7 @@ class SoftmaxStable(Pipeline):
 
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
-        return _softmax_backward_stable(self, run, block, upstream, saved or {})
+        return autodiff.softmax_stable(self, run, block, upstream, saved or {})
 
 
 def _normalised_probabilities(run: StageRunner, block: Block, critical: FloatArray) -> FloatArray:
@@ -305,7 +310,7 @@ class SigmoidNaive(Pipeline):
 
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
-        return _sigmoid_backward_naive(self, run, block, upstream, saved or {})
+        return autodiff.sigmoid_naive(self, run, block, upstream, saved or {})
 
 
 class SigmoidStable(Pipeline):
@@ -348,7 +353,7 @@ class SigmoidStable(Pipeline):
 
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
-        return _sigmoid_backward_stable(self, run, block, upstream, saved or {})
+        return autodiff.sigmoid_stable(self, run, block, upstream, saved or {})
 
 
 class SigmoidProbabilitiesNaive(Pipeline):
@@ -444,168 +449,3 @@ def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pip
             f"choose from {', '.join(by_name)}"
         )
     return tuple(by_name[n] for n in dict.fromkeys(names))
-
-
-# -- backward passes ---------------------------------------------------------------------------
-#
-# Each formulation's gradient with respect to its logits, computed the way automatic
-# differentiation of that formulation computes it (PyTorch's backward formulas, in D):
-# the textbook softmax differentiates through log and the division, so a probability that
-# underflowed to 0 becomes 0 * inf = NaN; the fused log-softmax and BCE-with-logits kernels
-# use their closed forms (softmax - target, sigmoid - target). ``upstream`` is d(loss) /
-# d(per-example loss): 1 / denominator for ``mean``, 1 otherwise. Forward values come from
-# the forward pass of the same block (``saved``) or are recomputed with an unwatched runner;
-# the backward runner watches only the gradient.
-
-
-def _quiet(run: StageRunner, pipeline: Pipeline, block: Block) -> StageRunner:
-    """A runner for recomputing forward values: same precision, its events discarded."""
-    return StageRunner(run.precision, pipeline.all_stages).bind(run.valid_rows, run.row_offset)
-
-
-def _softmax_coefficients_in(run: StageRunner, block: Block) -> FloatArray:
-    """The loss's coefficients a[i, c] (weights, smoothing, labels) stored in D."""
-    return run.precision.round(softmax_coefficients(block.case, block.labels))
-
-
-def _textbook_forward(fwd: StageRunner, z: Callable[[], FloatArray],
-                      saved: Saved) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """``e = exp(z)``, ``s = sum(e)``, ``p = e / s``: kept by the forward pass, or recomputed."""
-    if all(name in saved for name in ("exp", "sum", "divide")):
-        return saved["exp"], saved["sum"], saved["divide"]
-    e = fwd.exp("exp", z())
-    s = fwd.sum("sum", e, keepdims=True)
-    return e, s, fwd.divide("divide", e, s)
-
-
-def _textbook_softmax_backward(
-    run: StageRunner, fwd: StageRunner, block: Block, forward: tuple[FloatArray, ...],
-    upstream: float,
-) -> FloatArray:
-    critical = _textbook_critical(block)
-    e, s, p = forward
-    grad_logp, _ = _nll_backward(run, block, upstream, need_total=False)
-    # log's backward: g / p, only where the formulation took the log
-    grad_p = np.where(critical, run.divide("log", grad_logp, p, blame=[grad_logp],
-                                           where=critical), 0.0)
-    grad_p = run.precision.round(grad_p)
-    # p = e / s: d/de = g / s; d/ds = -sum(g e / s^2) (PyTorch's div backward)
-    grad_e = run.divide("divide", grad_p, s, blame=[grad_p])
-    ratio = run.divide("divide", run.multiply("divide", grad_p, e, blame=[grad_p]),
-                       fwd.multiply("divide", s, s), blame=[grad_p])
-    grad_s = run.negate("divide", run.sum("divide", ratio, keepdims=True))
-    grad_e = run.add("sum", grad_e, grad_s, blame=[grad_e, grad_s])
-    return run.multiply("exp", grad_e, e, blame=[grad_e])  # exp's backward: g * exp(z)
-
-
-def _softmax_backward_naive(self: Pipeline, run: StageRunner, block: Block,
-                            upstream: float, saved: Saved) -> FloatArray:
-    fwd = _quiet(run, self, block)
-    forward = _textbook_forward(fwd, lambda: fwd.cast("cast", block.logits), saved)
-    return _textbook_softmax_backward(run, fwd, block, forward, upstream)
-
-
-def _softmax_backward_shifted(self: Pipeline, run: StageRunner, block: Block,
-                              upstream: float, saved: Saved) -> FloatArray:
-    fwd = _quiet(run, self, block)
-    x = saved["cast"] if "cast" in saved else fwd.cast("cast", block.logits)
-    forward = _textbook_forward(fwd, lambda: fwd.subtract("shift", x, fwd.max("shift", x)),
-                                saved)
-    grad_z = _textbook_softmax_backward(run, fwd, block, forward, upstream)
-    # z = x - max(x): x gets grad_z, and the max's position also gets -sum(grad_z)
-    top = np.argmax(np.asarray(x), axis=-1)
-    back = run.negate("shift", run.sum("shift", grad_z))
-    return run.add("shift", grad_z, run.scatter("shift", grad_z.shape, top, back),
-                   blame=[grad_z, back[:, None]])
-
-
-def _nll_backward(run: StageRunner, block: Block, upstream: float, *,
-                  need_total: bool = True) -> tuple[FloatArray, FloatArray | None]:
-    """d loss / d log p in D, ``(N, C)``, and (``need_total``) its row sums ``(N, 1)``.
-
-    With integer labels the gradient has one non-zero entry per row, ``-a_t upstream``: it is
-    formed on the targets alone and scattered, and its row sum is that entry exactly, unless
-    a product is not finite (then the dense steps run, so the event is located as usual).
-    """
-    case = block.case
-    if case.label_kind == "index" and not case.spec.label_smoothing:
-        coef = run.precision.round(target_coefficients(case, block.labels))
-        with np.errstate(all="ignore"):
-            at_target = run.precision.round(
-                coef.astype(run.precision.compute_dtype) * -upstream)
-        if run.precision.all_finite(at_target):
-            grad = run.scatter("nll", block.logits.shape, block.target, at_target)
-            return grad, at_target[:, None]
-    grad = run.multiply("nll", _softmax_coefficients_in(run, block), -upstream)
-    return grad, run.sum("log_softmax", grad, keepdims=True) if need_total else None
-
-
-def _softmax_backward_stable(self: Pipeline, run: StageRunner, block: Block,
-                             upstream: float, saved: Saved) -> FloatArray:
-    fwd = _quiet(run, self, block)
-    log_softmax = saved.get("log_softmax")
-    if log_softmax is None:
-        x = fwd.cast("cast", block.logits)
-        z = fwd.subtract("shift", x, fwd.max("shift", x))
-        log_softmax = fwd.subtract("log_softmax", z, fwd.log("log", fwd.sum(
-            "sum", fwd.exp("exp", z), keepdims=True)))
-    # log_softmax's backward: g - exp(log_softmax) * sum(g)
-    grad, total = _nll_backward(run, block, upstream)
-    assert total is not None
-    softmax = fwd.exp("log_softmax", log_softmax)
-    return run.subtract("log_softmax", grad,
-                        run.multiply("log_softmax", softmax, total, blame=[total]),
-                        blame=[grad])
-
-
-def _binary_parts(run: StageRunner, block: Block, upstream: float) -> tuple[
-        FloatArray, FloatArray, FloatArray]:
-    """Targets, pos_weight (1 when absent) and the upstream gradient times the weights."""
-    spec = block.case.spec
-    target = run.precision.round(np.asarray(block.labels, dtype=np.float64))
-    pos = run.precision.round(np.float64(1.0) if spec.pos_weight is None
-                              else np.asarray(spec.pos_weight, dtype=np.float64))
-    scale = np.where(block.valid_elements, upstream, 0.0)
-    if spec.class_weights is not None:
-        scale = scale * np.asarray(spec.class_weights, dtype=np.float64)
-    return target, pos, run.precision.round(scale)
-
-
-def _sigmoid_backward_naive(self: Pipeline, run: StageRunner, block: Block,
-                            upstream: float, saved: Saved) -> FloatArray:
-    fwd = _quiet(run, self, block)
-    if all(name in saved for name in ("exp", "add", "divide", "complement")):
-        e, d, s, q = saved["exp"], saved["add"], saved["divide"], saved["complement"]
-    else:
-        x = fwd.cast("cast", block.logits)
-        e = fwd.exp("exp", fwd.negate("exp", x))
-        d = fwd.add("add", 1.0, e)
-        s = fwd.divide("divide", 1.0, d)
-        q = fwd.subtract("complement", 1.0, s)
-    target, pos, scale = _binary_parts(run, block, upstream)
-    grad_loss = run.negate("combine", scale, blame=[scale])
-    grad_log_s = run.multiply("combine", run.multiply("combine", grad_loss, target,
-                                                      blame=[grad_loss]), pos, blame=[grad_loss])
-    grad_log_q = run.multiply("combine", grad_loss, run.subtract("combine", 1.0, target),
-                              blame=[grad_loss])
-    grad_s = run.divide("log", grad_log_s, s, blame=[grad_log_s])
-    grad_q = run.divide("log", grad_log_q, q, blame=[grad_log_q])
-    grad_s = run.subtract("complement", grad_s, grad_q, blame=[grad_s, grad_q])
-    # s = 1 / d: d/dd = -g / d^2; d = 1 + e; e = exp(-x): d/dx = -g e
-    grad_d = run.negate("divide", run.divide("divide", grad_s, fwd.multiply("divide", d, d),
-                                             blame=[grad_s]))
-    return run.negate("exp", run.multiply("exp", grad_d, e, blame=[grad_d]))
-
-
-def _sigmoid_backward_stable(self: Pipeline, run: StageRunner, block: Block,
-                             upstream: float, saved: Saved) -> FloatArray:
-    fwd = _quiet(run, self, block)
-    x = fwd.cast("cast", block.logits)
-    target, pos, scale = _binary_parts(run, block, upstream)
-    # BCE-with-logits backward: (sigmoid(x) (pw z + 1 - z) - pw z) g
-    sig = fwd.divide("combine", 1.0, fwd.add("combine", 1.0, fwd.exp(
-        "exp", fwd.negate("exp", x))))
-    pz = fwd.multiply("combine", pos, target)
-    factor = fwd.subtract("combine", fwd.add("combine", pz, 1.0), target)
-    grad = fwd.subtract("combine", fwd.multiply("combine", sig, factor), pz)
-    return run.multiply("weight", grad, scale, blame=[grad, scale])

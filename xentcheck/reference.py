@@ -349,7 +349,9 @@ def reduce(per_example: FloatArray, reduction: str, denominator: float) -> float
     else:
         hi, lo = _dd_sum(values)
         total = float(hi + lo)
-    return total / denominator if reduction == "mean" else total
+    if reduction != "mean":
+        return total
+    return total / denominator if denominator else float("nan")  # nothing counted: 0/0
 
 
 def _softmax(parts: ShiftedLogSum) -> FloatArray:
