@@ -8,7 +8,8 @@ reads (so the suite does not need torch)::
 Each case is recorded for the formulations xentcheck's pipelines write: ``stable`` is
 ``F.cross_entropy`` (log-softmax and NLL; its probability-target form for soft labels),
 ``naive`` and ``shifted`` are autograd of the textbook formulas (``p = exp(z) / sum(exp(z))``
-with ``z = x`` or ``x - max x``; ``-log(p[t])`` for integer labels, ``-sum(y log p)`` for
+with ``z = x`` or ``x - max x``; ``-log(p)[t]`` for integer labels (the log of every
+probability, then the target's, as ``F.nll_loss(torch.log(p), t)``), ``-sum(y log p)`` for
 one-hot or soft labels), and for sigmoid ``stable`` is ``F.binary_cross_entropy_with_logits``'s
 gradient and ``naive`` autograd of ``-(z log s + (1 - z) log(1 - s))``, ``s = 1 / (1 + exp(-x))``.
 Losses are per example (``reduction='none'``); gradients are those of the mean over the
@@ -60,7 +61,7 @@ def _softmax(formulation: str, x: torch.Tensor, labels: Any,
         return -(y * torch.log(p)).sum(dim=-1), y
     keep = y != options.get("ignore_index", IGNORE)
     safe = torch.where(keep, y, torch.zeros_like(y))
-    losses = -torch.log(p.gather(-1, safe[:, None]))[:, 0]
+    losses = -torch.log(p).gather(-1, safe[:, None])[:, 0]  # log of every p, as F.nll_loss(log(p))
     return torch.where(keep, losses, torch.zeros_like(losses)), y
 
 
