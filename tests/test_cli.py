@@ -136,3 +136,19 @@ def test_force_color(write: Write) -> None:
     plain = invoke("run", str(path), "--dtype", "float32",
                    env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
     assert "\x1b[3" not in plain.stdout  # no colour codes (bold may remain)
+
+
+def one_line_error(result: click.testing.Result) -> str:
+    """The exit status is 2, stdout is empty and stderr is one line: return that line."""
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip()
+
+
+def test_a_duplicate_key_exits_2_naming_the_key_and_its_line(write: Write) -> None:
+    path = write("s.yaml", "logits: [1, 2]\nlabels: 0\nexpect:\n  - loss: finite\n"
+                           "    loss: nan\n")
+    line = one_line_error(invoke("check", str(path)))
+    assert line == (f"xentcheck: error: {path}: loss (line 5): duplicate key (first given on "
+                    "line 4); each key may appear once in a mapping")

@@ -174,3 +174,39 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         load_scenarios(tmp_path / "nope.yaml")
     with pytest.raises(InputError, match="directory"):
         load_scenarios(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "key", "line", "first"), [
+    ("logits: [1, 2]\nlabels: 0\nlabels: 1\n", "labels", 3, 2),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {rel: 0.1, rel: 0.2}\n", "rel", 3, 3),
+    ("logits: [1, 2]\nlabels: 0\nexpect:\n  - pipeline: naive\n    loss: nan\n"
+     "    loss: finite\n", "loss", 6, 5),
+    ("scenarios:\n  - logits: [1, 2]\n    labels: 0\n    name: a\n    name: b\n", "name", 5, 4),
+    ("scenarios:\n  - {logits: [1, 2], labels: 0}\nscenarios: []\n", "scenarios", 3, 1),
+    ("logits: {path: x.npz, key: a, key: b}\nlabels: 0\n", "key", 1, 1),
+])
+def test_a_duplicate_key_at_any_level_is_an_error(
+    write: Write, text: str, key: str, line: int, first: int
+) -> None:
+    # PyYAML keeps the last of two equal keys: the first would be silently replaced.
+    path = write("dup.yaml", text)
+    with pytest.raises(InputError) as caught:
+        load_scenarios(path)
+    assert caught.value.source == str(path)
+    assert caught.value.field == f"{key} (line {line})"
+    assert f"duplicate key (first given on line {first})" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_merge_key_may_still_be_overridden(write: Write) -> None:
+    path = write("merge.yaml", "scenarios:\n  - &a {name: a, logits: [1, 2], labels: 0}\n"
+                 "  - <<: *a\n    name: b\n")
+    first, second = load_scenarios(path)
+    assert (first.case.name, second.case.name) == ("a", "b")
+    assert second.case.labels.tolist() == 0
+
+
+def test_only_safe_yaml_types_are_constructed(write: Write) -> None:
+    path = write("unsafe.yaml", "logits: !!python/object/apply:os.getcwd []\nlabels: 0\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_scenarios(path)

@@ -71,17 +71,7 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         raise InputError("no such file", source=source)
     if file.is_dir():
         raise InputError("is a directory; give a scenario .yaml file", source=source)
-    try:
-        text = file.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise InputError("not a text file", source=source) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise InputError(f"{where}not valid YAML ({problem})", source=source) from None
+    node, data = read_yaml(file, source)
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise InputError("expected a mapping of scenario keys (or a 'scenarios:' list)",
                          source=source)
@@ -100,6 +90,54 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
             for i, (entry, entry_node) in enumerate(zip(entries, entry_nodes.value, strict=True))
         ]
     return [_scenario(data, node, file, source, file.stem)]
+
+
+class ScenarioLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (safe types only) that refuses a key given twice in a mapping.
+
+    PyYAML keeps the last of two equal keys, so ``labels:`` written twice silently replaces
+    the first. Keys brought in by a ``<<`` merge may still be overridden: that is what a
+    merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+                continue  # a merge may be overridden; other keys are the base class's affair
+            key = self.construct_object(key_node, deep=False)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise InputError(f"duplicate key (first given on line {seen[key]}); "
+                                 "each key may appear once in a mapping",
+                                 field=f"{key} (line {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def read_yaml(file: Path, source: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for line numbers) and its data, safe-loaded once."""
+    try:
+        text = file.read_text(encoding="utf-8")
+        loader = ScenarioLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError:
+        raise InputError("not a text file", source=source) from None
+    except InputError as exc:
+        raise exc.located(source) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{where}not valid YAML ({problem})", source=source) from None
+    return node, data
 
 
 def _value_node(node: yaml.MappingNode, key: str) -> yaml.Node:
