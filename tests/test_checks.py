@@ -159,3 +159,21 @@ def test_shipped_configs_hold() -> None:
     result = invoke("check", str(root), env={"NO_COLOR": "1"})
     assert result.exit_code == 0, result.stdout
     assert result.stdout.count("PASS") == len(list(root.glob("*.yaml")))
+
+
+def test_junit_names_say_the_expectation_as_written(write: Write, tmp_path: Path) -> None:
+    # Names held Python tuple text: "no_flags ('nan', 'inf')".
+    path = write("s.yaml", "name: s\nlogits: [1000, 2000, 2500]\nlabels: 1\nexpect:\n"
+                           "  - pipeline: [shifted, stable]\n    dtype: float64\n"
+                           "    no_flags: [nan, inf]\n    max_ulp_error: 0\n"
+                           "    first_bad_stage: null\n")
+    target = tmp_path / "junit.xml"
+    result = invoke("check", str(path), "--format", "junit", "--output", str(target),
+                    "--fail-on", "nan,inf@stable")
+    assert result.exit_code == 0
+    names = [c.get("name") for c in ET.parse(target).getroot().iter("testcase")]
+    assert names == [
+        "line 5: pipeline: [shifted, stable], dtype: float64, no_flags: [nan, inf], "
+        "max_ulp_error: 0, first_bad_stage: null",
+        "--fail-on nan,inf@stable",
+    ]

@@ -152,3 +152,44 @@ def test_a_duplicate_key_exits_2_naming_the_key_and_its_line(write: Write) -> No
     line = one_line_error(invoke("check", str(path)))
     assert line == (f"xentcheck: error: {path}: loss (line 5): duplicate key (first given on "
                     "line 4); each key may appear once in a mapping")
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize(("rule", "message"), [
+    ("nan@stabel", "--fail-on 'nan@stabel': unknown pipeline 'stabel'; pipelines are naive, "
+                   "shifted, stable, clipped"),
+    ("nan,inf@naive,fancy", "unknown pipeline 'fancy'"),
+    ("nan@", "no pipeline after '@'"),
+    ("nann@stable", "--fail-on 'nann@stable': unknown flag 'nann'; flags are nan, inf, "
+                    "overflow, underflow, precision_loss, input_rounding"),
+])
+def test_an_unknown_pipeline_or_flag_in_fail_on_exits_2(
+    write: Write, command: str, rule: str, message: str
+) -> None:
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    line = one_line_error(invoke(command, str(path), "--fail-on", rule))
+    assert message in line
+
+
+def test_fail_on_accepts_every_registered_pipeline(write: Write) -> None:
+    # clipped is a probability-input pipeline: on logits it selects nothing, and is no typo
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    assert invoke("check", str(path), "--fail-on", "nan@clipped,stable").exit_code == 0
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--rtol", "nan", "'nan' is not a finite number"),
+    ("--rtol", "inf", "'inf' is not a finite number"),
+    ("--atol", "nan", "'nan' is not a finite number"),
+    ("--atol", "-1e-3", "'-1e-3' is negative"),
+    ("--rtol", "-0.5", "'-0.5' is negative"),
+])
+def test_tolerances_on_the_command_line_are_finite_and_non_negative(
+    write: Write, option: str, value: str, message: str
+) -> None:
+    # --rtol nan was accepted and flagged every row precision_loss
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    for command in ("run", "check", "sweep"):
+        args = [command, option, value] + ([] if command == "sweep" else [str(path)])
+        line = one_line_error(invoke(*args))
+        assert f"Invalid value for '{option}': {message}" in line

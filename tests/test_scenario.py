@@ -145,6 +145,26 @@ BAD = [
     ("logits: [1, 2]\nlabels: 0\npipelines: [clipped]\n", "pipelines", "unknown pipeline"),
     ("logits: [1, 2]\nlabels: 0\ntolerance: {rel: -1}\n", "tolerance", "negative"),
     ("logits: [1, 2]\nlabels: 0\ntolerance: {rtol: 1}\n", "tolerance", "rel"),
+    # every form of tolerance: finite and non-negative
+    ("logits: [1, 2]\nlabels: 0\ntolerance: .nan\n", "tolerance", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: .inf\n", "tolerance", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: -1.0e-3\n", "tolerance", "negative"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {abs: .inf}\n", "tolerance.abs", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {float16: .nan}\n", "tolerance.float16",
+     "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {float32: {rel: -.inf}}\n",
+     "tolerance.float32.rel", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {float64: {abs: -1}}\n", "tolerance.float64",
+     "negative"),
+    # expect bounds: finite; an upper bound on an error is non-negative
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {max_ulp_error: .inf}\n", "expect[0]",
+     "finite number, not inf"),
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {max_rel_error: .nan}\n", "expect[0]",
+     "finite number, not nan"),
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {max_abs_error: -1}\n", "expect[0]",
+     "must not be negative"),
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {min_largest_safe_logit: -.inf}\n",
+     "expect[0]", "finite number, not -inf"),
     ("logits: missing.npy\nlabels: 0\n", "logits", "no such file"),
     ("logits: {path: x.npz}\nlabels: 0\n", "logits", "no such file"),
     ("- 1\n- 2\n", None, "mapping"),
@@ -210,3 +230,12 @@ def test_only_safe_yaml_types_are_constructed(write: Write) -> None:
     path = write("unsafe.yaml", "logits: !!python/object/apply:os.getcwd []\nlabels: 0\n")
     with pytest.raises(InputError, match="not valid YAML"):
         load_scenarios(path)
+
+
+def test_a_lower_bound_on_a_limit_may_be_negative(write: Write) -> None:
+    # edges can be negative (float16 naive with C > 65504): min_largest_safe_logit: -5 is valid
+    path = write("s.yaml", "logits: [1, 2]\nlabels: 1\nexpect:\n"
+                           "  - {min_largest_safe_logit: -5, max_ulp_error: 0}\n")
+    (scenario,) = load_scenarios(path)
+    assert scenario.expectations[0].conditions == {"min_largest_safe_logit": -5.0,
+                                                    "max_ulp_error": 0.0}

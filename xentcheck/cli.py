@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +56,43 @@ class InputFailure(click.ClickException):
         click.echo(f"xentcheck: error: {self.format_message()}", err=True)
 
 
+class FiniteFloat(click.ParamType[float]):
+    """A finite number (``nan`` and ``inf`` are floats to Python, not to a tolerance or a
+    sweep bound), optionally at least ``minimum``."""
+
+    name = "FLOAT"
+
+    def __init__(self, minimum: float | None = None) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{value!r} is negative; it must be at least {self.minimum:g}", param, ctx)
+        return number
+
+
+class OneLineErrors(click.Group):
+    """Click's usage errors (a bad option value, a missing argument) as one line on stderr,
+    exit 2, like every other input error, instead of a usage block."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InputFailure:
+            raise
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            message = exc.format_message().rstrip(".")
+            raise InputFailure(f"{message} (see: {command} --help)") from None
+
+
 def _names(values: Sequence[str]) -> list[str]:
     """Repeatable options that also take comma-separated lists."""
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
@@ -78,9 +116,9 @@ def evaluation_options(function: F) -> F:
                      show_default=True,
                      help="Reduction accumulate dtype; 'same' is a running sum in the storage "
                           "dtype itself."),
-        click.option("--rtol", type=click.FloatRange(min=0), default=None,
+        click.option("--rtol", type=FiniteFloat(minimum=0.0), default=None,
                      help="Relative tolerance for every dtype (default: 8 eps of the dtype)."),
-        click.option("--atol", type=click.FloatRange(min=0), default=None,
+        click.option("--atol", type=FiniteFloat(minimum=0.0), default=None,
                      help="Absolute tolerance for every dtype (default: 0)."),
     ])
 
@@ -144,7 +182,7 @@ def make_console(file: Any = None) -> Console:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xentcheck")
 def cli() -> None:
     """Where, and in which precision, does a cross-entropy loss stop telling the truth?

@@ -9,9 +9,11 @@ from .expectations import Checked, Expectation, Outcome
 
 
 def _case_name(expectation: Expectation | None) -> str:
+    """``line 6: pipeline: stable, loss: nan`` or ``--fail-on nan,inf@stable``: what the user
+    wrote, where they wrote it."""
     if expectation is None:
         return "runs"
-    where = f"line {expectation.line}: " if expectation.line else f"{expectation.origin}: "
+    where = f"line {expectation.line}: " if expectation.line else ""
     return where + expectation.describe()
 
 
