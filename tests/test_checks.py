@@ -177,3 +177,64 @@ def test_junit_names_say_the_expectation_as_written(write: Write, tmp_path: Path
         "max_ulp_error: 0, first_bad_stage: null",
         "--fail-on nan,inf@stable",
     ]
+
+
+CI_WORKFLOW = """\
+name: ci
+on: [push]
+jobs:
+  test:
+    runs-on: ubuntu-latest
+    steps:
+      - run: xentcheck check configs/
+"""
+
+
+def test_check_of_a_repository_skips_what_is_not_a_scenario(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, write: Write
+) -> None:
+    # `xentcheck check .` failed on .github/workflows/ci.yml
+    write("repo/configs/good.yaml", GOOD)
+    write("repo/.github/workflows/ci.yml", "name: [unclosed\n")  # hidden: never read
+    write("repo/.pre-commit-config.yaml", "repos: [{\n")  # a hidden file: never read
+    write("repo/.venv/pyvenv.cfg", "home = /usr/bin\n")
+    write("repo/.venv/lib/site-packages/pkg/config.yaml", "{\n")
+    write("repo/env/pyvenv.cfg", "home = /usr/bin\n")  # a venv that is not hidden
+    write("repo/env/lib/python3.12/site-packages/x.yaml", "{\n")
+    write("repo/web/node_modules/pkg/x.yml", "{\n")
+    write("repo/deploy/workflow.yml", CI_WORKFLOW)
+    write("repo/deploy/list.yaml", "- a\n- b\n")
+    monkeypatch.chdir(tmp_path / "repo")
+    result = invoke("check", ".", env={"NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("PASS  good ")
+    assert result.stderr.splitlines() == [
+        "xentcheck: note: skipped deploy/list.yaml: not a scenario (none of the keys logits, "
+        "labels, scenarios)",
+        "xentcheck: note: skipped deploy/workflow.yml: not a scenario (none of the keys "
+        "logits, labels, scenarios)",
+    ]
+
+
+def test_a_scenario_with_a_typo_still_fails_in_a_folder(write: Write, tmp_path: Path) -> None:
+    write("cfg/good.yaml", GOOD)
+    typo = write("cfg/typo.yaml", "logits: [1, 2]\nlables: 0\n")
+    result = invoke("check", str(tmp_path / "cfg"))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"xentcheck: error: {typo}: lables (line 2): unknown key; did "
+                             "you mean 'labels'? (keys: name, description, loss, logits, "
+                             "labels, from_logits, class_weights, pos_weight, label_smoothing, "
+                             "ignore_index, reduction, dtypes, pipelines, tolerance, expect)\n")
+
+
+def test_a_file_named_is_always_read_as_a_scenario(write: Write, tmp_path: Path) -> None:
+    workflow = write("ci.yml", CI_WORKFLOW)
+    result = invoke("check", str(workflow))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"xentcheck: error: {workflow}: on (line 2): "
+                                    "unknown key")
+    empty = write("empty/notes.yaml", "title: notes\n")
+    result = invoke("check", str(empty.parent))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (f"xentcheck: error: {empty.parent}: holds no "
+                                              "scenario files (1 other YAML files skipped)")

@@ -39,7 +39,7 @@ from .report_table import (
     render_table,
     render_verdict,
 )
-from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
+from .scenario import NotAScenario, Scenario, ToleranceSpec, load_scenarios, make_case
 from .sweep import PATTERNS, SweepSpec, run_sweep
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -287,8 +287,7 @@ def check(
       xentcheck check --fail-on nan,inf@stable --format github
     """
     try:
-        files = _scenario_files(paths or (Path("configs"),))
-        loaded = [s for path in files for s in load_scenarios(path)]
+        loaded = _found_scenarios(paths or (Path("configs"),))
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
@@ -297,18 +296,43 @@ def check(
         sys.exit(1)
 
 
-def _scenario_files(paths: Sequence[Path]) -> list[Path]:
-    """The scenario files named, and the .yaml/.yml files under the folders named."""
-    files: list[Path] = []
+def _found_scenarios(paths: Sequence[Path]) -> list[Scenario]:
+    """Every scenario in the files named, and in the .yaml/.yml files under the folders
+    named. A file named is always a scenario file; a file found in a folder that is plainly
+    not a scenario (a CI workflow) is skipped with a one-line note on stderr."""
+    loaded: list[Scenario] = []
     for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
-            if not found:
-                raise InputError("holds no .yaml scenario files", source=str(path))
-            files.extend(found)
-        else:
-            files.append(path)  # load_scenarios reports a missing file
-    return files
+        if not path.is_dir():
+            loaded.extend(load_scenarios(path))  # which reports a missing file
+            continue
+        found = _yaml_files(path)
+        before = len(loaded)
+        for file in found:
+            try:
+                loaded.extend(load_scenarios(file, found=True))
+            except NotAScenario as note:
+                click.echo(f"xentcheck: note: skipped {note}", err=True)
+        if len(loaded) == before:
+            skipped = f" ({len(found)} other YAML files skipped)" if found else ""
+            raise InputError(f"holds no scenario files{skipped}", source=str(path))
+    return loaded
+
+
+# Folders a search never enters besides hidden ones: installed packages, not scenarios.
+SKIPPED_FOLDERS = ("node_modules", "site-packages", "__pycache__")
+
+
+def _yaml_files(folder: Path) -> list[Path]:
+    """The .yaml/.yml files under ``folder``, skipping hidden files and folders (.git,
+    .github) and virtual environments (a folder holding pyvenv.cfg, site-packages,
+    node_modules): they hold configuration and other people's files."""
+    files: list[Path] = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS
+                   and not (Path(root) / d / "pyvenv.cfg").exists()]
+        files.extend(Path(root) / name for name in names
+                     if not name.startswith(".") and name.endswith((".yaml", ".yml")))
+    return sorted(files)
 
 
 def _check_all(

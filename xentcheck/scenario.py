@@ -19,7 +19,7 @@ import yaml
 
 from .arrays import load_array, load_csv_with_labels, release_pages
 from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, XentcheckError
 from .expectations import Expectation, parse_expectations
 from .findings import Tolerance
 from .misuse import tagged
@@ -31,6 +31,15 @@ KEYS: tuple[str, ...] = (
     "pos_weight", "label_smoothing", "ignore_index", "reduction", "dtypes", "pipelines",
     "tolerance", "expect",
 )
+
+
+# A YAML mapping with none of these keys is plainly something else (a CI workflow, a
+# pre-commit config): a folder search skips it.
+SCENARIO_MARKERS: tuple[str, ...] = ("logits", "labels", "scenarios")
+
+
+class NotAScenario(XentcheckError):
+    """A YAML file found in a folder that is plainly not a scenario (see ``load_scenarios``)."""
 
 
 @dataclass(frozen=True)
@@ -57,13 +66,25 @@ class Scenario:
     expectations: tuple[Expectation, ...] = ()
 
 
-def load_scenarios(path: str | Path) -> list[Scenario]:
+def load_scenarios(path: str | Path, *, found: bool = False) -> list[Scenario]:
     """Read and validate every scenario in a YAML file.
+
+    Parameters
+    ----------
+    path
+        The YAML file.
+    found
+        The file was found in a folder rather than named: if it is plainly not a scenario
+        (not a mapping, or a mapping with none of the keys ``logits``, ``labels``,
+        ``scenarios``), raise :class:`NotAScenario` instead of an input error. A mapping
+        with ``logits`` and a misspelt key is still a scenario, and still an error.
 
     Raises
     ------
     InputError
         For any problem with the file or a scenario in it.
+    NotAScenario
+        Only with ``found``.
     """
     source = str(path)
     file = Path(path)
@@ -72,6 +93,9 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
     if file.is_dir():
         raise InputError("is a directory; give a scenario .yaml file", source=source)
     node, data = read_yaml(file, source)
+    if found and not (isinstance(data, dict) and any(k in data for k in SCENARIO_MARKERS)):
+        raise NotAScenario(f"{source}: not a scenario (none of the keys "
+                           f"{', '.join(SCENARIO_MARKERS)})")
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise InputError("expected a mapping of scenario keys (or a 'scenarios:' list)",
                          source=source)
@@ -148,12 +172,14 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise InputError("each scenario must be a mapping of keys", source=source)
     lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
-    for key in data:
+    # Named as written: YAML reads `on:` or `yes:` as the boolean True.
+    for key_node, _ in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
         if key not in KEYS:
             hint = difflib.get_close_matches(str(key), KEYS, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise InputError(f"unknown key{suggestion} (keys: {', '.join(KEYS)})",
-                             source=source, field=f"{key} (line {lines.get(str(key), '?')})")
+                             source=source, field=f"{key} (line {key_node.start_mark.line + 1})")
     for required in ("logits", "labels"):
         if required not in data:
             raise InputError("is required", source=source, field=required)
