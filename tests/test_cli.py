@@ -193,3 +193,55 @@ def test_tolerances_on_the_command_line_are_finite_and_non_negative(
         args = [command, option, value] + ([] if command == "sweep" else [str(path)])
         line = one_line_error(invoke(*args))
         assert f"Invalid value for '{option}': {message}" in line
+
+
+def test_a_bfloat16_npy_is_read_with_logits_dtype(tmp_path: Path) -> None:
+    # numpy + ml_dtypes save bfloat16 as |V2, which was rejected as "holds |V2 values"
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    values = np.array([[2500.0, 1.0, -3.0], [0.5, 7.0, 2.0]], dtype=ml_dtypes.bfloat16)
+    np.save(tmp_path / "x.npy", values)
+    np.save(tmp_path / "y.npy", np.array([0, 2]))
+    save_file({"logits": values}, str(tmp_path / "x.safetensors"))  # names bfloat16 itself
+    rejected = one_line_error(invoke("run", "--logits", str(tmp_path / "x.npy"), "--labels",
+                                     str(tmp_path / "y.npy")))
+    assert "probably bfloat16 saved with numpy and ml_dtypes" in rejected
+    assert "--logits-dtype bfloat16" in rejected and ".safetensors" in rejected
+
+    def report(*args: str) -> dict[str, object]:
+        result = invoke("run", *args, "--labels", str(tmp_path / "y.npy"), "--format", "json")
+        assert result.exit_code == 0, result.output
+        scenario = json.loads(result.stdout)["scenarios"][0]
+        assert isinstance(scenario, dict)
+        return scenario
+
+    viewed = report("--logits", str(tmp_path / "x.npy"), "--logits-dtype", "bfloat16")
+    named = report("--logits", str(tmp_path / "x.safetensors"))
+    assert viewed["input"] == named["input"] and viewed["input"]["dtype"] == "bfloat16"
+    assert viewed["reference"] == named["reference"] and viewed["results"] == named["results"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--logits", "{x}", "--logits-key", "a", "--labels", "{y}"],
+     "--logits: {x}: --logits-key picks an array in an .npz or .safetensors file"),
+    (["--logits", "{x}", "--labels", "{y}", "--labels-key", "b"],
+     "--labels: {y}: --labels-key picks an array"),
+    (["--logits", "{x}", "--labels-key", "b"], "--labels-key needs --labels FILE"),
+    (["--logits", "{c}", "--label-column", "2", "--logits-key", "a"],
+     "--logits-key does not apply to --label-column"),
+    (["--logits", "{x}", "--labels", "{y}", "--logits-dtype", "bfloat16"],
+     "holds float32 values, not bfloat16: --logits-dtype names the type of raw values"),
+    (["{s}", "--logits-dtype", "bfloat16"], "give scenario files or --logits-dtype, not both"),
+])
+def test_array_options_that_do_not_apply_are_errors(
+    tmp_path: Path, write: Write, args: list[str], message: str
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((1, 3), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.array([0]))
+    files = {"{x}": str(tmp_path / "x.npy"), "{y}": str(tmp_path / "y.npy"),
+             "{c}": str(write("c.csv", "1,2,0\n")), "{s}": str(write("s.yaml", NAIVE_OVERFLOW))}
+    for placeholder, path in files.items():
+        args = [a.replace(placeholder, path) for a in args]
+        message = message.replace(placeholder, path)
+    assert message in one_line_error(invoke("run", *args))

@@ -239,3 +239,19 @@ def test_a_lower_bound_on_a_limit_may_be_negative(write: Write) -> None:
     (scenario,) = load_scenarios(path)
     assert scenario.expectations[0].conditions == {"min_largest_safe_logit": -5.0,
                                                     "max_ulp_error": 0.0}
+
+
+def test_raw_bfloat16_npy_with_a_dtype_key(tmp_path: Path, write: Write) -> None:
+    values = np.array([[2500.0, 1.0]], dtype=ml_dtypes.bfloat16)
+    np.save(tmp_path / "x.npy", values)  # stored as |V2
+    path = write("s.yaml", "logits: {path: x.npy, dtype: bfloat16}\nlabels: [0]\n")
+    (s,) = load_scenarios(path)
+    assert s.case.logits.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert s.case.logits.tobytes() == values.tobytes()
+    bad = write("b.yaml", "logits: {path: x.npy, dtype: float32}\nlabels: [0]\n")
+    with pytest.raises(InputError, match="'float32' is not one of bfloat16, float16") as caught:
+        load_scenarios(bad)
+    assert caught.value.field == "logits.dtype"
+    plain = write("p.yaml", "logits: x.npy\nlabels: [0]\n")
+    with pytest.raises(InputError, match=r"say so with \{path: x.npy, dtype: bfloat16\}"):
+        load_scenarios(plain)

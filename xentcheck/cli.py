@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ from rich.progress import Progress as RichProgress
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .arrays import load_array, load_csv_with_labels
+from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import Case
 from .errors import InputError, XentcheckError
 from .evaluator import Progress, evaluate
@@ -200,9 +201,14 @@ def cli() -> None:
 @click.option("--logits", "logits_file", type=click.Path(path_type=Path), default=None,
               help="Logits (or probabilities) file: .npy, .npz, .csv or .safetensors.")
 @click.option("--logits-key", default=None, help="Array name inside an .npz/.safetensors file.")
+@click.option("--logits-dtype", type=click.Choice(RAW_DTYPES), default=None,
+              help="The type of the file's raw 2-byte values: numpy saves ml_dtypes' bfloat16 "
+                   "in .npy as |V2, which reads back as bytes.")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path), default=None,
               help="Labels file (integer ids, one-hot/probability rows, or 0..1 targets).")
 @click.option("--labels-key", default=None, help="Array name inside an .npz/.safetensors file.")
+@click.option("--labels-dtype", type=click.Choice(RAW_DTYPES), default=None,
+              help="As --logits-dtype, for the labels file.")
 @click.option("--label-column", default=None, metavar="NAME|INDEX",
               help="With a .csv --logits file and no --labels: the column holding the labels.")
 @click.option("--loss", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
@@ -220,8 +226,10 @@ def run(
     scenarios: tuple[Path, ...],
     logits_file: Path | None,
     logits_key: str | None,
+    logits_dtype: str | None,
     labels_file: Path | None,
     labels_key: str | None,
+    labels_dtype: str | None,
     label_column: str | None,
     loss: str,
     probabilities: bool,
@@ -248,8 +256,9 @@ def run(
       xentcheck run --logits logits.npy --labels labels.npy --loss softmax
     """
     try:
-        loaded = _scenarios(scenarios, logits_file, logits_key, labels_file, labels_key,
-                            label_column, loss, probabilities, reduction, ignore_index,
+        files = InputFiles(logits_file, logits_key, logits_dtype, labels_file, labels_key,
+                           labels_dtype, label_column)
+        loaded = _scenarios(scenarios, files, loss, probabilities, reduction, ignore_index,
                             label_smoothing)
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
@@ -353,28 +362,57 @@ def _check_all(
     return checked
 
 
+@dataclass(frozen=True)
+class InputFiles:
+    """``run``'s --logits/--labels options."""
+
+    logits: Path | None
+    logits_key: str | None
+    logits_dtype: str | None
+    labels: Path | None
+    labels_key: str | None
+    labels_dtype: str | None
+    label_column: str | None
+
+    def given(self) -> list[str]:
+        """The options given, as written on the command line."""
+        return [f"--{name.replace('_', '-')}" for name, value in vars(self).items()
+                if value is not None]
+
+
 def _scenarios(
-    paths: tuple[Path, ...], logits_file: Path | None, logits_key: str | None,
-    labels_file: Path | None, labels_key: str | None, label_column: str | None, loss: str,
+    paths: tuple[Path, ...], files: InputFiles, loss: str,
     probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
 ) -> list[Scenario]:
-    if paths and logits_file is not None:
-        raise click.UsageError("give scenario files or --logits, not both")
+    logits_file, labels_file = files.logits, files.labels
+    if paths and files.given():
+        raise click.UsageError(f"give scenario files or {files.given()[0]}, not both")
     if not paths and logits_file is None:
+        if files.given():
+            raise click.UsageError(f"{files.given()[0]} needs --logits FILE")
         raise click.UsageError("give a scenario file, or --logits FILE (and --labels FILE)")
     if logits_file is None:
         return [s for path in paths for s in load_scenarios(path)]
     source = "<command line>"
-    if label_column is not None:
+    if files.label_column is not None:
         if labels_file is not None:
             raise click.UsageError("give --labels or --label-column, not both")
-        logits, labels = load_csv_with_labels(logits_file, label_column, source=source,
+        unused = [o for o in files.given() if o not in ("--logits", "--label-column")]
+        if unused:
+            raise click.UsageError(f"{unused[0]} does not apply to --label-column (the logits "
+                                   "and labels are numbers in one .csv file)")
+        logits, labels = load_csv_with_labels(logits_file, files.label_column, source=source,
                                               field="--label-column")
     elif labels_file is None:
+        unused = [o for o in files.given() if o.startswith("--labels-")]
+        if unused:
+            raise click.UsageError(f"{unused[0]} needs --labels FILE")
         raise click.UsageError("--logits needs --labels FILE (or --label-column for a .csv)")
     else:
-        logits = load_array(logits_file, key=logits_key, source=source, field="--logits")
-        labels = load_array(labels_file, key=labels_key, source=source, field="--labels")
+        logits = load_array(logits_file, key=files.logits_key, source=source, field="--logits",
+                            dtype=files.logits_dtype, option="--logits")
+        labels = load_array(labels_file, key=files.labels_key, source=source, field="--labels",
+                            dtype=files.labels_dtype, option="--labels")
     case = make_case(
         name=logits_file.name, logits=logits, labels=labels,
         family=loss, from_logits=not probabilities, reduction=reduction,

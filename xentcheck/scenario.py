@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .arrays import load_array, load_csv_with_labels, release_pages
+from .arrays import RAW_DTYPES, load_array, load_csv_with_labels, release_pages
 from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
 from .errors import InputError, UsageError, XentcheckError
 from .expectations import Expectation, parse_expectations
@@ -304,17 +304,22 @@ def _tolerance(value: Any, key: str) -> Tolerance:
 
 
 def _array_field(value: Any, base: Path, key: str, source: str) -> FloatArray:
-    """An inline nested list, a path (relative to the scenario file) or {path, key}."""
+    """An inline nested list, a path (relative to the scenario file) or {path, key, dtype}."""
     if isinstance(value, str):
         return load_array(base / value, key=None, source=source, field=key)
     if isinstance(value, dict):
-        if set(value) - {"path", "key"} or not isinstance(value.get("path"), str):
-            raise InputError("a file is given as a path, or as {path: FILE, key: NAME}",
+        if set(value) - {"path", "key", "dtype"} or not isinstance(value.get("path"), str):
+            raise InputError("a file is given as a path, or as {path: FILE, key: NAME, "
+                             "dtype: " + "|".join(RAW_DTYPES) + "} (key and dtype optional)",
                              field=key)
         name = value.get("key")
         if name is not None and not isinstance(name, str):
             raise InputError("'key' must be a string", field=key)
-        return load_array(base / value["path"], key=name, source=source, field=key)
+        dtype = value.get("dtype")
+        if dtype is not None:
+            _choice(dtype, RAW_DTYPES, f"{key}.dtype")
+        return load_array(base / value["path"], key=name, source=source, field=key,
+                          dtype=dtype)
     return inline_array(value, key)
 
 
