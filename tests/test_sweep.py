@@ -129,3 +129,66 @@ def test_the_naive_gradient_breaks_before_the_loss() -> None:
     edge = (149 * math.log(2) - math.log(2**21 - 0.5)) / 2
     assert naive.grad_first_nonfinite == first_above(result.magnitudes, edge)
     assert naive.first_nonfinite == first_above(result.magnitudes, 150 * math.log(2) / 2)
+
+
+@pytest.mark.parametrize(("name", "magic"), [("s.png", b"\x89PNG\r\n\x1a\n"), ("s.pdf", b"%PDF-"),
+                                             ("s.svg", b"<?xml"), ("s.SVG", b"<?xml")])
+def test_plot_format_follows_the_suffix(tmp_path: Path, name: str, magic: bytes) -> None:
+    result = CliRunner().invoke(cli, ["sweep", "--points", "20", "--dtype", "float32",
+                                      "--plot", str(tmp_path / name)])
+    assert result.exit_code == 0, result.output
+    data = (tmp_path / name).read_bytes()
+    assert data.startswith(magic)
+    if name.lower().endswith(".svg"):
+        assert b"<svg" in data
+
+
+def one_line_error(result: Any) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return str(result.stderr.strip())
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("p.txt", "--plot {path}: matplotlib writes no '.txt' images; the suffix chooses the "
+              "format: end the name with one of .avif, .eps, .gif, .jpeg, .jpg, .pdf, .png,"),
+    ("p", "--plot {path}: no suffix; the suffix chooses the format"),
+    ("p.pgf", "matplotlib writes no '.pgf' images"),  # needs LaTeX: not offered
+    ("missing/p.png", "--plot {path}: no such folder"),
+])
+def test_an_unusable_plot_name_exits_2_before_computing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, message: str
+) -> None:
+    # `sweep --plot p.txt` was a matplotlib traceback, with exit 1 (an expectation failed)
+    from xentcheck import cli as cli_module
+
+    def no_sweep(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the sweep ran before the plot name was checked")
+
+    monkeypatch.setattr(cli_module, "run_sweep", no_sweep)
+    path = tmp_path / name
+    line = one_line_error(CliRunner().invoke(cli, ["sweep", "--plot", str(path)]))
+    assert message.format(path=path) in line
+    assert not path.exists()
+
+
+def test_missing_matplotlib_exits_2_before_computing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xentcheck import cli as cli_module
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    def no_sweep(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the sweep ran before matplotlib was looked for")
+
+    monkeypatch.setattr(cli_module, "run_sweep", no_sweep)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    line = one_line_error(CliRunner().invoke(cli, ["sweep", "--plot", str(tmp_path / "p.png")]))
+    assert line == "xentcheck: error: --plot needs matplotlib: pip install 'xentcheck[plot]'"

@@ -29,7 +29,7 @@ from .findings import ScenarioResult, Tolerance
 from .limits import limit_rows
 from .misuse import explain as explain_rule
 from .pipelines import select
-from .plot import write_sweep_plot
+from .plot import plot_format, write_sweep_plot
 from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
 from .report_github import render_annotations, render_step_summary
 from .report_json import render_json, render_limits_json, render_sweep_json
@@ -548,7 +548,8 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
               help="The gap for --pattern spread.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --pattern normal.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG of error against magnitude (needs matplotlib).")
+              help="Also write an image of error against magnitude, its format chosen by the "
+                   "suffix: .png, .pdf, .svg, ... (needs matplotlib).")
 @evaluation_options
 @output_options(FORMATS)
 def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, points: int,
@@ -566,6 +567,8 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
       xentcheck sweep --classes 32000 --pattern normal --to 1e3 --plot sweep.png
     """
     try:
+        if plot is not None:
+            plot_format(plot)  # before computing anything
         spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
                          points=points, log_scale=not linear, spread=spread, seed=seed)
         precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
