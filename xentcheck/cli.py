@@ -537,14 +537,14 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
 @click.option("--pattern", type=click.Choice(PATTERNS), default="bottom", show_default=True,
               help="top/bottom: target at the largest/smallest of logits spaced from m to -m; "
                    "spread: a fixed spread below m; normal: m times N(0, 1).")
-@click.option("--from", "start", type=float, default=1.0, show_default=True,
+@click.option("--from", "start", type=FiniteFloat(), default=1.0, show_default=True,
               help="Smallest magnitude.")
-@click.option("--to", "stop", type=float, default=1e5, show_default=True,
+@click.option("--to", "stop", type=FiniteFloat(), default=1e5, show_default=True,
               help="Largest magnitude.")
 @click.option("--points", type=click.IntRange(min=2, max=1_000_000), default=200,
               show_default=True, help="Number of magnitudes.")
 @click.option("--linear", is_flag=True, help="Space the magnitudes linearly (default: log).")
-@click.option("--spread", type=float, default=10.0, show_default=True,
+@click.option("--spread", type=FiniteFloat(minimum=0.0), default=10.0, show_default=True,
               help="The gap for --pattern spread.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --pattern normal.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
