@@ -238,3 +238,35 @@ def test_a_file_named_is_always_read_as_a_scenario(write: Write, tmp_path: Path)
     assert result.exit_code == 2
     assert result.stderr.splitlines()[-1] == (f"xentcheck: error: {empty.parent}: holds no "
                                               "scenario files (1 other YAML files skipped)")
+
+
+def test_a_scenario_without_expectations_ran_and_had_nothing_to_check(
+    write: Write, tmp_path: Path
+) -> None:
+    # It said "PASS ... (0 checks hold)"
+    plain = write("cfg/plain.yaml", "logits: [1, 2]\nlabels: 0\n")
+    skipped = write("cfg/skipped.yaml", "logits: [1, 2]\nlabels: 0\ndtypes: [float32]\n"
+                                        "expect:\n  - {dtype: float16, loss: nan}\n")
+    result = invoke("check", str(tmp_path / "cfg"), env={"NO_COLOR": "1"})
+    assert result.exit_code == 0  # the exit status does not change
+    assert result.stdout.splitlines() == [
+        f"RAN   plain  ({plain}: no expectations)",
+        f"RAN   skipped  ({skipped}: no expectation applies to the dtypes and pipelines run)",
+    ]
+    target = tmp_path / "junit.xml"
+    assert invoke("check", str(plain), "--format", "junit", "--output",
+                  str(target)).exit_code == 0
+    (case,) = ET.parse(target).getroot().iter("testcase")
+    assert case.get("name") == "runs (no expectations)" and case.find("failure") is None
+    summary = tmp_path / "summary.md"
+    github = invoke("check", str(plain), "--format", "github",
+                    env={"GITHUB_STEP_SUMMARY": str(summary), "NO_COLOR": "1"})
+    assert github.exit_code == 0 and "::error" not in github.stdout
+    assert "| `plain` | ran (no expectations) | — |" in summary.read_text()
+    document = json.loads(invoke("check", str(plain), "--format", "json").stdout)
+    assert document["scenarios"][0]["passed"] is True
+    assert document["scenarios"][0]["expectations"] == []
+    # with a --fail-on rule there is something to check: a pass again
+    ruled = invoke("check", str(plain), "--fail-on", "nan", env={"NO_COLOR": "1"})
+    # one check per finding: 3 pipelines x 4 dtypes
+    assert ruled.stdout.startswith("PASS  plain ") and ": 12 checks hold)" in ruled.stdout

@@ -67,7 +67,7 @@ def test_output_file(tmp_path: Path, write: Write) -> None:
     path = write("s.yaml", NAIVE_OVERFLOW)
     target = tmp_path / "report.json"
     result = invoke("run", str(path), "--format", "json", "--output", str(target))
-    assert result.exit_code == 0 and result.stdout.startswith("PASS  s ")  # the summary
+    assert result.exit_code == 0 and result.stdout.startswith("RAN   s ")  # the summary
     assert json.loads(target.read_text())["schema"] == 1
     table = tmp_path / "report.txt"
     assert invoke("run", str(path), "--output", str(table)).exit_code == 0

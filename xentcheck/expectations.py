@@ -105,6 +105,16 @@ class Verdict:
     """Every outcome of one scenario."""
 
     outcomes: tuple[Outcome, ...] = field(default_factory=tuple)
+    stated: int = 0  # expectations and --fail-on rules there were to check
+
+    @property
+    def unchecked(self) -> str | None:
+        """Why nothing was checked (None when something was): a run, not a pass."""
+        if self.outcomes:
+            return None
+        if not self.stated:
+            return "no expectations"
+        return "no expectation applies to the dtypes and pipelines run"
 
     @property
     def passed(self) -> bool:
@@ -312,7 +322,7 @@ def check(result: ScenarioResult, expectations: Sequence[Expectation]) -> Verdic
         # left out (names themselves were checked when the scenario was read).
         for finding in _selected(expectation, result):
             outcomes.extend(_check_finding(expectation, finding))
-    return Verdict(tuple(outcomes))
+    return Verdict(tuple(outcomes), stated=len(expectations))
 
 
 
