@@ -21,7 +21,8 @@ from . import __version__
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import Case
-from .errors import InputError, XentcheckError
+from .discovery import find_scenarios
+from .errors import XentcheckError
 from .evaluator import Progress, evaluate
 from .expectations import Checked, parse_fail_on
 from .expectations import check as check_expectations
@@ -40,7 +41,7 @@ from .report_table import (
     render_table,
     render_verdict,
 )
-from .scenario import NotAScenario, Scenario, ToleranceSpec, load_scenarios, make_case
+from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
 from .sweep import PATTERNS, SweepSpec, run_sweep
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -296,7 +297,7 @@ def check(
       xentcheck check --fail-on nan,inf@stable --format github
     """
     try:
-        loaded = _found_scenarios(paths or (Path("configs"),))
+        loaded = find_scenarios(paths or (Path("configs"),), note=_note)
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
@@ -305,43 +306,8 @@ def check(
         sys.exit(1)
 
 
-def _found_scenarios(paths: Sequence[Path]) -> list[Scenario]:
-    """Every scenario in the files named, and in the .yaml/.yml files under the folders
-    named. A file named is always a scenario file; a file found in a folder that is plainly
-    not a scenario (a CI workflow) is skipped with a one-line note on stderr."""
-    loaded: list[Scenario] = []
-    for path in paths:
-        if not path.is_dir():
-            loaded.extend(load_scenarios(path))  # which reports a missing file
-            continue
-        found = _yaml_files(path)
-        before = len(loaded)
-        for file in found:
-            try:
-                loaded.extend(load_scenarios(file, found=True))
-            except NotAScenario as note:
-                click.echo(f"xentcheck: note: skipped {note}", err=True)
-        if len(loaded) == before:
-            skipped = f" ({len(found)} other YAML files skipped)" if found else ""
-            raise InputError(f"holds no scenario files{skipped}", source=str(path))
-    return loaded
-
-
-# Folders a search never enters besides hidden ones: installed packages, not scenarios.
-SKIPPED_FOLDERS = ("node_modules", "site-packages", "__pycache__")
-
-
-def _yaml_files(folder: Path) -> list[Path]:
-    """The .yaml/.yml files under ``folder``, skipping hidden files and folders (.git,
-    .github) and virtual environments (a folder holding pyvenv.cfg, site-packages,
-    node_modules): they hold configuration and other people's files."""
-    files: list[Path] = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS
-                   and not (Path(root) / d / "pyvenv.cfg").exists()]
-        files.extend(Path(root) / name for name in names
-                     if not name.startswith(".") and name.endswith((".yaml", ".yml")))
-    return sorted(files)
+def _note(message: str) -> None:
+    click.echo(f"xentcheck: note: {message}", err=True)
 
 
 def _check_all(
