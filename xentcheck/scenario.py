@@ -116,6 +116,9 @@ def load_scenarios(path: str | Path, *, found: bool = False) -> list[Scenario]:
     return [_scenario(data, node, file, source, file.stem)]
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class ScenarioLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (safe types only) that refuses a key given twice in a mapping.
 
@@ -137,9 +140,6 @@ class ScenarioLoader(yaml.SafeLoader):
                                  field=f"{key} (line {line})")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
-
-
-MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def read_yaml(file: Path, source: str) -> tuple[yaml.Node | None, Any]:
