@@ -235,6 +235,9 @@ def test_a_bfloat16_npy_says_what_it_probably_is(tmp_path: Path) -> None:
     assert "holds raw 2-byte values (|V2): probably bfloat16 saved with numpy and ml_dtypes" \
         in message
     assert "{path: b.npy, dtype: bfloat16}" in message and ".safetensors" in message
+    np.savez(tmp_path / "b.npz", x=np.load(tmp_path / "b.npy"), y=np.zeros(1))
+    with pytest.raises(InputError, match=r"say so with \{path: b.npz, key: x, dtype: bf"):
+        load(tmp_path / "b.npz", "x")
     with pytest.raises(InputError, match="say so with --logits-dtype bfloat16"):
         load_array(tmp_path / "b.npy", key=None, source="s", field="--logits",
                    option="--logits")

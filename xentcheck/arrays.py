@@ -91,8 +91,9 @@ def load_array(
     if dtype is not None:
         return _as_raw_dtype(array, dtype, fail, dtype_name)
     if _raw(array.dtype) and array.dtype.itemsize == 2:
+        picked = f", key: {key}" if key is not None else ""
         hint = (f"{dtype_name} bfloat16" if option else
-                f"{{path: {path.name}, dtype: bfloat16}}")
+                f"{{path: {path.name}{picked}, dtype: bfloat16}}")
         raise fail(f"holds raw 2-byte values (|V2): probably bfloat16 saved with numpy and "
                    f"ml_dtypes, a type .npy cannot name; say so with {hint} (or float16), or "
                    "save it as .safetensors, which names bfloat16")
