@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -71,6 +73,12 @@ def make_bad(tmp_path: Path, kind: str) -> Path:
     if kind == "garbage":
         (tmp_path / "g.npy").write_bytes(b"this is not a numpy file at all")
         return tmp_path / "g.npy"
+    if kind == "header":
+        (tmp_path / "h.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{garbage header}")
+        return tmp_path / "h.npy"
+    if kind == "short":
+        (tmp_path / "s.npy").write_bytes(b"\x93NU")
+        return tmp_path / "s.npy"
     if kind == "pickle":
         np.save(tmp_path / "p.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
         return tmp_path / "p.npy"
@@ -99,9 +107,11 @@ def make_bad(tmp_path: Path, kind: str) -> Path:
     ("missing", "no such file"),
     ("directory", "is a directory"),
     ("empty", "is empty"),
-    ("truncated", "cannot read it"),
-    ("garbage", "cannot read it"),
-    ("pickle", "cannot read it"),
+    ("truncated", "truncated: its header says 10,000 float64 values = 80,000 bytes"),
+    ("garbage", "not a .npy file (it does not begin with the .npy magic bytes"),
+    ("pickle", "holds Python objects (pickled), which xentcheck never loads"),
+    ("header", "unreadable .npy header"),
+    ("short", "not a .npy file"),
     ("strings", "numbers are needed"),
     ("suffix", "unknown file type"),
     ("bad_zip", "cannot read it"),
@@ -193,3 +203,88 @@ def test_csv_label_column_in_scenarios_and_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["scenarios"][0]["shape"] == [2, 3]
+
+
+def test_a_truncated_npy_says_how_much_is_missing(tmp_path: Path) -> None:
+    # numpy's own message was "mmap length is greater than file size"
+    np.save(tmp_path / "t.npy", np.zeros((100, 100)))
+    whole = (tmp_path / "t.npy").read_bytes()
+    header = len(whole) - 100 * 100 * 8  # the rest is the header
+    (tmp_path / "t.npy").write_bytes(whole[:-8])  # one value short
+    with pytest.raises(InputError) as caught:
+        load(tmp_path / "t.npy")
+    assert str(caught.value).endswith(
+        "t.npy: truncated: its header says 10,000 float64 values = 80,000 bytes, the file "
+        f"holds {len(whole) - 8 - header:,}")
+    assert len(whole) - 8 - header == 79_992
+
+
+def save_bfloat16_npy(path: Path, values: list[list[float]]) -> np.ndarray:
+    """What a user does: numpy + ml_dtypes, which .npy stores as raw 2-byte values."""
+    array = np.array(values, dtype=ml_dtypes.bfloat16)
+    np.save(path, array)
+    assert np.load(path).dtype == np.dtype("V2")  # the header cannot name bfloat16
+    return array
+
+
+def test_a_bfloat16_npy_says_what_it_probably_is(tmp_path: Path) -> None:
+    save_bfloat16_npy(tmp_path / "b.npy", [[2500.0, 1.0]])
+    with pytest.raises(InputError) as caught:
+        load(tmp_path / "b.npy")
+    message = str(caught.value)
+    assert "holds raw 2-byte values (|V2): probably bfloat16 saved with numpy and ml_dtypes" \
+        in message
+    assert "{path: b.npy, dtype: bfloat16}" in message and ".safetensors" in message
+    np.savez(tmp_path / "b.npz", x=np.load(tmp_path / "b.npy"), y=np.zeros(1))
+    with pytest.raises(InputError, match=r"say so with \{path: b.npz, key: x, dtype: bf"):
+        load(tmp_path / "b.npz", "x")
+    with pytest.raises(InputError, match="say so with --logits-dtype bfloat16"):
+        load_array(tmp_path / "b.npy", key=None, source="s", field="--logits",
+                   option="--logits")
+
+
+def test_raw_2_byte_values_read_as_the_dtype_named(tmp_path: Path) -> None:
+    original = save_bfloat16_npy(tmp_path / "b.npy", [[2500.0, 1.0], [-3.5, 0.0078125]])
+    array = load_array(tmp_path / "b.npy", key=None, source="s", field="logits",
+                       dtype="bfloat16")
+    assert isinstance(array, np.memmap)  # still memory-mapped, not copied
+    assert array.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert array.tobytes() == original.tobytes()
+    assert np.asarray(array, dtype=np.float64).tolist() == [[2496.0, 1.0], [-3.5, 0.0078125]]
+    # read as float16 instead: the same bits, not a conversion
+    as_half = load_array(tmp_path / "b.npy", key=None, source="s", field="logits",
+                         dtype="float16")
+    assert as_half.view(np.uint16).tolist() == original.view(np.uint16).tolist()
+    # a file whose values already have the type named is taken as it is
+    np.save(tmp_path / "h.npy", np.array([1.5], dtype=np.float16))
+    assert load_array(tmp_path / "h.npy", key=None, source="s", field="logits",
+                      dtype="float16").tolist() == [1.5]
+
+
+@pytest.mark.parametrize(("array", "dtype", "message"), [
+    (np.zeros(3, dtype="V4"), "bfloat16", "holds raw 4-byte values (|V4); bfloat16 values have 2"),
+    (np.zeros(3, dtype="V1"), "float16", "holds raw 1-byte values (|V1); float16 values have 2"),
+    (np.zeros(3, dtype=np.float32), "bfloat16", "holds float32 values, not bfloat16"),
+    (np.zeros(3, dtype=np.float16), "bfloat16", "holds float16 values, not bfloat16"),
+    (np.zeros(3, dtype=[("a", "<f2")]), "float16", "not float16"),
+])
+def test_only_raw_values_of_the_right_size_are_viewed(
+    tmp_path: Path, array: np.ndarray, dtype: str, message: str
+) -> None:
+    np.save(tmp_path / "x.npy", array)
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_array(tmp_path / "x.npy", key=None, source="s", field="logits", dtype=dtype)
+
+
+@pytest.mark.parametrize("name", ["x.npy", "x.csv"])
+def test_a_key_for_a_single_array_file_is_an_error(tmp_path: Path, name: str) -> None:
+    # --logits-key on a .npy was silently ignored
+    if name.endswith(".npy"):
+        np.save(tmp_path / name, np.zeros(2))
+    else:
+        (tmp_path / name).write_text("1,2\n")
+    with pytest.raises(InputError, match=r"'key' picks an array in an \.npz or \.safetensors"):
+        load(tmp_path / name, "logits")
+    with pytest.raises(InputError, match="--logits-key picks an array"):
+        load_array(tmp_path / name, key="logits", source="s", field="--logits",
+                   option="--logits")

@@ -159,3 +159,114 @@ def test_shipped_configs_hold() -> None:
     result = invoke("check", str(root), env={"NO_COLOR": "1"})
     assert result.exit_code == 0, result.stdout
     assert result.stdout.count("PASS") == len(list(root.glob("*.yaml")))
+
+
+def test_junit_names_say_the_expectation_as_written(write: Write, tmp_path: Path) -> None:
+    # Names held Python tuple text: "no_flags ('nan', 'inf')".
+    path = write("s.yaml", "name: s\nlogits: [1000, 2000, 2500]\nlabels: 1\nexpect:\n"
+                           "  - pipeline: [shifted, stable]\n    dtype: float64\n"
+                           "    no_flags: [nan, inf]\n    max_ulp_error: 0\n"
+                           "    first_bad_stage: null\n")
+    target = tmp_path / "junit.xml"
+    result = invoke("check", str(path), "--format", "junit", "--output", str(target),
+                    "--fail-on", "nan,inf@stable")
+    assert result.exit_code == 0
+    names = [c.get("name") for c in ET.parse(target).getroot().iter("testcase")]
+    assert names == [
+        "line 5: pipeline: [shifted, stable], dtype: float64, no_flags: [nan, inf], "
+        "max_ulp_error: 0, first_bad_stage: null",
+        "--fail-on nan,inf@stable",
+    ]
+
+
+CI_WORKFLOW = """\
+name: ci
+on: [push]
+jobs:
+  test:
+    runs-on: ubuntu-latest
+    steps:
+      - run: xentcheck check configs/
+"""
+
+
+def test_check_of_a_repository_skips_what_is_not_a_scenario(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, write: Write
+) -> None:
+    # `xentcheck check .` failed on .github/workflows/ci.yml
+    write("repo/configs/good.yaml", GOOD)
+    write("repo/.github/workflows/ci.yml", "name: [unclosed\n")  # hidden: never read
+    write("repo/.pre-commit-config.yaml", "repos: [{\n")  # a hidden file: never read
+    write("repo/.venv/pyvenv.cfg", "home = /usr/bin\n")
+    write("repo/.venv/lib/site-packages/pkg/config.yaml", "{\n")
+    write("repo/env/pyvenv.cfg", "home = /usr/bin\n")  # a venv that is not hidden
+    write("repo/env/lib/python3.12/site-packages/x.yaml", "{\n")
+    write("repo/web/node_modules/pkg/x.yml", "{\n")
+    write("repo/deploy/workflow.yml", CI_WORKFLOW)
+    write("repo/deploy/list.yaml", "- a\n- b\n")
+    monkeypatch.chdir(tmp_path / "repo")
+    result = invoke("check", ".", env={"NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("PASS  good ")
+    assert result.stderr.splitlines() == [
+        "xentcheck: note: skipped deploy/list.yaml: not a scenario (none of the keys logits, "
+        "labels, scenarios)",
+        "xentcheck: note: skipped deploy/workflow.yml: not a scenario (none of the keys "
+        "logits, labels, scenarios)",
+    ]
+
+
+def test_a_scenario_with_a_typo_still_fails_in_a_folder(write: Write, tmp_path: Path) -> None:
+    write("cfg/good.yaml", GOOD)
+    typo = write("cfg/typo.yaml", "logits: [1, 2]\nlables: 0\n")
+    result = invoke("check", str(tmp_path / "cfg"))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"xentcheck: error: {typo}: lables (line 2): unknown key; did "
+                             "you mean 'labels'? (keys: name, description, loss, logits, "
+                             "labels, from_logits, class_weights, pos_weight, label_smoothing, "
+                             "ignore_index, reduction, dtypes, pipelines, tolerance, expect)\n")
+
+
+def test_a_file_named_is_always_read_as_a_scenario(write: Write, tmp_path: Path) -> None:
+    workflow = write("ci.yml", CI_WORKFLOW)
+    result = invoke("check", str(workflow))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"xentcheck: error: {workflow}: on (line 2): "
+                                    "unknown key")
+    empty = write("empty/notes.yaml", "title: notes\n")
+    result = invoke("check", str(empty.parent))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (f"xentcheck: error: {empty.parent}: holds no "
+                                              "scenario files (1 other YAML files skipped)")
+
+
+def test_a_scenario_without_expectations_ran_and_had_nothing_to_check(
+    write: Write, tmp_path: Path
+) -> None:
+    # It said "PASS ... (0 checks hold)"
+    plain = write("cfg/plain.yaml", "logits: [1, 2]\nlabels: 0\n")
+    skipped = write("cfg/skipped.yaml", "logits: [1, 2]\nlabels: 0\ndtypes: [float32]\n"
+                                        "expect:\n  - {dtype: float16, loss: nan}\n")
+    result = invoke("check", str(tmp_path / "cfg"), env={"NO_COLOR": "1"})
+    assert result.exit_code == 0  # the exit status does not change
+    assert result.stdout.splitlines() == [
+        f"RAN   plain  ({plain}: no expectations)",
+        f"RAN   skipped  ({skipped}: no expectation applies to the dtypes and pipelines run)",
+    ]
+    target = tmp_path / "junit.xml"
+    assert invoke("check", str(plain), "--format", "junit", "--output",
+                  str(target)).exit_code == 0
+    (case,) = ET.parse(target).getroot().iter("testcase")
+    assert case.get("name") == "runs (no expectations)" and case.find("failure") is None
+    summary = tmp_path / "summary.md"
+    github = invoke("check", str(plain), "--format", "github",
+                    env={"GITHUB_STEP_SUMMARY": str(summary), "NO_COLOR": "1"})
+    assert github.exit_code == 0 and "::error" not in github.stdout
+    assert "| `plain` | ran (no expectations) | — |" in summary.read_text()
+    document = json.loads(invoke("check", str(plain), "--format", "json").stdout)
+    assert document["scenarios"][0]["passed"] is True
+    assert document["scenarios"][0]["expectations"] == []
+    # with a --fail-on rule there is something to check: a pass again
+    ruled = invoke("check", str(plain), "--fail-on", "nan", env={"NO_COLOR": "1"})
+    # one check per finding: 3 pipelines x 4 dtypes
+    assert ruled.stdout.startswith("PASS  plain ") and ": 12 checks hold)" in ruled.stdout

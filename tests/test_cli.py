@@ -67,7 +67,7 @@ def test_output_file(tmp_path: Path, write: Write) -> None:
     path = write("s.yaml", NAIVE_OVERFLOW)
     target = tmp_path / "report.json"
     result = invoke("run", str(path), "--format", "json", "--output", str(target))
-    assert result.exit_code == 0 and result.stdout.startswith("PASS  s ")  # the summary
+    assert result.exit_code == 0 and result.stdout.startswith("RAN   s ")  # the summary
     assert json.loads(target.read_text())["schema"] == 1
     table = tmp_path / "report.txt"
     assert invoke("run", str(path), "--output", str(table)).exit_code == 0
@@ -136,3 +136,112 @@ def test_force_color(write: Write) -> None:
     plain = invoke("run", str(path), "--dtype", "float32",
                    env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
     assert "\x1b[3" not in plain.stdout  # no colour codes (bold may remain)
+
+
+def one_line_error(result: click.testing.Result) -> str:
+    """The exit status is 2, stdout is empty and stderr is one line: return that line."""
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip()
+
+
+def test_a_duplicate_key_exits_2_naming_the_key_and_its_line(write: Write) -> None:
+    path = write("s.yaml", "logits: [1, 2]\nlabels: 0\nexpect:\n  - loss: finite\n"
+                           "    loss: nan\n")
+    line = one_line_error(invoke("check", str(path)))
+    assert line == (f"xentcheck: error: {path}: loss (line 5): duplicate key (first given on "
+                    "line 4); each key may appear once in a mapping")
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize(("rule", "message"), [
+    ("nan@stabel", "--fail-on 'nan@stabel': unknown pipeline 'stabel'; pipelines are naive, "
+                   "shifted, stable, clipped"),
+    ("nan,inf@naive,fancy", "unknown pipeline 'fancy'"),
+    ("nan@", "no pipeline after '@'"),
+    ("nann@stable", "--fail-on 'nann@stable': unknown flag 'nann'; flags are nan, inf, "
+                    "overflow, underflow, precision_loss, input_rounding"),
+])
+def test_an_unknown_pipeline_or_flag_in_fail_on_exits_2(
+    write: Write, command: str, rule: str, message: str
+) -> None:
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    line = one_line_error(invoke(command, str(path), "--fail-on", rule))
+    assert message in line
+
+
+def test_fail_on_accepts_every_registered_pipeline(write: Write) -> None:
+    # clipped is a probability-input pipeline: on logits it selects nothing, and is no typo
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    assert invoke("check", str(path), "--fail-on", "nan@clipped,stable").exit_code == 0
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--rtol", "nan", "'nan' is not a finite number"),
+    ("--rtol", "inf", "'inf' is not a finite number"),
+    ("--atol", "nan", "'nan' is not a finite number"),
+    ("--atol", "-1e-3", "'-1e-3' is negative"),
+    ("--rtol", "-0.5", "'-0.5' is negative"),
+])
+def test_tolerances_on_the_command_line_are_finite_and_non_negative(
+    write: Write, option: str, value: str, message: str
+) -> None:
+    # --rtol nan was accepted and flagged every row precision_loss
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    for command in ("run", "check", "sweep"):
+        args = [command, option, value] + ([] if command == "sweep" else [str(path)])
+        line = one_line_error(invoke(*args))
+        assert f"Invalid value for '{option}': {message}" in line
+
+
+def test_a_bfloat16_npy_is_read_with_logits_dtype(tmp_path: Path) -> None:
+    # numpy + ml_dtypes save bfloat16 as |V2, which was rejected as "holds |V2 values"
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    values = np.array([[2500.0, 1.0, -3.0], [0.5, 7.0, 2.0]], dtype=ml_dtypes.bfloat16)
+    np.save(tmp_path / "x.npy", values)
+    np.save(tmp_path / "y.npy", np.array([0, 2]))
+    save_file({"logits": values}, str(tmp_path / "x.safetensors"))  # names bfloat16 itself
+    rejected = one_line_error(invoke("run", "--logits", str(tmp_path / "x.npy"), "--labels",
+                                     str(tmp_path / "y.npy")))
+    assert "probably bfloat16 saved with numpy and ml_dtypes" in rejected
+    assert "--logits-dtype bfloat16" in rejected and ".safetensors" in rejected
+
+    def report(*args: str) -> dict[str, object]:
+        result = invoke("run", *args, "--labels", str(tmp_path / "y.npy"), "--format", "json")
+        assert result.exit_code == 0, result.output
+        scenario = json.loads(result.stdout)["scenarios"][0]
+        assert isinstance(scenario, dict)
+        return scenario
+
+    viewed = report("--logits", str(tmp_path / "x.npy"), "--logits-dtype", "bfloat16")
+    named = report("--logits", str(tmp_path / "x.safetensors"))
+    assert viewed["input"] == named["input"] and viewed["input"]["dtype"] == "bfloat16"
+    assert viewed["reference"] == named["reference"] and viewed["results"] == named["results"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--logits", "{x}", "--logits-key", "a", "--labels", "{y}"],
+     "--logits: {x}: --logits-key picks an array in an .npz or .safetensors file"),
+    (["--logits", "{x}", "--labels", "{y}", "--labels-key", "b"],
+     "--labels: {y}: --labels-key picks an array"),
+    (["--logits", "{x}", "--labels-key", "b"], "--labels-key needs --labels FILE"),
+    (["--logits", "{c}", "--label-column", "2", "--logits-key", "a"],
+     "--logits-key does not apply to --label-column"),
+    (["--logits", "{x}", "--labels", "{y}", "--logits-dtype", "bfloat16"],
+     "holds float32 values, not bfloat16: --logits-dtype names the type of raw values"),
+    (["{s}", "--logits-dtype", "bfloat16"], "give scenario files or --logits-dtype, not both"),
+])
+def test_array_options_that_do_not_apply_are_errors(
+    tmp_path: Path, write: Write, args: list[str], message: str
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((1, 3), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.array([0]))
+    files = {"{x}": str(tmp_path / "x.npy"), "{y}": str(tmp_path / "y.npy"),
+             "{c}": str(write("c.csv", "1,2,0\n")), "{s}": str(write("s.yaml", NAIVE_OVERFLOW))}
+    for placeholder, path in files.items():
+        args = [a.replace(placeholder, path) for a in args]
+        message = message.replace(placeholder, path)
+    assert message in one_line_error(invoke("run", *args))

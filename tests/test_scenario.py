@@ -145,6 +145,26 @@ BAD = [
     ("logits: [1, 2]\nlabels: 0\npipelines: [clipped]\n", "pipelines", "unknown pipeline"),
     ("logits: [1, 2]\nlabels: 0\ntolerance: {rel: -1}\n", "tolerance", "negative"),
     ("logits: [1, 2]\nlabels: 0\ntolerance: {rtol: 1}\n", "tolerance", "rel"),
+    # every form of tolerance: finite and non-negative
+    ("logits: [1, 2]\nlabels: 0\ntolerance: .nan\n", "tolerance", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: .inf\n", "tolerance", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: -1.0e-3\n", "tolerance", "negative"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {abs: .inf}\n", "tolerance.abs", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {float16: .nan}\n", "tolerance.float16",
+     "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {float32: {rel: -.inf}}\n",
+     "tolerance.float32.rel", "finite"),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {float64: {abs: -1}}\n", "tolerance.float64",
+     "negative"),
+    # expect bounds: finite; an upper bound on an error is non-negative
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {max_ulp_error: .inf}\n", "expect[0]",
+     "finite number, not inf"),
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {max_rel_error: .nan}\n", "expect[0]",
+     "finite number, not nan"),
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {max_abs_error: -1}\n", "expect[0]",
+     "must not be negative"),
+    ("logits: [1, 2]\nlabels: 1\nexpect:\n  - {min_largest_safe_logit: -.inf}\n",
+     "expect[0]", "finite number, not -inf"),
     ("logits: missing.npy\nlabels: 0\n", "logits", "no such file"),
     ("logits: {path: x.npz}\nlabels: 0\n", "logits", "no such file"),
     ("- 1\n- 2\n", None, "mapping"),
@@ -174,3 +194,64 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         load_scenarios(tmp_path / "nope.yaml")
     with pytest.raises(InputError, match="directory"):
         load_scenarios(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "key", "line", "first"), [
+    ("logits: [1, 2]\nlabels: 0\nlabels: 1\n", "labels", 3, 2),
+    ("logits: [1, 2]\nlabels: 0\ntolerance: {rel: 0.1, rel: 0.2}\n", "rel", 3, 3),
+    ("logits: [1, 2]\nlabels: 0\nexpect:\n  - pipeline: naive\n    loss: nan\n"
+     "    loss: finite\n", "loss", 6, 5),
+    ("scenarios:\n  - logits: [1, 2]\n    labels: 0\n    name: a\n    name: b\n", "name", 5, 4),
+    ("scenarios:\n  - {logits: [1, 2], labels: 0}\nscenarios: []\n", "scenarios", 3, 1),
+    ("logits: {path: x.npz, key: a, key: b}\nlabels: 0\n", "key", 1, 1),
+])
+def test_a_duplicate_key_at_any_level_is_an_error(
+    write: Write, text: str, key: str, line: int, first: int
+) -> None:
+    # PyYAML keeps the last of two equal keys: the first would be silently replaced.
+    path = write("dup.yaml", text)
+    with pytest.raises(InputError) as caught:
+        load_scenarios(path)
+    assert caught.value.source == str(path)
+    assert caught.value.field == f"{key} (line {line})"
+    assert f"duplicate key (first given on line {first})" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_merge_key_may_still_be_overridden(write: Write) -> None:
+    path = write("merge.yaml", "scenarios:\n  - &a {name: a, logits: [1, 2], labels: 0}\n"
+                 "  - <<: *a\n    name: b\n")
+    first, second = load_scenarios(path)
+    assert (first.case.name, second.case.name) == ("a", "b")
+    assert second.case.labels.tolist() == 0
+
+
+def test_only_safe_yaml_types_are_constructed(write: Write) -> None:
+    path = write("unsafe.yaml", "logits: !!python/object/apply:os.getcwd []\nlabels: 0\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_scenarios(path)
+
+
+def test_a_lower_bound_on_a_limit_may_be_negative(write: Write) -> None:
+    # edges can be negative (float16 naive with C > 65504): min_largest_safe_logit: -5 is valid
+    path = write("s.yaml", "logits: [1, 2]\nlabels: 1\nexpect:\n"
+                           "  - {min_largest_safe_logit: -5, max_ulp_error: 0}\n")
+    (scenario,) = load_scenarios(path)
+    assert scenario.expectations[0].conditions == {"min_largest_safe_logit": -5.0,
+                                                    "max_ulp_error": 0.0}
+
+
+def test_raw_bfloat16_npy_with_a_dtype_key(tmp_path: Path, write: Write) -> None:
+    values = np.array([[2500.0, 1.0]], dtype=ml_dtypes.bfloat16)
+    np.save(tmp_path / "x.npy", values)  # stored as |V2
+    path = write("s.yaml", "logits: {path: x.npy, dtype: bfloat16}\nlabels: [0]\n")
+    (s,) = load_scenarios(path)
+    assert s.case.logits.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert s.case.logits.tobytes() == values.tobytes()
+    bad = write("b.yaml", "logits: {path: x.npy, dtype: float32}\nlabels: [0]\n")
+    with pytest.raises(InputError, match="'float32' is not one of bfloat16, float16") as caught:
+        load_scenarios(bad)
+    assert caught.value.field == "logits.dtype"
+    plain = write("p.yaml", "logits: x.npy\nlabels: [0]\n")
+    with pytest.raises(InputError, match=r"say so with \{path: x.npy, dtype: bfloat16\}"):
+        load_scenarios(plain)

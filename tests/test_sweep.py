@@ -17,7 +17,7 @@ from xentcheck.errors import UsageError
 from xentcheck.pipelines import available
 from xentcheck.plot import write_sweep_plot
 from xentcheck.precision import precisions_for
-from xentcheck.sweep import SweepSpec, run_sweep, sweep_case
+from xentcheck.sweep import PATTERNS, SweepSpec, run_sweep, sweep_case
 
 
 def curve(result: Any, pipeline: str, dtype: str) -> Any:
@@ -129,3 +129,126 @@ def test_the_naive_gradient_breaks_before_the_loss() -> None:
     edge = (149 * math.log(2) - math.log(2**21 - 0.5)) / 2
     assert naive.grad_first_nonfinite == first_above(result.magnitudes, edge)
     assert naive.first_nonfinite == first_above(result.magnitudes, 150 * math.log(2) / 2)
+
+
+@pytest.mark.parametrize(("name", "magic"), [("s.png", b"\x89PNG\r\n\x1a\n"), ("s.pdf", b"%PDF-"),
+                                             ("s.svg", b"<?xml"), ("s.SVG", b"<?xml")])
+def test_plot_format_follows_the_suffix(tmp_path: Path, name: str, magic: bytes) -> None:
+    result = CliRunner().invoke(cli, ["sweep", "--points", "20", "--dtype", "float32",
+                                      "--plot", str(tmp_path / name)])
+    assert result.exit_code == 0, result.output
+    data = (tmp_path / name).read_bytes()
+    assert data.startswith(magic)
+    if name.lower().endswith(".svg"):
+        assert b"<svg" in data
+
+
+def one_line_error(result: Any) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return str(result.stderr.strip())
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("p.txt", "--plot {path}: matplotlib writes no '.txt' images; the suffix chooses the "
+              "format: end the name with one of .avif, .eps, .gif, .jpeg, .jpg, .pdf, .png,"),
+    ("p", "--plot {path}: no suffix; the suffix chooses the format"),
+    ("p.pgf", "matplotlib writes no '.pgf' images"),  # needs LaTeX: not offered
+    ("missing/p.png", "--plot {path}: no such folder"),
+])
+def test_an_unusable_plot_name_exits_2_before_computing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, message: str
+) -> None:
+    # `sweep --plot p.txt` was a matplotlib traceback, with exit 1 (an expectation failed)
+    from xentcheck import cli as cli_module
+
+    def no_sweep(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the sweep ran before the plot name was checked")
+
+    monkeypatch.setattr(cli_module, "run_sweep", no_sweep)
+    path = tmp_path / name
+    line = one_line_error(CliRunner().invoke(cli, ["sweep", "--plot", str(path)]))
+    assert message.format(path=path) in line
+    assert not path.exists()
+
+
+def test_missing_matplotlib_exits_2_before_computing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xentcheck import cli as cli_module
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    def no_sweep(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the sweep ran before matplotlib was looked for")
+
+    monkeypatch.setattr(cli_module, "run_sweep", no_sweep)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    line = one_line_error(CliRunner().invoke(cli, ["sweep", "--plot", str(tmp_path / "p.png")]))
+    assert line == "xentcheck: error: --plot needs matplotlib: pip install 'xentcheck[plot]'"
+
+
+def test_a_gradient_that_is_not_finite_is_also_inaccurate() -> None:
+    # The float32 naive sweep of the test above: the gradient goes from within the tolerance
+    # straight to not finite at m > 44.36 (1/p_t overflows), so the first magnitude where it
+    # is inaccurate is that same edge; "inaccurate" was None (the table showed it after "not
+    # finite" where a finite but inaccurate gradient followed).
+    spec = SweepSpec(classes=2, pattern="bottom", start=44.0, stop=53.0, points=9001,
+                     log_scale=False)
+    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True)[:1])
+    naive = curve(result, "naive", "float32")
+    edge = (149 * math.log(2) - math.log(2**21 - 0.5)) / 2
+    assert naive.grad_first_inaccurate == naive.grad_first_nonfinite
+    assert naive.grad_first_inaccurate == first_above(result.magnitudes, edge)
+
+
+def test_the_gradient_is_never_inaccurate_only_after_it_stopped_being_finite() -> None:
+    broken = []
+    for pattern in PATTERNS:
+        spec = SweepSpec(classes=2, pattern=pattern, points=400)
+        # (float64 is left out: pattern top there trips an overflow warning in the
+        # evaluator's relative gradient error, a separate matter)
+        result = run_sweep(spec, precisions_for(["float16", "bfloat16", "float32"]),
+                           available("softmax", True))
+        broken += [c for c in result.curves if c.grad_first_nonfinite is not None]
+    assert len(broken) > 10  # many gradients break in this range
+    for c in broken:
+        assert c.grad_first_inaccurate is not None
+        assert c.grad_first_inaccurate <= c.grad_first_nonfinite, (c.pipeline, c.dtype)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--to", "1e400"], "Invalid value for '--to': '1e400' is not a finite number"),
+    (["--from", "nan"], "Invalid value for '--from': 'nan' is not a finite number"),
+    (["--from", "-inf", "--linear"], "Invalid value for '--from': '-inf' is not a finite"),
+    (["--spread", "-1", "--pattern", "spread"], "Invalid value for '--spread': '-1' is negative"),
+    (["--from", "0"], "--from 0 --to 100000: a log-spaced sweep needs a positive range"),
+    (["--from", "-5", "--to", "5"], "a log-spaced sweep needs a positive range"),
+    (["--from", "5", "--to", "5"], "the range must go from a smaller to a larger magnitude"),
+    (["--from", "-1e308", "--to", "1e308", "--linear"],
+     "--from -1e+308 --to 1e+308: the range is wider than float64 holds"),
+    (["--to", "1e308"], "--to 1e+308: the 'bottom' pattern's logits (or their differences) "
+                        "overflow float64 at that magnitude; lower --to"),
+    (["--to", "1e308", "--pattern", "normal"], "the 'normal' pattern's logits"),
+    (["--to", "1e308", "--pattern", "normal", "--loss", "sigmoid"], "the 'normal' pattern"),
+])
+def test_sweep_bounds_out_of_range_exit_2_without_a_warning(
+    args: list[str], message: str
+) -> None:
+    # `sweep --to 1e400` printed numpy's RuntimeWarning (the suite turns warnings into errors)
+    line = one_line_error(CliRunner().invoke(cli, ["sweep", "--points", "5", *args]))
+    assert message in line
+
+
+def test_sweep_bounds_in_range_run() -> None:
+    # the largest magnitudes whose logits and differences stay finite float64 numbers
+    for args in (["--to", "8e307"], ["--to", "1e308", "--pattern", "spread"],
+                 ["--to", "1e308", "--loss", "sigmoid"]):
+        result = CliRunner().invoke(cli, ["sweep", "--points", "5", "--dtype", "float64", *args])
+        assert result.exit_code == 0, (args, result.output)

@@ -19,9 +19,17 @@ from .errors import InputError
 from .precision import FloatArray
 
 SUFFIXES = (".npy", ".npz", ".csv", ".safetensors")
+# Formats that hold several named arrays, so that a key picks one.
+KEYED_SUFFIXES = (".npz", ".safetensors")
+# Dtypes that raw 2-byte values (.npy's |V2, all numpy can write for ml_dtypes' bfloat16)
+# may be read as.
+RAW_DTYPES: tuple[str, ...] = ("bfloat16", "float16")
 
 
-def load_array(path: Path, *, key: str | None, source: str, field: str) -> FloatArray:
+def load_array(
+    path: Path, *, key: str | None, source: str, field: str, dtype: str | None = None,
+    option: str | None = None,
+) -> FloatArray:
     """Load the array stored at ``path`` (``key`` picks one from .npz/.safetensors).
 
     Parameters
@@ -30,9 +38,16 @@ def load_array(path: Path, *, key: str | None, source: str, field: str) -> Float
         The file. Its suffix chooses the format.
     key
         Name of the array inside an ``.npz`` or ``.safetensors`` file; may be omitted when
-        the file holds exactly one array.
+        the file holds exactly one array. Given for another format, it is an error.
     source, field
         Where the path was given, for error messages.
+    dtype
+        One of :data:`RAW_DTYPES`: the type of a file's raw 2-byte values (numpy saves
+        ml_dtypes' bfloat16 as ``|V2``, which reads back as bytes). A file whose values
+        already have a type must have this one.
+    option
+        The command-line option that gave the path (``--logits``), so that messages name
+        ``--logits-key`` and ``--logits-dtype``; None for a scenario's ``key:``/``dtype:``.
 
     Returns
     -------
@@ -43,6 +58,9 @@ def load_array(path: Path, *, key: str | None, source: str, field: str) -> Float
     def fail(message: str) -> InputError:
         return InputError(f"{path}: {message}", source=source, field=field)
 
+    key_name = f"{option}-key" if option else "'key'"
+    dtype_name = f"{option}-dtype" if option else "'dtype'"
+
     if not path.exists():
         raise fail("no such file")
     if path.is_dir():
@@ -52,9 +70,12 @@ def load_array(path: Path, *, key: str | None, source: str, field: str) -> Float
         raise fail(f"unknown file type {suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
     if path.stat().st_size == 0:
         raise fail("the file is empty")
+    if key is not None and suffix not in KEYED_SUFFIXES:
+        raise fail(f"{key_name} picks an array in an .npz or .safetensors file; a {suffix} "
+                   "file holds just one (leave the key out)")
     try:
         if suffix == ".npy":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = _load_npy(path, fail)
         elif suffix == ".npz":
             array = _load_npz(path, key, fail)
         elif suffix == ".csv":
@@ -64,12 +85,77 @@ def load_array(path: Path, *, key: str | None, source: str, field: str) -> Float
     except InputError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        # numpy says "Object arrays cannot be loaded when allow_pickle=False" for pickles,
-        # and "cannot reshape"/"EOF" for truncated files.
+        # .npz members: numpy says "Object arrays cannot be loaded when allow_pickle=False"
+        # for pickles, and "cannot reshape"/"EOF" for truncated files.
         raise fail(f"cannot read it ({_first_line(exc)})") from None
+    if dtype is not None:
+        return _as_raw_dtype(array, dtype, fail, dtype_name)
+    if _raw(array.dtype) and array.dtype.itemsize == 2:
+        picked = f", key: {key}" if key is not None else ""
+        hint = (f"{dtype_name} bfloat16" if option else
+                f"{{path: {path.name}{picked}, dtype: bfloat16}}")
+        raise fail(f"holds raw 2-byte values (|V2): probably bfloat16 saved with numpy and "
+                   f"ml_dtypes, a type .npy cannot name; say so with {hint} (or float16), or "
+                   "save it as .safetensors, which names bfloat16")
     if array.dtype.kind not in "fiub" and array.dtype != np.dtype(ml_dtypes.bfloat16):
         raise fail(f"holds {array.dtype} values; numbers are needed")
     return array
+
+
+def _raw(dtype: np.dtype[Any]) -> bool:
+    """Plain bytes (``|V2``): not a structured type, nor ml_dtypes' types (also kind V)."""
+    return dtype.type is np.void and dtype.names is None
+
+
+def _as_raw_dtype(array: FloatArray, name: str, fail: Any, dtype_name: str) -> FloatArray:
+    """``array``'s raw values viewed as ``name`` (no copy: a memory map stays one)."""
+    if name not in RAW_DTYPES:
+        raise fail(f"{dtype_name} {name!r} is not one of {', '.join(RAW_DTYPES)}")
+    target = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float16)
+    if array.dtype == target:
+        return array
+    if not _raw(array.dtype):
+        raise fail(f"holds {array.dtype} values, not {name}: {dtype_name} names the type of raw "
+                   "values (|V2) only; leave it out (to evaluate in a dtype, use --dtype)")
+    if array.dtype.itemsize != target.itemsize:
+        raise fail(f"holds raw {array.dtype.itemsize}-byte values (|V{array.dtype.itemsize}); "
+                   f"{name} values have {target.itemsize} bytes")
+    return array.view(target)
+
+
+def _load_npy(path: Path, fail: Any) -> FloatArray:
+    """A memory map of a .npy file, after checking its header against its size.
+
+    numpy alone says "mmap length is greater than file size" for a truncated file and
+    talks about pickles for a file that is no .npy at all: say what is wrong instead.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+        except ValueError:
+            raise fail("not a .npy file (it does not begin with the .npy magic bytes "
+                       "\\x93NUMPY)") from None
+        try:
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"format version {version[0]}.{version[1]} is not supported")
+        except ValueError as exc:
+            raise fail(f"unreadable .npy header ({_first_line(exc)})") from None
+        offset = handle.tell()
+    if dtype.hasobject:
+        raise fail("holds Python objects (pickled), which xentcheck never loads; save numbers")
+    count = int(np.prod(shape, dtype=np.int64))
+    needed, held = count * dtype.itemsize, size - offset
+    if held < needed:
+        raise fail(f"truncated: its header says {count:,} {dtype} values = {needed:,} bytes, "
+                   f"the file holds {held:,}")
+    if needed == 0:
+        return np.zeros(shape, dtype)  # nothing to map (mmap refuses an empty range)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _first_line(exc: BaseException) -> str:

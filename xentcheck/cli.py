@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,9 +21,10 @@ from rich.progress import Progress as RichProgress
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .arrays import load_array, load_csv_with_labels
+from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import Case
-from .errors import InputError, XentcheckError
+from .discovery import find_scenarios
+from .errors import XentcheckError
 from .evaluator import Progress, evaluate
 from .expectations import Checked, parse_fail_on
 from .expectations import check as check_expectations
@@ -29,7 +32,7 @@ from .findings import ScenarioResult, Tolerance
 from .limits import limit_rows
 from .misuse import explain as explain_rule
 from .pipelines import select
-from .plot import write_sweep_plot
+from .plot import plot_format, write_sweep_plot
 from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
 from .report_github import render_annotations, render_step_summary
 from .report_json import render_json, render_limits_json, render_sweep_json
@@ -57,6 +60,43 @@ class InputFailure(click.ClickException):
         click.echo(f"xentcheck: error: {self.format_message()}", err=True)
 
 
+class FiniteFloat(click.ParamType[float]):
+    """A finite number (``nan`` and ``inf`` are floats to Python, not to a tolerance or a
+    sweep bound), optionally at least ``minimum``."""
+
+    name = "FLOAT"
+
+    def __init__(self, minimum: float | None = None) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{value!r} is negative; it must be at least {self.minimum:g}", param, ctx)
+        return number
+
+
+class OneLineErrors(click.Group):
+    """Click's usage errors (a bad option value, a missing argument) as one line on stderr,
+    exit 2, like every other input error, instead of a usage block."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InputFailure:
+            raise
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            message = exc.format_message().rstrip(".")
+            raise InputFailure(f"{message} (see: {command} --help)") from None
+
+
 def _names(values: Sequence[str]) -> list[str]:
     """Repeatable options that also take comma-separated lists."""
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
@@ -80,9 +120,9 @@ def evaluation_options(function: F) -> F:
                      show_default=True,
                      help="Reduction accumulate dtype; 'same' is a running sum in the storage "
                           "dtype itself."),
-        click.option("--rtol", type=click.FloatRange(min=0), default=None,
+        click.option("--rtol", type=FiniteFloat(minimum=0.0), default=None,
                      help="Relative tolerance for every dtype (default: 8 eps of the dtype)."),
-        click.option("--atol", type=click.FloatRange(min=0), default=None,
+        click.option("--atol", type=FiniteFloat(minimum=0.0), default=None,
                      help="Absolute tolerance for every dtype (default: 0)."),
     ])
 
@@ -169,7 +209,7 @@ def make_console(file: Any = None) -> Console:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xentcheck")
 def cli() -> None:
     """Where, and in which precision, does a cross-entropy loss stop telling the truth?
@@ -187,9 +227,14 @@ def cli() -> None:
 @click.option("--logits", "logits_file", type=click.Path(path_type=Path), default=None,
               help="Logits (or probabilities) file: .npy, .npz, .csv or .safetensors.")
 @click.option("--logits-key", default=None, help="Array name inside an .npz/.safetensors file.")
+@click.option("--logits-dtype", type=click.Choice(RAW_DTYPES), default=None,
+              help="The type of the file's raw 2-byte values: numpy saves ml_dtypes' bfloat16 "
+                   "in .npy as |V2, which reads back as bytes.")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path), default=None,
               help="Labels file (integer ids, one-hot/probability rows, or 0..1 targets).")
 @click.option("--labels-key", default=None, help="Array name inside an .npz/.safetensors file.")
+@click.option("--labels-dtype", type=click.Choice(RAW_DTYPES), default=None,
+              help="As --logits-dtype, for the labels file.")
 @click.option("--label-column", default=None, metavar="NAME|INDEX",
               help="With a .csv --logits file and no --labels: the column holding the labels.")
 @click.option("--loss", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
@@ -207,8 +252,10 @@ def run(
     scenarios: tuple[Path, ...],
     logits_file: Path | None,
     logits_key: str | None,
+    logits_dtype: str | None,
     labels_file: Path | None,
     labels_key: str | None,
+    labels_dtype: str | None,
     label_column: str | None,
     loss: str,
     probabilities: bool,
@@ -235,8 +282,9 @@ def run(
       xentcheck run --logits logits.npy --labels labels.npy --loss softmax
     """
     try:
-        loaded = _scenarios(scenarios, logits_file, logits_key, labels_file, labels_key,
-                            label_column, loss, probabilities, reduction, ignore_index,
+        files = InputFiles(logits_file, logits_key, logits_dtype, labels_file, labels_key,
+                           labels_dtype, label_column)
+        loaded = _scenarios(scenarios, files, loss, probabilities, reduction, ignore_index,
                             label_smoothing)
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
@@ -274,8 +322,7 @@ def check(
       xentcheck check --fail-on nan,inf@stable --format github
     """
     try:
-        files = _scenario_files(paths or (Path("configs"),))
-        loaded = [s for path in files for s in load_scenarios(path)]
+        loaded = find_scenarios(paths or (Path("configs"),), note=_note)
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
@@ -284,18 +331,8 @@ def check(
         sys.exit(1)
 
 
-def _scenario_files(paths: Sequence[Path]) -> list[Path]:
-    """The scenario files named, and the .yaml/.yml files under the folders named."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
-            if not found:
-                raise InputError("holds no .yaml scenario files", source=str(path))
-            files.extend(found)
-        else:
-            files.append(path)  # load_scenarios reports a missing file
-    return files
+def _note(message: str) -> None:
+    click.echo(f"xentcheck: note: {message}", err=True)
 
 
 def _check_all(
@@ -316,28 +353,57 @@ def _check_all(
     return checked
 
 
+@dataclass(frozen=True)
+class InputFiles:
+    """``run``'s --logits/--labels options."""
+
+    logits: Path | None
+    logits_key: str | None
+    logits_dtype: str | None
+    labels: Path | None
+    labels_key: str | None
+    labels_dtype: str | None
+    label_column: str | None
+
+    def given(self) -> list[str]:
+        """The options given, as written on the command line."""
+        return [f"--{name.replace('_', '-')}" for name, value in vars(self).items()
+                if value is not None]
+
+
 def _scenarios(
-    paths: tuple[Path, ...], logits_file: Path | None, logits_key: str | None,
-    labels_file: Path | None, labels_key: str | None, label_column: str | None, loss: str,
+    paths: tuple[Path, ...], files: InputFiles, loss: str,
     probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
 ) -> list[Scenario]:
-    if paths and logits_file is not None:
-        raise click.UsageError("give scenario files or --logits, not both")
+    logits_file, labels_file = files.logits, files.labels
+    if paths and files.given():
+        raise click.UsageError(f"give scenario files or {files.given()[0]}, not both")
     if not paths and logits_file is None:
+        if files.given():
+            raise click.UsageError(f"{files.given()[0]} needs --logits FILE")
         raise click.UsageError("give a scenario file, or --logits FILE (and --labels FILE)")
     if logits_file is None:
         return [s for path in paths for s in load_scenarios(path)]
     source = "<command line>"
-    if label_column is not None:
+    if files.label_column is not None:
         if labels_file is not None:
             raise click.UsageError("give --labels or --label-column, not both")
-        logits, labels = load_csv_with_labels(logits_file, label_column, source=source,
+        unused = [o for o in files.given() if o not in ("--logits", "--label-column")]
+        if unused:
+            raise click.UsageError(f"{unused[0]} does not apply to --label-column (the logits "
+                                   "and labels are numbers in one .csv file)")
+        logits, labels = load_csv_with_labels(logits_file, files.label_column, source=source,
                                               field="--label-column")
     elif labels_file is None:
+        unused = [o for o in files.given() if o.startswith("--labels-")]
+        if unused:
+            raise click.UsageError(f"{unused[0]} needs --labels FILE")
         raise click.UsageError("--logits needs --labels FILE (or --label-column for a .csv)")
     else:
-        logits = load_array(logits_file, key=logits_key, source=source, field="--logits")
-        labels = load_array(labels_file, key=labels_key, source=source, field="--labels")
+        logits = load_array(logits_file, key=files.logits_key, source=source, field="--logits",
+                            dtype=files.logits_dtype, option="--logits")
+        labels = load_array(labels_file, key=files.labels_key, source=source, field="--labels",
+                            dtype=files.labels_dtype, option="--labels")
     case = make_case(
         name=logits_file.name, logits=logits, labels=labels,
         family=loss, from_logits=not probabilities, reduction=reduction,
@@ -462,18 +528,19 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
 @click.option("--pattern", type=click.Choice(PATTERNS), default="bottom", show_default=True,
               help="top/bottom: target at the largest/smallest of logits spaced from m to -m; "
                    "spread: a fixed spread below m; normal: m times N(0, 1).")
-@click.option("--from", "start", type=float, default=1.0, show_default=True,
+@click.option("--from", "start", type=FiniteFloat(), default=1.0, show_default=True,
               help="Smallest magnitude.")
-@click.option("--to", "stop", type=float, default=1e5, show_default=True,
+@click.option("--to", "stop", type=FiniteFloat(), default=1e5, show_default=True,
               help="Largest magnitude.")
 @click.option("--points", type=click.IntRange(min=2, max=1_000_000), default=200,
               show_default=True, help="Number of magnitudes.")
 @click.option("--linear", is_flag=True, help="Space the magnitudes linearly (default: log).")
-@click.option("--spread", type=float, default=10.0, show_default=True,
+@click.option("--spread", type=FiniteFloat(minimum=0.0), default=10.0, show_default=True,
               help="The gap for --pattern spread.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --pattern normal.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG of error against magnitude (needs matplotlib).")
+              help="Also write an image of error against magnitude, its format chosen by the "
+                   "suffix: .png, .pdf, .svg, ... (needs matplotlib).")
 @evaluation_options
 @output_options(FORMATS)
 def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, points: int,
@@ -491,6 +558,8 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
       xentcheck sweep --classes 32000 --pattern normal --to 1e3 --plot sweep.png
     """
     try:
+        if plot is not None:
+            plot_format(plot)  # before computing anything
         spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
                          points=points, log_scale=not linear, spread=spread, seed=seed)
         precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)

@@ -29,6 +29,7 @@ from typing import Any
 
 from .errors import InputError, UsageError
 from .findings import FLAGS, Finding, ScenarioResult
+from .pipelines import PIPELINES
 from .precision import DTYPE_NAMES
 
 LOSS_STATES = ("finite", "nan", "inf", "not_finite")
@@ -43,6 +44,9 @@ LIMITS = {
 }
 CONDITIONS = ("loss", "flags", "no_flags", "first_bad_stage", *BOUNDS, *LIMITS)
 KEYS = ("pipeline", "dtype", "no_mismatch", *CONDITIONS)
+# Every registered pipeline name, whatever the family or input kind: a --fail-on rule applies
+# to every scenario, so a name is known if any scenario could run it.
+PIPELINE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in PIPELINES))
 
 
 @dataclass(frozen=True)
@@ -55,16 +59,28 @@ class Expectation:
     no_mismatch: tuple[str, ...] | None = None
     line: int | None = None
     origin: str = "expect"  # "expect" or "--fail-on"
+    # how the user wrote it: the item's keys and values as read, or the --fail-on rule
+    written: tuple[tuple[str, Any], ...] | str = ()
 
     def describe(self) -> str:
-        parts = []
-        if self.no_mismatch:
-            parts.append(f"no mismatch between {', '.join(self.no_mismatch)}")
-        for key, value in self.conditions.items():
-            parts.append(f"{key} {value}" if key != "fail_on" else f"no {', '.join(value)}")
-        scope = "/".join(self.pipelines or ("all pipelines",))
-        dtypes = "/".join(self.dtypes or ("all dtypes",))
-        return f"{scope} in {dtypes}: {'; '.join(parts)}"
+        """The expectation as the user wrote it: ``pipeline: naive, no_flags: [nan, inf]``,
+        or ``--fail-on nan,inf@stable``."""
+        if isinstance(self.written, str):
+            return self.written
+        return ", ".join(f"{key}: {_as_written(value)}" for key, value in self.written)
+
+
+def _as_written(value: Any) -> str:
+    """A YAML value in YAML's own flow style (lists in brackets, null, true/false)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_as_written(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_as_written(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,16 @@ class Verdict:
     """Every outcome of one scenario."""
 
     outcomes: tuple[Outcome, ...] = field(default_factory=tuple)
+    stated: int = 0  # expectations and --fail-on rules there were to check
+
+    @property
+    def unchecked(self) -> str | None:
+        """Why nothing was checked (None when something was): a run, not a pass."""
+        if self.outcomes:
+            return None
+        if not self.stated:
+            return "no expectations"
+        return "no expectation applies to the dtypes and pipelines run"
 
     @property
     def passed(self) -> bool:
@@ -115,8 +141,14 @@ def _names(value: Any, key: str, choices: Sequence[str] | None = None) -> tuple[
 
 
 def _bound(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    """A finite number; an upper bound on an error is also non-negative (no error passes a
+    negative bound, and NaN or infinity would make every comparison pass or fail)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"must be a number, not {value!r}", field=f"expect.{key}")
+    if not math.isfinite(value):
+        raise InputError(f"must be a finite number, not {value}", field=f"expect.{key}")
+    if key in BOUNDS and value < 0:
+        raise InputError(f"must not be negative, not {value}", field=f"expect.{key}")
     return float(value)
 
 
@@ -173,6 +205,7 @@ def _expectation(item: dict[str, Any], line: int | None,
         dtypes=_names(item["dtype"], "dtype", DTYPE_NAMES) if "dtype" in item else None,
         no_mismatch=no_mismatch,
         line=line,
+        written=tuple((str(key), raw) for key, raw in item.items()),
     )
 
 
@@ -184,9 +217,16 @@ def parse_fail_on(rules: Sequence[str]) -> tuple[Expectation, ...]:
         flags = tuple(f.strip() for f in flags_part.split(",") if f.strip())
         unknown = [f for f in flags if f not in FLAGS]
         if not flags or unknown:
-            raise UsageError(f"--fail-on {rule!r}: flags are {', '.join(FLAGS)}")
-        pipes = tuple(p.strip() for p in pipes_part.split(",") if p.strip()) or None
-        parsed.append(Expectation({"no_flags": flags}, pipelines=pipes, origin="--fail-on"))
+            what = f"unknown flag {unknown[0]!r}" if unknown else "no flag named"
+            raise UsageError(f"--fail-on {rule!r}: {what}; flags are {', '.join(FLAGS)}")
+        pipes = tuple(p.strip() for p in pipes_part.split(",") if p.strip())
+        unknown = [p for p in pipes if p not in PIPELINE_NAMES]
+        if unknown or (not pipes and "@" in rule):
+            what = f"unknown pipeline {unknown[0]!r}" if unknown else "no pipeline after '@'"
+            raise UsageError(f"--fail-on {rule!r}: {what}; pipelines are "
+                             f"{', '.join(PIPELINE_NAMES)}")
+        parsed.append(Expectation({"no_flags": flags}, pipelines=pipes or None,
+                                  origin="--fail-on", written=f"--fail-on {rule}"))
     return tuple(parsed)
 
 
@@ -282,7 +322,7 @@ def check(result: ScenarioResult, expectations: Sequence[Expectation]) -> Verdic
         # left out (names themselves were checked when the scenario was read).
         for finding in _selected(expectation, result):
             outcomes.extend(_check_finding(expectation, finding))
-    return Verdict(tuple(outcomes))
+    return Verdict(tuple(outcomes), stated=len(expectations))
 
 
 

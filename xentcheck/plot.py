@@ -1,4 +1,5 @@
-"""The sweep as a PNG: bits of error against logit magnitude (matplotlib, an optional extra)."""
+"""The sweep as an image: bits of error against logit magnitude (matplotlib, an optional
+extra), in any format matplotlib writes without outside tools, chosen by the file's suffix."""
 
 from __future__ import annotations
 
@@ -8,16 +9,44 @@ from .errors import UsageError
 from .precision import Precision
 from .sweep import SweepResult
 
+# matplotlib writes these itself; pgf needs a LaTeX installation, so it is left out.
+NEEDS_OUTSIDE_TOOLS = ("pgf",)
 
-def write_sweep_plot(result: SweepResult, path: Path) -> None:
-    """One panel per dtype, one line per pipeline; a cross where the loss stops being finite."""
+
+def plot_format(path: Path) -> str:
+    """The image format for ``path``'s suffix; checked before a sweep computes anything.
+
+    Raises
+    ------
+    UsageError
+        When matplotlib is missing, the suffix names no format it writes, or the folder
+        does not exist.
+    """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'xentcheck[plot]'") from None
+    formats = sorted(set(FigureCanvasAgg.get_supported_filetypes()) - set(NEEDS_OUTSIDE_TOOLS))
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        problem = f"matplotlib writes no '.{suffix}' images" if suffix else "no suffix"
+        raise UsageError(f"--plot {path}: {problem}; the suffix chooses the format: end the "
+                         f"name with one of .{', .'.join(formats)}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot {path}: no such folder {str(path.parent)!r}")
+    return suffix
+
+
+def write_sweep_plot(result: SweepResult, path: Path) -> None:
+    """One panel per dtype, one line per pipeline; a cross where the loss stops being finite.
+
+    The format follows the suffix (``.png``, ``.pdf``, ``.svg``, ...: :func:`plot_format`).
+    """
+    image_format = plot_format(path)
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
     dtypes = list(dict.fromkeys(c.dtype for c in result.curves))
     fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.6), squeeze=False,
                              sharey=False)
@@ -46,8 +75,11 @@ def write_sweep_plot(result: SweepResult, path: Path) -> None:
                  f"'{spec.pattern}' (x: not finite from here)", fontsize=10)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, format=image_format)
     except OSError as exc:
-        raise UsageError(f"{path}: cannot write the plot ({exc.strerror})") from None
+        raise UsageError(f"--plot {path}: cannot write it ({exc.strerror})") from None
+    except (ValueError, RuntimeError) as exc:  # e.g. an image library without that format
+        raise UsageError(f"--plot {path}: matplotlib cannot write it here "
+                         f"({str(exc).splitlines()[0]})") from None
     finally:
         plt.close(fig)

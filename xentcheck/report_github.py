@@ -35,6 +35,8 @@ def render_step_summary(checked: Sequence[Checked]) -> str:
     for item in checked:
         failures = item.verdict.failures
         status = "✅ pass" if not failures else "❌ fail"
+        if item.verdict.unchecked:
+            status = f"ran ({item.verdict.unchecked})"
         detail = "<br>".join(o.message.replace("|", "\\|") for o in failures) or "—"
         rows.append(f"| `{item.result.name}` | {status} | {detail} |")
     return "\n".join(rows) + "\n"

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from .expectations import Checked, Expectation, Outcome
 
 
-def _case_name(expectation: Expectation | None) -> str:
+def _case_name(expectation: Expectation | None, unchecked: str | None = None) -> str:
+    """``line 6: pipeline: stable, loss: nan`` or ``--fail-on nan,inf@stable``: what the user
+    wrote, where they wrote it."""
     if expectation is None:
-        return "runs"
-    where = f"line {expectation.line}: " if expectation.line else f"{expectation.origin}: "
+        return f"runs ({unchecked})" if unchecked else "runs"
+    where = f"line {expectation.line}: " if expectation.line else ""
     return where + expectation.describe()
 
 
@@ -34,7 +36,8 @@ def render_junit(checked: Sequence[Checked]) -> str:
         suite_failures = 0
         for expectation in cases:
             case = ET.SubElement(suite, "testcase", classname=result.name,
-                                 name=_case_name(expectation), file=result.source)
+                                 name=_case_name(expectation, item.verdict.unchecked),
+                                 file=result.source)
             if expectation is not None and expectation.line:
                 case.set("line", str(expectation.line))
             outcomes = by_expectation.get(id(expectation), []) if expectation else []

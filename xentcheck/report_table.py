@@ -248,7 +248,11 @@ def render_verdict(result: ScenarioResult, verdict: Verdict, console: Console) -
 
 def verdict_line(result: ScenarioResult, verdict: Verdict) -> Text:
     text = Text()
-    if verdict.passed:
+    if verdict.unchecked:
+        # it ran, and there was nothing to hold: not a pass of "0 checks"
+        text.append("RAN ", style="bold")
+        text.append(f"  {result.name}  ({result.source}: {verdict.unchecked})")
+    elif verdict.passed:
         text.append("PASS", style="bold green")
         count = len(verdict.outcomes)
         text.append(f"  {result.name}  ({result.source}: {count} check"

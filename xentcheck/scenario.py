@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .arrays import load_array, load_csv_with_labels, release_pages
+from .arrays import RAW_DTYPES, load_array, load_csv_with_labels, release_pages
 from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, XentcheckError
 from .expectations import Expectation, parse_expectations
 from .findings import Tolerance
 from .misuse import tagged
@@ -31,6 +31,15 @@ KEYS: tuple[str, ...] = (
     "pos_weight", "label_smoothing", "ignore_index", "reduction", "dtypes", "pipelines",
     "tolerance", "expect",
 )
+
+
+# A YAML mapping with none of these keys is plainly something else (a CI workflow, a
+# pre-commit config): a folder search skips it.
+SCENARIO_MARKERS: tuple[str, ...] = ("logits", "labels", "scenarios")
+
+
+class NotAScenario(XentcheckError):
+    """A YAML file found in a folder that is plainly not a scenario (see ``load_scenarios``)."""
 
 
 @dataclass(frozen=True)
@@ -57,13 +66,25 @@ class Scenario:
     expectations: tuple[Expectation, ...] = ()
 
 
-def load_scenarios(path: str | Path) -> list[Scenario]:
+def load_scenarios(path: str | Path, *, found: bool = False) -> list[Scenario]:
     """Read and validate every scenario in a YAML file.
+
+    Parameters
+    ----------
+    path
+        The YAML file.
+    found
+        The file was found in a folder rather than named: if it is plainly not a scenario
+        (not a mapping, or a mapping with none of the keys ``logits``, ``labels``,
+        ``scenarios``), raise :class:`NotAScenario` instead of an input error. A mapping
+        with ``logits`` and a misspelt key is still a scenario, and still an error.
 
     Raises
     ------
     InputError
         For any problem with the file or a scenario in it.
+    NotAScenario
+        Only with ``found``.
     """
     source = str(path)
     file = Path(path)
@@ -71,17 +92,10 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         raise InputError("no such file", source=source)
     if file.is_dir():
         raise InputError("is a directory; give a scenario .yaml file", source=source)
-    try:
-        text = file.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise InputError("not a text file", source=source) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise InputError(f"{where}not valid YAML ({problem})", source=source) from None
+    node, data = read_yaml(file, source)
+    if found and not (isinstance(data, dict) and any(k in data for k in SCENARIO_MARKERS)):
+        raise NotAScenario(f"{source}: not a scenario (none of the keys "
+                           f"{', '.join(SCENARIO_MARKERS)})")
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise InputError("expected a mapping of scenario keys (or a 'scenarios:' list)",
                          source=source)
@@ -102,6 +116,54 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
     return [_scenario(data, node, file, source, file.stem)]
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class ScenarioLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (safe types only) that refuses a key given twice in a mapping.
+
+    PyYAML keeps the last of two equal keys, so ``labels:`` written twice silently replaces
+    the first. Keys brought in by a ``<<`` merge may still be overridden: that is what a
+    merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+                continue  # a merge may be overridden; other keys are the base class's affair
+            key = self.construct_object(key_node, deep=False)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise InputError(f"duplicate key (first given on line {seen[key]}); "
+                                 "each key may appear once in a mapping",
+                                 field=f"{key} (line {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(file: Path, source: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for line numbers) and its data, safe-loaded once."""
+    try:
+        text = file.read_text(encoding="utf-8")
+        loader = ScenarioLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError:
+        raise InputError("not a text file", source=source) from None
+    except InputError as exc:
+        raise exc.located(source) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{where}not valid YAML ({problem})", source=source) from None
+    return node, data
+
+
 def _value_node(node: yaml.MappingNode, key: str) -> yaml.Node:
     return next(v for k, v in node.value if k.value == key)
 
@@ -110,12 +172,14 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise InputError("each scenario must be a mapping of keys", source=source)
     lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
-    for key in data:
+    # Named as written: YAML reads `on:` or `yes:` as the boolean True.
+    for key_node, _ in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
         if key not in KEYS:
             hint = difflib.get_close_matches(str(key), KEYS, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise InputError(f"unknown key{suggestion} (keys: {', '.join(KEYS)})",
-                             source=source, field=f"{key} (line {lines.get(str(key), '?')})")
+                             source=source, field=f"{key} (line {key_node.start_mark.line + 1})")
     for required in ("logits", "labels"):
         if required not in data:
             raise InputError("is required", source=source, field=required)
@@ -240,17 +304,22 @@ def _tolerance(value: Any, key: str) -> Tolerance:
 
 
 def _array_field(value: Any, base: Path, key: str, source: str) -> FloatArray:
-    """An inline nested list, a path (relative to the scenario file) or {path, key}."""
+    """An inline nested list, a path (relative to the scenario file) or {path, key, dtype}."""
     if isinstance(value, str):
         return load_array(base / value, key=None, source=source, field=key)
     if isinstance(value, dict):
-        if set(value) - {"path", "key"} or not isinstance(value.get("path"), str):
-            raise InputError("a file is given as a path, or as {path: FILE, key: NAME}",
+        if set(value) - {"path", "key", "dtype"} or not isinstance(value.get("path"), str):
+            raise InputError("a file is given as a path, or as {path: FILE, key: NAME, "
+                             "dtype: " + "|".join(RAW_DTYPES) + "} (key and dtype optional)",
                              field=key)
         name = value.get("key")
         if name is not None and not isinstance(name, str):
             raise InputError("'key' must be a string", field=key)
-        return load_array(base / value["path"], key=name, source=source, field=key)
+        dtype = value.get("dtype")
+        if dtype is not None:
+            _choice(dtype, RAW_DTYPES, f"{key}.dtype")
+        return load_array(base / value["path"], key=name, source=source, field=key,
+                          dtype=dtype)
     return inline_array(value, key)
 
 

@@ -12,6 +12,7 @@ input rounding is not counted as the formulation's error.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,10 +55,21 @@ class SweepSpec:
             raise UsageError(f"unknown pattern {self.pattern!r}; choose from {', '.join(PATTERNS)}")
         if self.points < 2:
             raise UsageError("a sweep needs at least 2 points")
+        for option, value in (("--from", self.start), ("--to", self.stop),
+                              ("--spread", self.spread)):
+            if not math.isfinite(value):
+                raise UsageError(f"{option} {value}: must be a finite number")
+        if self.spread < 0:
+            raise UsageError(f"--spread {self.spread:g}: must not be negative")
+        if not math.isfinite(self.stop - self.start):
+            raise UsageError(f"--from {self.start:g} --to {self.stop:g}: the range is wider than "
+                             "float64 holds")
         if self.log_scale and (self.start <= 0 or self.stop <= 0):
-            raise UsageError("a log-spaced sweep needs a positive range (or use --linear)")
+            raise UsageError(f"--from {self.start:g} --to {self.stop:g}: a log-spaced sweep needs "
+                             "a positive range (or use --linear)")
         if not self.start < self.stop:
-            raise UsageError("the range must go from a smaller to a larger magnitude")
+            raise UsageError(f"--from {self.start:g} --to {self.stop:g}: the range must go from a "
+                             "smaller to a larger magnitude")
         if self.family == "softmax" and self.classes < 2:
             raise UsageError("a softmax sweep needs at least 2 classes")
 
@@ -73,16 +85,19 @@ def sweep_case(spec: SweepSpec) -> Case:
     rng = np.random.default_rng(spec.seed)
     if spec.family == "sigmoid":
         if spec.pattern == "normal":
-            x = m * rng.standard_normal((spec.points, spec.classes))
+            with np.errstate(over="ignore"):  # checked below
+                x = m * rng.standard_normal((spec.points, spec.classes))
             z = rng.integers(0, 2, x.shape).astype(np.float64)
         else:
             sign = -1.0 if spec.pattern == "spread" else 1.0
             x = np.repeat(sign * m, spec.classes, axis=1)
             z = np.full(x.shape, 0.0 if spec.pattern == "bottom" else 1.0)
-        return Case("sweep", x, z, "binary", LossSpec(family="sigmoid", reduction="none"))
+        return Case("sweep", _in_range(x, spec, rows=False), z, "binary",
+                    LossSpec(family="sigmoid", reduction="none"))
     steps = np.linspace(1.0, -1.0, spec.classes)[None, :]
     if spec.pattern == "normal":
-        x = m * rng.standard_normal((spec.points, spec.classes))
+        with np.errstate(over="ignore"):  # checked below
+            x = m * rng.standard_normal((spec.points, spec.classes))
         labels = rng.integers(0, spec.classes, spec.points)
     elif spec.pattern == "spread":
         x = m + (steps - 1.0) / 2.0 * spec.spread
@@ -90,7 +105,22 @@ def sweep_case(spec: SweepSpec) -> Case:
     else:
         x = m * steps
         labels = np.full(spec.points, 0 if spec.pattern == "top" else spec.classes - 1)
-    return Case("sweep", x, labels.astype(np.int64), "index", LossSpec(reduction="none"))
+    return Case("sweep", _in_range(x, spec, rows=True), labels.astype(np.int64), "index",
+                LossSpec(reduction="none"))
+
+
+def _in_range(x: FloatArray, spec: SweepSpec, *, rows: bool) -> FloatArray:
+    """``x`` if its logits (and, for softmax ``rows``, their spreads) are finite float64
+    numbers: past that no formulation, nor the reference, has anything to say but that
+    float64 overflows."""
+    finite = bool(np.isfinite(x).all())
+    if finite and rows:
+        with np.errstate(over="ignore"):
+            finite = bool(np.isfinite(x.max(axis=-1) - x.min(axis=-1)).all())
+    if not finite:
+        raise UsageError(f"--to {spec.stop:g}: the '{spec.pattern}' pattern's logits (or "
+                         "their differences) overflow float64 at that magnitude; lower --to")
+    return x
 
 
 @dataclass(frozen=True)
@@ -147,10 +177,13 @@ def run_sweep(
             bits = np.where(finite, np.log2(1.0 + ulps), np.nan)
         grad_bad = grad_off = None
         if finding.grad_row_errors is not None:
-            rows = finding.grad_row_errors.reshape(spec.points, -1).max(axis=1)
-            grad_bad = _first(magnitudes, np.asarray(~np.isfinite(rows)))
+            rows = finding.grad_row_errors.reshape(spec.points, -1)
+            nonfinite = np.asarray(~np.isfinite(rows).all(axis=1))  # NaN: not finite
+            grad_bad = _first(magnitudes, nonfinite)
+            # A gradient that is not finite is also inaccurate: the first inaccurate magnitude
+            # never lies after the first non-finite one.
             with np.errstate(invalid="ignore"):
-                grad_off = _first(magnitudes, np.asarray(np.isfinite(rows) & (rows > tol.rel)))
+                grad_off = _first(magnitudes, np.asarray(nonfinite | (rows > tol.rel).any(axis=1)))
         curves.append(SweepCurve(
             pipeline=finding.pipeline,
             dtype=finding.dtype,
