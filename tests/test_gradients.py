@@ -334,3 +334,35 @@ def test_a_mean_over_no_counted_row_is_nan_and_its_gradient_exactly_zero() -> No
     assert result.reference.loss is not None and np.isnan(result.reference.loss)
     for f in result.findings:
         assert f.grad_error == 0.0 and f.grad_flags == (), f
+
+
+def test_a_gradient_zeroed_through_the_row_sum_is_traced_to_the_division() -> None:
+    # [40, -40], target 1, naive float32: autograd of p = e / s forms (e_t / s) / s =
+    # e^-120, which is 0 in float32, so s receives no gradient and class 0's entry is 0
+    # (PyTorch's autograd of the same code gives [0, -1], against the true [1, -1]). The
+    # zero reaches entry 0 through the row sum; the flush happened at class 1.
+    case = Case("z", np.array([[40.0, -40.0]]), np.array([1]), "index", LossSpec())
+    result = evaluate(case, precisions_for(["float32"]), available("softmax", True)[:1])
+    [naive] = result.findings
+    computed = pipeline_gradient("naive", "softmax", "float32", case)
+    assert computed.tolist() == [[0.0, -1.0]]
+    assert naive.grad_flags == ("zeroed", "precision_loss") and naive.grad_error == 1.0
+    assert naive.grad_first_bad is not None
+    assert (naive.grad_first_bad.stage, naive.grad_first_bad.kind,
+            naive.grad_first_bad.index) == ("divide", "underflow", (0, 1))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("classes", [2, 3, 50])
+def test_every_gradient_flag_has_its_stage_along_a_spread(dtype: str, classes: int) -> None:
+    # rows [m, 0, ..., 0, -m], target the last, m from 1 to 800: every way the textbook
+    # backward passes break on the way (flushes, overflow, NaN) must name its stage
+    magnitudes = np.geomspace(1.0, 800.0, 60)
+    x = np.zeros((len(magnitudes), classes))
+    x[:, 0], x[:, -1] = magnitudes, -magnitudes
+    for row in range(len(magnitudes)):
+        case = Case("m", x[row:row + 1], np.array([classes - 1]), "index", LossSpec())
+        result = evaluate(case, precisions_for([dtype]), available("softmax", True))
+        for f in result.findings:
+            if {"nan", "inf", "zeroed"} & set(f.grad_flags):
+                assert f.grad_first_bad is not None, (f.pipeline, magnitudes[row], f.grad_flags)

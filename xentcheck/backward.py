@@ -140,7 +140,9 @@ def _textbook_softmax_backward(run: StageRunner, fwd: StageRunner, block: Block,
     # log(p): grad / p, everywhere (0 / 0 = NaN where a probability underflowed to 0)
     grad_p = run.divide("log", grad_logp, p, blame=[grad_logp])
     # p = e / s: e gets grad / s; s gets sum over the row of -grad * ((e / s) / s)
-    quotient = fwd.divide("divide", p, s)  # (e / s) / s; e / s is p, the same rounding
+    # (e / s) / s, formed by the backward pass (e / s is p, the same rounding): where it
+    # sinks into subnormals or to 0 the gradient reaching s is lost, as in PyTorch
+    quotient = run.divide("divide", p, s, blame=[p, s])
     grad_e = run.divide("divide", grad_p, s, blame=[grad_p])
     grad_s = run.sum("divide", run.multiply("divide", run.negate("divide", grad_p), quotient,
                                             blame=[grad_p]), keepdims=True)
@@ -299,6 +301,10 @@ class EntryTracer(StageRunner):
     def __init__(self, precision: Precision, stages: Sequence[str], column: int) -> None:
         super().__init__(precision, stages)
         self.column = column
+        # the first step that flushed a value anywhere in the row from operands that were not
+        # tiny: where the entry's own column shows no cause, the zero came in through a row
+        # sum whose terms were flushed in other columns ((e_t / s) / s, say)
+        self.row_flush: StageEvent | None = None
 
     def _watch(self, stage: str, out: FloatArray, operands: Sequence[Operand],
                **kwargs: Any) -> None:
@@ -319,6 +325,8 @@ class EntryTracer(StageRunner):
                 inputs.append(np.broadcast_to(values, array.shape)[position].reshape(-1))
         given = np.concatenate(inputs) if inputs else np.zeros(0)
         tiny = self.precision.tiny
+        if self.row_flush is None and not reduced and array.ndim == 2 and operands:
+            self._note_row_flush(stage, array, operands)
         if np.isnan(value):
             if not np.isnan(given).any():
                 self._record_index(stage, "nan", position)
@@ -334,6 +342,19 @@ class EntryTracer(StageRunner):
                 self._record_index(stage, "underflow", position)
 
 
+    def _note_row_flush(self, stage: str, out: FloatArray,
+                        operands: Sequence[Operand]) -> None:
+        tiny = self.precision.tiny
+        with np.errstate(invalid="ignore"):
+            fresh = np.abs(out.astype(np.float64)) < tiny
+            for operand in operands:
+                values = np.broadcast_to(np.asarray(operand, dtype=np.float64), out.shape)
+                fresh &= np.isfinite(values) & (np.abs(values) >= tiny)
+        if fresh.any():
+            column = int(np.argmax(fresh[0]))
+            self.row_flush = StageEvent(stage, "underflow", (0, column))
+
+
 def trace_entry(pipeline: Pipeline, precision: Precision, block: Block, column: int,
                 upstream: float) -> StageEvent | None:
     """The first backward step that turned entry ``column`` of the block's single row bad
@@ -342,6 +363,9 @@ def trace_entry(pipeline: Pipeline, precision: Precision, block: Block, column: 
     tracer.bind(np.ones(1, dtype=bool), block.start)
     pipeline.backward(tracer, block, upstream, {})
     event = tracer.first_event()
-    if event is None:
+    if event is not None:
+        return StageEvent(event.stage, event.kind, (block.start, column))
+    flush = tracer.row_flush
+    if flush is None:
         return None
-    return StageEvent(event.stage, event.kind, (block.start, column))
+    return StageEvent(flush.stage, flush.kind, (block.start, flush.index[1]))
