@@ -366,3 +366,22 @@ def test_every_gradient_flag_has_its_stage_along_a_spread(dtype: str, classes: i
         for f in result.findings:
             if {"nan", "inf", "zeroed"} & set(f.grad_flags):
                 assert f.grad_first_bad is not None, (f.pipeline, magnitudes[row], f.grad_flags)
+
+
+def test_an_ignored_row_whose_gradient_is_nan_is_reported() -> None:
+    # Row 0 is ignored, but autograd of the textbook forms still runs through it: p[0, 1] =
+    # e^-205 is 0 in float32 and log's backward forms 0 / 0. PyTorch's gradient of
+    # F.nll_loss(torch.log(p), t, ignore_index=-100) is [nan, nan, nan] there (the fixture's
+    # "ignored_underflow" case), and it reaches the weights: an ignored row's loss counts
+    # nowhere, its gradient does. F.cross_entropy (stable) gives exactly 0 in that row.
+    case = Case("i", np.array([[0.0, -200.0, 5.0], [1.0, 2.0, 3.0]]), np.array([-100, 0]),
+                "index", LossSpec(ignore_index=-100))
+    result = evaluate(case, precisions_for(["float32"]), available("softmax", True))
+    for f in result.findings:
+        assert f.flags == (), f.pipeline
+        if f.pipeline == "stable":
+            assert f.grad_flags == () and f.grad_first_bad is None
+            continue
+        assert f.grad_flags == ("nan",) and np.isnan(f.grad_error or 0.0)
+        assert f.grad_first_bad is not None
+        assert (f.grad_first_bad.stage, f.grad_first_bad.index) == ("log", (0, 1))

@@ -66,6 +66,8 @@ PRIMITIVE_DIFFERENCES: dict[tuple[str, str], tuple[float, float]] = {
     ("weights_ignore_sum", "shifted/float64"): (0, 2),
     ("ignore_none", "naive/float32"): (1, 2),
     ("ignore_none", "shifted/float32"): (1, 1),
+    ("ignored_underflow", "naive/float32"): (0, 1),
+    ("ignored_underflow", "shifted/float32"): (0, 2),
     ("smoothing", "naive/float32"): (0, 13),
     ("smoothing", "naive/float64"): (0, 13),
     ("smoothing", "shifted/float32"): (0, 8),

@@ -62,6 +62,10 @@ def reduction_gradient(precision: Precision, reduction: str, denominator: float)
     """
     if reduction != "mean":
         return 1.0
+    if denominator == 0:
+        # nothing counted (every row ignored): nll_loss's backward writes no row, so every
+        # entry stays 0; no example has a gradient to scale
+        return 0.0
     acc = precision.accumulate_dtype
     with np.errstate(all="ignore"):
         quotient = np.asarray(1.0, dtype=acc) / np.asarray(denominator, dtype=acc)

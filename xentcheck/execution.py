@@ -195,7 +195,9 @@ class PipelineRun:
     def _backward(self, case: Case, block: Block, denominators: Denominators,
                   saved: Saved) -> tuple[FloatArray | None, list[StageEvent]]:
         runner = StageRunner(self.precision, self.gradient_runner.stages, self._known_backward)
-        runner.bind(_watched_rows(case, block), block.start)
+        # the backward pass is watched in every row: an ignored row's loss counts nowhere,
+        # but its gradient still reaches the weights (NaN from 0 / 0 in log's backward)
+        runner.bind(np.ones(len(block.labels), dtype=bool), block.start)
         upstream = self.upstream(case, denominators)
         return self.pipeline.backward(runner, block, upstream, saved), runner.events
 

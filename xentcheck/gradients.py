@@ -48,12 +48,9 @@ class GradientStats:
     def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
             precision: Precision) -> None:
         self.seen = True
+        # Every row counts here, ignored ones included: their true gradient is 0, and a NaN
+        # that autograd puts there (0 / 0 in log's backward) reaches the weights all the same.
         computed = np.asarray(gradient).reshape(reference.shape)  # in D: no float64 copy
-        counted = (block.valid[:, None] if block.case.spec.family == "softmax"
-                   else block.valid_elements)
-        if not np.all(counted):  # ignored rows or targets count nowhere
-            computed = np.where(counted, computed, 0).astype(computed.dtype, copy=False)
-            reference = np.where(counted, reference, 0.0)
         with np.errstate(invalid="ignore"):
             # |g - g_ref| in float64 (numpy widens D in the loop); NaN where g is NaN or
             # inf - inf. Reused in place: these are the block's largest temporaries.
