@@ -331,16 +331,24 @@ def _block_stats(block: Block) -> _BlockStats:
     spread = None
     case = block.case
     if case.spec.family == "softmax" and case.spec.from_logits:
+        spread = _largest_spread(block, x, top, masked)
+    return _BlockStats(largest, smallest, spread, distributions, masked_inputs(block))
+
+
+def _largest_spread(block: Block, x: FloatArray, top: FloatArray,
+                    masked: FloatArray | None) -> float | None:
+    """Row maximum minus a weighted class's logit, largest over the block (None: no class
+    is weighted). A spread past float64's range, ``[1e308, -1e308]``, is inf."""
+    case = block.case
+    with np.errstate(over="ignore"):
         if case.label_kind == "index" and not case.spec.label_smoothing:
             target = x[np.arange(len(x)), block.target].astype(np.float64)
             counted = block.valid if masked is None else block.valid & (target > -np.inf)
             gaps = top[counted] - target[counted]
-            spread = float(gaps.max()) if gaps.size else None
-        else:
-            weighted = block.unmasked(softmax_coefficients(case, block.labels) > 0)
-            gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
-            spread = float(gaps.max()) if weighted.any() else None
-    return _BlockStats(largest, smallest, spread, distributions, masked_inputs(block))
+            return float(gaps.max()) if gaps.size else None
+        weighted = block.unmasked(softmax_coefficients(case, block.labels) > 0)
+        gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
+        return float(gaps.max()) if weighted.any() else None
 
 
 # -- the whole evaluation --------------------------------------------------------------------
