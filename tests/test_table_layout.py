@@ -145,6 +145,30 @@ def test_check_summary_fits(width: int) -> None:
 
 
 @pytest.mark.parametrize("width", WIDTHS)
+def test_failed_expectations_fit_and_keep_their_numbers(
+    width: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a failing check prints each failed expectation with the measured value: wrapped at
+    # spaces to the width, the numbers whole
+    scenario = tmp_path / "f.yaml"
+    scenario.write_text("logits: [[1.0, 2.0]]\nlabels: [1]\nexpect:\n"
+                        "  - pipeline: naive\n    loss: nan\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["check", "f.yaml"],
+                                env={"COLUMNS": str(width), "NO_COLOR": "1"})
+    assert result.exit_code == 1, result.output
+    text = result.stdout
+    assert all(cell_len(line) <= width for line in text.splitlines()), text
+    assert "…" not in text
+    for measured in ("0.313477", "0.320312", "0.313262"):
+        assert measured in text
+    # the verdict's own lines and each failure wrap under their start, indented, so the
+    # next scenario's PASS/FAIL stays the only thing at the left margin
+    lines = text.splitlines()
+    assert lines[0].startswith("FAIL") and all(line.startswith(" ") for line in lines[1:])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
 def test_limits_keep_every_number_whole(width: int) -> None:
     args = ("limits", "--classes", "50257")
     text = invoke(*args, width=width)

@@ -239,11 +239,11 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
 
 def render_verdict(result: ScenarioResult, verdict: Verdict, console: Console) -> None:
     """One line per scenario: pass, or fail with each failed expectation and its line."""
-    console.print(verdict_line(result, verdict))
+    print_wrapped(console, verdict_line(result, verdict), 0, 6)
     for outcome in verdict.failures:
         where = f"{result.source}:{outcome.expectation.line}" if outcome.expectation.line \
             else outcome.expectation.origin
-        console.print(f"      {where}: {outcome.message}", style="red")
+        print_wrapped(console, f"{where}: {outcome.message}", 6, 8, style="red")
 
 
 def verdict_line(result: ScenarioResult, verdict: Verdict) -> Text:
