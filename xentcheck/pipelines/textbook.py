@@ -1,114 +1,21 @@
-"""Pipelines: each formulation of the loss, written once, generic over the precision.
+"""The textbook formulations: softmax ``naive``, ``shifted`` and ``stable``, their sigmoid and
+probability-input cousins, each written once, generic over the precision.
 
-A pipeline turns a block of rows into per-example losses in the storage dtype by calling
-named steps on a :class:`~xentcheck.stages.StageRunner`, which rounds and watches every step.
-The batch reduction (``sum``/``mean``) is the same for every pipeline and lives in
-:func:`reduce_losses`. Adding a formulation means adding a class here and registering it;
-the evaluator, the reference and the reports do not change. Backward passes live in
+Their backward passes, as autodiff of each formulation computes them, are in
 :mod:`xentcheck.backward`.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cached_property
-from typing import ClassVar
-
 import numpy as np
 
-from . import backward as autodiff
-from .case import Case, valid_elements, valid_rows
-from .errors import UsageError
-from .precision import FloatArray
-from .stages import StageRunner
-
-# Forward values a pipeline keeps for its backward pass, by name.
-Saved = Mapping[str, FloatArray]
+from .. import backward as autodiff
+from ..precision import FloatArray
+from ..stages import StageRunner
+from .base import Block, Pipeline, Saved
 
 # Keras' backend epsilon, the bound ``clipped`` clips probabilities to.
 KERAS_EPSILON = 1e-7
-
-
-@dataclass(frozen=True)
-class Block:
-    """Rows ``start : start + len(logits)`` of a case, as 2-D arrays."""
-
-    case: Case
-    logits: FloatArray
-    labels: FloatArray
-    start: int = 0
-
-    @cached_property
-    def valid(self) -> FloatArray:
-        """``(N,)``: rows that count."""
-        return valid_rows(self.case, self.labels)
-
-    @cached_property
-    def valid_elements(self) -> FloatArray:
-        """``(N, K)`` for sigmoid: targets that count."""
-        return valid_elements(self.case, self.labels)
-
-    @cached_property
-    def target_mask(self) -> FloatArray:
-        """``(N, C)``: True at each row's target class (integer labels). Built once per block:
-        the textbook pipelines' forward and backward passes all ask for it."""
-        mask = np.zeros(self.logits.shape, dtype=bool)
-        np.put_along_axis(mask, self.target[:, None], True, axis=-1)
-        return mask
-
-    @cached_property
-    def masked(self) -> FloatArray | None:
-        """``(N, C)``: True at masked entries (``-inf`` logits, whose exp is an exact 0), or
-        None where the block has none (one reduction in the input's own dtype)."""
-        if not self.case.spec.from_logits:
-            return None
-        x = np.asarray(self.logits)
-        if not x.size or not bool(np.min(x) == -np.inf):
-            return None
-        return np.asarray(x == -np.inf)
-
-    def unmasked(self, positions: FloatArray) -> FloatArray:
-        """``positions`` less the masked entries: the log of a masked entry's exact zero is
-        an exact ``-inf``, not a pole that an earlier rounding hit."""
-        return positions if self.masked is None else positions & ~self.masked
-
-    @cached_property
-    def target(self) -> FloatArray:
-        """Integer labels with ignored rows pointed at class 0 (their losses are dropped)."""
-        labels = np.asarray(self.labels).astype(np.int64)
-        return np.where(self.valid, labels, 0)
-
-
-class Pipeline(ABC):
-    """One formulation of the loss."""
-
-    name: ClassVar[str]
-    family: ClassVar[str]
-    from_logits: ClassVar[bool]
-    formula: ClassVar[str]
-    stages: ClassVar[tuple[str, ...]]
-
-    @abstractmethod
-    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
-        """Per-example losses in the storage dtype, zero at positions that do not count.
-
-        Softmax: shape ``(N,)``; sigmoid: ``(N, K)``.
-        """
-
-    def backward(self, run: StageRunner, block: Block, upstream: float,
-                 saved: Saved | None = None) -> FloatArray | None:
-        """The gradient of the loss with respect to the inputs, ``(N, C)`` in D, computed as
-        automatic differentiation of this formulation computes it; None where the
-        formulation has no gradient to check (probability inputs). ``upstream`` is
-        d(reduced loss) / d(per-example loss), a value of D; ``saved`` holds the forward
-        values :meth:`per_example` kept for this block; missing ones are recomputed."""
-        return None
-
-    @property
-    def all_stages(self) -> tuple[str, ...]:
-        return (*self.stages, "reduce")
 
 
 # -- softmax family --------------------------------------------------------------------------
@@ -390,62 +297,3 @@ class SigmoidProbabilitiesClipped(Pipeline):
         return _binary_from_logs(
             run, block, target, run.log("log", p, where=critical), run.log("log", q, where=critical)
         )
-
-
-# -- the batch reduction and the registry ----------------------------------------------------
-
-
-def reduce_losses(
-    run: StageRunner, per_example: FloatArray, reduction: str, denominator: float
-) -> FloatArray:
-    """The batch reduction every pipeline shares: accumulate, divide for ``mean``, round to D.
-
-    ``mean`` is one rounding of ``sum / denominator`` evaluated in the accumulate dtype, as
-    ``torch.mean`` and ``nll_loss`` do for half tensors; ``sum`` rounds the sum to D (so a
-    float16 sum of 100,000 ones is inf).
-    """
-    if reduction == "none":
-        return per_example
-    flat = np.asarray(per_example).reshape(-1)
-    run.bind(np.ones(1, dtype=bool))
-    total = run.accumulate(flat)
-    if reduction == "mean":
-        with np.errstate(all="ignore"):
-            total = total / np.asarray(denominator, dtype=total.dtype)
-    out = run.precision.round(total)
-    run.watch_reduction("reduce", out, flat)
-    return out
-
-
-PIPELINES: tuple[Pipeline, ...] = (
-    SoftmaxNaive(),
-    SoftmaxShifted(),
-    SoftmaxStable(),
-    SoftmaxProbabilitiesNaive(),
-    SoftmaxProbabilitiesClipped(),
-    SigmoidNaive(),
-    SigmoidStable(),
-    SigmoidProbabilitiesNaive(),
-    SigmoidProbabilitiesClipped(),
-)
-
-
-def available(family: str, from_logits: bool) -> tuple[Pipeline, ...]:
-    """The pipelines that apply to a loss family and input kind, in display order."""
-    return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits)
-
-
-def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:
-    """The named pipelines (all applicable ones when ``names`` is empty or None)."""
-    choices = available(family, from_logits)
-    if not names:
-        return choices
-    by_name = {p.name: p for p in choices}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        kind = "logits" if from_logits else "probabilities"
-        raise UsageError(
-            f"unknown pipeline {unknown[0]!r} for {family} {kind}; "
-            f"choose from {', '.join(by_name)}"
-        )
-    return tuple(by_name[n] for n in dict.fromkeys(names))
