@@ -16,9 +16,8 @@ from typing import TypeVar
 import numpy as np
 
 from .arrays import release_pages
-from .backward import reduction_gradient
 from .case import Case
-from .pipelines import Block, Pipeline, Saved, reduce_losses
+from .pipelines import Block, Pipeline, Saved
 from .precision import FloatArray, Precision
 from .stages import StageEvent, StageRunner
 
@@ -189,7 +188,7 @@ class PipelineRun:
         weights = case.spec.class_weights
         if weights is not None:
             weights = self.precision.round(weights).astype(np.float64)
-        return reduction_gradient(self.precision, case.spec.reduction,
+        return self.pipeline.reduction_gradient(self.precision, case.spec.reduction,
                                   denominators.mean_denominator(case, weights))
 
     def _backward(self, case: Case, block: Block, denominators: Denominators,
@@ -207,7 +206,7 @@ class PipelineRun:
         weights = case.spec.class_weights
         if weights is not None:
             weights = self.precision.round(weights).astype(np.float64)
-        loss = reduce_losses(
+        loss = self.pipeline.reduce(
             self.runner, per_example, case.spec.reduction,
             denominators.mean_denominator(case, weights),
         )

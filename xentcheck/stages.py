@@ -262,6 +262,23 @@ class StageRunner:
         )
         return out
 
+    def fused(self, stage: str, fn: Callable[..., FloatArray], *operands: Operand,
+              round_result: bool = True, **kw: Any) -> FloatArray:
+        """A fused kernel's step: ``fn`` of the operands evaluated in the compute dtype
+        (float32 for 16-bit D, D itself otherwise) with no rounding to D inside it.
+
+        The result is rounded to D once (``round_result``), as a kernel stores its output,
+        or kept in the compute dtype, as a kernel keeps a value in registers for its next
+        step (a float32 ``exp`` summed before anything is stored). Watched like any step.
+        """
+        with np.errstate(all="ignore"):  # the watch below reports what these warnings would
+            out = fn(*(self._to_compute(o) for o in operands))
+            out = self._round(out) if round_result else np.asarray(
+                out, dtype=self.precision.compute_dtype)
+        blame = kw.pop("blame", None)
+        self._watch(stage, out, operands if blame is None else blame, **{"where": None, **kw})
+        return out
+
     def exp(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.exp, x, **kw)
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..case import Case, valid_elements, valid_rows
-from ..precision import FloatArray
+from ..precision import FloatArray, Precision
 from ..stages import StageRunner
 
 # Forward values a pipeline keeps for its backward pass, by name.
@@ -97,6 +97,20 @@ class Pipeline(ABC):
         d(reduced loss) / d(per-example loss), a value of D; ``saved`` holds the forward
         values :meth:`per_example` kept for this block; missing ones are recomputed."""
         return None
+
+    def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
+               denominator: float) -> FloatArray:
+        """The batch reduction of the per-example losses (the shared one by default; a
+        framework pipeline overrides it with its library's own, e.g. a sum in D)."""
+        return reduce_losses(run, per_example, reduction, denominator)
+
+    def reduction_gradient(self, precision: Precision, reduction: str,
+                           denominator: float) -> float:
+        """d(reduced loss) / d(per-example loss), a value of D, as this formulation's
+        autodiff forms it (see :func:`xentcheck.backward.reduction_gradient`)."""
+        from ..backward import reduction_gradient  # backward imports this module's types
+
+        return reduction_gradient(precision, reduction, denominator)
 
     @property
     def all_stages(self) -> tuple[str, ...]:
