@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from frameworks import require
 from torch_fixture import bits, from_hex, make_case, recorded, ulp_distance, xentcheck_result
 
 from xentcheck.case import Case, LossSpec
@@ -181,7 +182,7 @@ def _recorder() -> ModuleType:
 
 
 def _live_torch(entry: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     torch.set_num_threads(1)
     record = _recorder()
     pipeline, dtype = key.split("/")
@@ -194,7 +195,7 @@ def _live_torch(entry: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray
 
 def _use_torchs_primitives(monkeypatch: pytest.MonkeyPatch) -> None:
     """exp, log and the sums of xentcheck's steps computed by torch itself."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     elementwise = StageRunner._elementwise
     by_numpy = {np.exp: torch.exp, np.log: torch.log}
 
