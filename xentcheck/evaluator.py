@@ -274,30 +274,38 @@ def _values(finding: Finding) -> FloatArray:
 class _BlockStats:
     largest: float
     smallest: float
-    spread: float | None  # row max minus a weighted class's logit, largest over the block
+    spread: float | None  # row max minus a logged class's logit, largest over the block
     rows_sum_to_one: bool  # every value in [0, 1], every row summing to 1
+    # the smallest logit whose probability the formulation logs (softmax from logits)
+    smallest_logged: float | None = None
 
 
 def _block_stats(block: Block) -> _BlockStats:
     """What the block's inputs look like: extremes, the largest spread, whether its rows
-    look like probability distributions."""
+    look like probability distributions.
+
+    The spread and the smallest logged logit are over the classes whose log-probability a
+    formulation takes: the target's with integer labels, every class's with one-hot or
+    probability labels or label smoothing (``-sum(y * log p)`` logs every class, and
+    ``0 * log 0`` is NaN).
+    """
     x = np.asarray(block.logits)
     top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
     largest, smallest = float(top.max()), float(x.min())
     distributions = smallest >= 0 and largest <= 1 and bool(
         (np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
-    spread = None
+    spread = logged = None
     case = block.case
     if case.spec.family == "softmax" and case.spec.from_logits:
         if case.label_kind == "index" and not case.spec.label_smoothing:
-            target = x[np.arange(len(x)), block.target].astype(np.float64)
-            gaps = (top - target)[block.valid]
-            spread = float(gaps.max()) if gaps.size else None
+            lowest = x[np.arange(len(x)), block.target].astype(np.float64)[block.valid]
+            gaps = top[block.valid] - lowest
         else:
-            weighted = softmax_coefficients(case, block.labels) > 0
-            gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
-            spread = float(gaps.max()) if weighted.any() else None
-    return _BlockStats(largest, smallest, spread, distributions)
+            lowest = x.min(axis=-1).astype(np.float64)[block.valid]
+            gaps = top[block.valid] - lowest
+        if gaps.size:
+            spread, logged = float(gaps.max()), float(lowest.min())
+    return _BlockStats(largest, smallest, spread, distributions, logged)
 
 
 # -- the whole evaluation --------------------------------------------------------------------
@@ -314,6 +322,7 @@ class _Pass:
     max_logit: float = -np.inf
     min_logit: float = np.inf
     max_spread: float | None = None
+    min_logged: float | None = None  # smallest logit whose probability is logged (softmax)
     rows_sum_to_one: bool = True
     gradients: list[_GradientStats] = field(default_factory=list)
 
@@ -462,6 +471,9 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         collected.rows_sum_to_one &= stats.rows_sum_to_one
         if stats.spread is not None:
             collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
+        if stats.smallest_logged is not None:
+            collected.min_logged = min(stats.smallest_logged,
+                                       collected.min_logged or stats.smallest_logged)
         collected.reference.append(outcome.reference)
         for name, values in outcome.rounded.items():
             collected.rounded[name].append(values)
@@ -551,11 +563,10 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     abs_e, rel_e, ulp_e, worst = _errors(computed, target, run.precision)
     arith_rel = _errors(computed, rounded, run.precision)[1]
     limit = pipeline_limit(run.pipeline, run.precision, case.classes)
-    # Sigmoid limits bound |x|; softmax limits bound the largest logit.
-    largest_input = (
-        max(abs(collected.max_logit), abs(collected.min_logit))
-        if case.spec.family == "sigmoid" else collected.max_logit
-    )
+    # The largest logit against the upper edge; from below, sigmoid's smallest x, and for
+    # softmax the smallest logit whose probability is logged (its exp must not vanish).
+    smallest_input = (collected.min_logit if case.spec.family == "sigmoid"
+                      else collected.min_logged)
     worst_index = None
     if truth.counted is not None and worst is not None:
         worst_index = _example_index(case, int(np.flatnonzero(truth.counted)[worst]))
@@ -575,8 +586,10 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         limit=limit,
         tolerance=tol,
         worst_index=worst_index,
-        logit_headroom=_headroom(limit.largest_safe_logit, largest_input),
+        logit_headroom=_headroom(limit.largest_safe_logit, collected.max_logit),
         spread_headroom=_headroom(limit.largest_safe_spread, collected.max_spread),
+        lower_logit_headroom=(None if limit.smallest_safe_logit is None or smallest_input is None
+                              else smallest_input - limit.smallest_safe_logit),
         grad_error=gradient.error(),
         grad_row_errors=np.concatenate(gradient.rows) if gradient.rows else None,
         grad_flags=_gradient_flags(gradient, tol),

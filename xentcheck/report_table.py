@@ -33,7 +33,10 @@ LEGEND = (
     "the first the backward pass goes through that makes it bad).\n"
     "safe logit ≤: every input whose logits stay below it gives a finite loss (worst case: "
     "all C logits equal) · safe spread ≤: the same for the gap between a row's largest logit "
-    "and its target's · format max: no edge before the format's own range."
+    "and its target's · ≥: the lower edge, against the smallest logit whose probability is "
+    "logged (naive exp underflowing to 0/0) · format max/min: no edge before the format's own "
+    "range · no safe value: the worst case breaks at every magnitude (a sum of C equal "
+    "terms is inf in D)."
 )
 LABEL_KINDS = {"index": "integer labels", "dense": "one-hot/probability labels",
                "binary": "binary targets"}
@@ -91,11 +94,25 @@ def _gradient_text(finding: Finding) -> Text:
     return text
 
 
-def _limit_text(limit: float | None, headroom: float | None, dtype: str) -> Text:
+def _limit_text(limit: float | None, headroom: float | None, dtype: str, *,
+                no_safe: bool = False, lower: float | None = None,
+                lower_headroom: float | None = None) -> Text:
+    """An edge with its headroom; with ``lower``, the lower edge on a second line (where
+    the formulation has one)."""
+    if no_safe:
+        return Text("no safe value", style="bold red")
+    text = _edge_text(limit, headroom, dtype)
+    if lower is not None and lower != -Precision(dtype).max:
+        text.append("\n≥ ")
+        text.append_text(_edge_text(lower, lower_headroom, dtype))
+    return text
+
+
+def _edge_text(limit: float | None, headroom: float | None, dtype: str) -> Text:
     if limit is None:
         return Text("—", style="dim")
-    if limit == Precision(dtype).max:
-        return Text("format max", style="dim")
+    if abs(limit) == Precision(dtype).max:
+        return Text("format max" if limit > 0 else "format min", style="dim")
     text = Text(_num(limit, 6))
     if headroom is not None:
         if headroom < 0:
@@ -164,8 +181,11 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
         table.add_row(
             f.pipeline, dtype, _loss_text(f), _num(f.abs_error, 3), _num(f.rel_error, 3),
             _num(f.ulp_error, 3), _flags_text(f.flags), _first_bad(f), _gradient_text(f),
-            _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype),
-            _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype),
+            _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype,
+                        no_safe=f.limit.no_safe_logit, lower=f.limit.smallest_safe_logit,
+                        lower_headroom=f.lower_logit_headroom),
+            _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype,
+                        no_safe=f.limit.no_safe_spread),
         )
     console.print(table)
     ref = result.reference
@@ -228,8 +248,8 @@ def render_limits_table(rows: Sequence[LimitRow], console: Console) -> None:
                   Text("(bisection on the pipeline itself; closed form from the format)",
                        style="dim"))
     table = Table(header_style="bold", pad_edge=False)
-    for column in ("loss", "pipeline", "dtype", "safe logit ≤", "closed form", "safe spread ≤",
-                   "closed form", "no subnormals", "agree"):
+    for column in ("loss", "pipeline", "dtype", "safe logit ≥", "closed form", "safe logit ≤",
+                   "closed form", "safe spread ≤", "closed form", "no subnormals", "agree"):
         table.add_column(column, justify="left" if column in ("loss", "pipeline", "dtype")
                          else "right")
     previous = None
@@ -238,26 +258,33 @@ def render_limits_table(rows: Sequence[LimitRow], console: Console) -> None:
             table.add_section()
         previous = row.dtype
         closed = row.closed_form
+        found = row.bisected
         table.add_row(
             row.family, row.pipeline, row.dtype,
-            _limit_value(row.bisected.largest_safe_logit, row.dtype),
-            _limit_value(closed.largest_safe_logit if closed else None, row.dtype),
-            _limit_value(row.bisected.largest_safe_spread, row.dtype),
-            _limit_value(closed.largest_safe_spread if closed else None, row.dtype),
-            _limit_value(row.spread_without_subnormals, row.dtype),
+            _limit_value(found.smallest_safe_logit, row.dtype, found.no_safe_logit),
+            _limit_value(closed.smallest_safe_logit if closed else None, row.dtype,
+                         closed is not None and closed.no_safe_logit),
+            _limit_value(found.largest_safe_logit, row.dtype, found.no_safe_logit),
+            _limit_value(closed.largest_safe_logit if closed else None, row.dtype,
+                         closed is not None and closed.no_safe_logit),
+            _limit_value(found.largest_safe_spread, row.dtype, found.no_safe_spread),
+            _limit_value(closed.largest_safe_spread if closed else None, row.dtype,
+                         closed is not None and closed.no_safe_spread),
+            _limit_value(row.spread_without_subnormals, row.dtype,
+                         closed is not None and closed.no_safe_spread),
             Text("yes", style="green") if row.agrees else Text(
                 "—" if closed is None else "NO", style="dim" if closed is None else "bold red"),
         )
     console.print(table)
 
 
-def _limit_value(value: float | None, dtype: str) -> Text:
+def _limit_value(value: float | None, dtype: str, no_safe: bool = False) -> Text:
+    if no_safe:
+        return Text("no safe value", style="bold red")
     if value is None:
         return Text("—", style="dim")
-    if value == Precision(dtype).max:
-        return Text("format max", style="dim")
-    if value < 0:
-        return Text(f"none ({value:.4g})", style="red")  # even equal logits underflow
+    if abs(value) == Precision(dtype).max:
+        return Text("format max" if value > 0 else "format min", style="dim")
     return Text(f"{value:.7g}")
 
 
