@@ -102,8 +102,9 @@ def _search(test: KeyTest, lo_end: int, hi_end: int, per_step: int, *,
     ``test`` says which keys are safe; the safe keys are assumed to form one interval. The
     hints (keys where the closed form puts the last safe value from above / the first
     from below) are tried first with their neighbours; ``expect_none``: the closed form
-    says no key is safe. Returns None where no key tried is safe. Without ``want_low`` the
-    low end returned is ``lo_end`` (the caller knows nothing below matters).
+    says no key is safe, which the keys tried then confirm. Returns None where no key tried
+    is safe. Without ``want_low`` the low end returned is ``lo_end`` (the caller knows
+    nothing below matters).
     """
     known: dict[int, bool] = {}
 
@@ -118,7 +119,11 @@ def _search(test: KeyTest, lo_end: int, hi_end: int, per_step: int, *,
 
     hinted: set[int] = set()
     if expect_none:
-        probe([lo_end, 0, hi_end] if lo_end < 0 else [lo_end, hi_end])
+        # Confirm on the pipeline: at both ends and at 0 (with lo_end 0, as for a spread,
+        # the safest value: nothing above it is safe if it is not).
+        probe([lo_end, 0, hi_end] if lo_end < 0 else [lo_end])
+        if not any(known.values()):
+            return None
     else:
         if hint_high is not None:
             hinted |= {hint_high, hint_high + 1}
