@@ -271,18 +271,37 @@ def _values(finding: Finding) -> FloatArray:
 
 
 @dataclass(frozen=True)
+class _Extremes:
+    """The input's extremes as a pipeline in D sees them (rounded to D, which is monotone:
+    the rounded row maximum is the maximum of the rounded row), for the headrooms."""
+
+    largest: float
+    smallest: float
+    spread: float | None  # row max minus a logged class's logit, largest over the rows
+    # the smallest logit whose probability the formulation logs (softmax from logits)
+    smallest_logged: float | None
+
+    def merge(self, later: _Extremes) -> _Extremes:
+        def most(a: float | None, b: float | None, pick: Callable[..., float]) -> float | None:
+            return b if a is None else a if b is None else pick(a, b)
+
+        return _Extremes(max(self.largest, later.largest), min(self.smallest, later.smallest),
+                         most(self.spread, later.spread, max),
+                         most(self.smallest_logged, later.smallest_logged, min))
+
+
+@dataclass(frozen=True)
 class _BlockStats:
     largest: float
     smallest: float
     spread: float | None  # row max minus a logged class's logit, largest over the block
     rows_sum_to_one: bool  # every value in [0, 1], every row summing to 1
-    # the smallest logit whose probability the formulation logs (softmax from logits)
-    smallest_logged: float | None = None
+    rounded: dict[str, _Extremes] = field(default_factory=dict)  # per dtype name
 
 
-def _block_stats(block: Block) -> _BlockStats:
+def _block_stats(block: Block, dtype_names: Sequence[str] = ()) -> _BlockStats:
     """What the block's inputs look like: extremes, the largest spread, whether its rows
-    look like probability distributions.
+    look like probability distributions; and the extremes rounded to each named dtype.
 
     The spread and the smallest logged logit are over the classes whose log-probability a
     formulation takes: the target's with integer labels, every class's with one-hot or
@@ -291,21 +310,41 @@ def _block_stats(block: Block) -> _BlockStats:
     """
     x = np.asarray(block.logits)
     top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
-    largest, smallest = float(top.max()), float(x.min())
+    bottom = x.min(axis=-1).astype(np.float64)
+    largest, smallest = float(top.max()), float(bottom.min())
     distributions = smallest >= 0 and largest <= 1 and bool(
         (np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
-    spread = logged = None
     case = block.case
+    lowest: FloatArray | None = None  # per counted row: the smallest logged logit
     if case.spec.family == "softmax" and case.spec.from_logits:
         if case.label_kind == "index" and not case.spec.label_smoothing:
             lowest = x[np.arange(len(x)), block.target].astype(np.float64)[block.valid]
-            gaps = top[block.valid] - lowest
         else:
-            lowest = x.min(axis=-1).astype(np.float64)[block.valid]
-            gaps = top[block.valid] - lowest
-        if gaps.size:
-            spread, logged = float(gaps.max()), float(lowest.min())
-    return _BlockStats(largest, smallest, spread, distributions, logged)
+            lowest = bottom[block.valid]
+    spread = _extremes(top, bottom, lowest, block.valid, None).spread
+    rounded = {name: _extremes(top, bottom, lowest, block.valid, Precision(name))
+               for name in dtype_names}
+    return _BlockStats(largest, smallest, spread, distributions, rounded)
+
+
+def _extremes(top: FloatArray, bottom: FloatArray, lowest: FloatArray | None,
+              valid: FloatArray, precision: Precision | None) -> _Extremes:
+    """Row maxima and minima, and the logged logits of the counted rows, reduced (rounded
+    to D first, given a precision)."""
+    def rnd(values: FloatArray) -> FloatArray:
+        if precision is None:
+            return values
+        return np.asarray(precision.round(values), dtype=np.float64)
+
+    spread = logged = None
+    if lowest is not None and lowest.size:
+        top_r, lowest_r = rnd(top[valid]), rnd(lowest)
+        with np.errstate(invalid="ignore"):
+            gaps = top_r - lowest_r
+        # inf - inf: both rounded past D's range; the pipeline's x - max is NaN there
+        spread = float(np.where(np.isnan(gaps), np.inf, gaps).max())
+        logged = float(lowest_r.min())
+    return _Extremes(float(rnd(top).max()), float(rnd(bottom).min()), spread, logged)
 
 
 # -- the whole evaluation --------------------------------------------------------------------
@@ -322,8 +361,8 @@ class _Pass:
     max_logit: float = -np.inf
     min_logit: float = np.inf
     max_spread: float | None = None
-    min_logged: float | None = None  # smallest logit whose probability is logged (softmax)
     rows_sum_to_one: bool = True
+    extremes: dict[str, _Extremes] = field(default_factory=dict)  # per dtype, for headrooms
     gradients: list[_GradientStats] = field(default_factory=list)
 
 
@@ -428,7 +467,7 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
         outcome.gradient = None  # measured: a block's gradients are not kept
         outcomes.append(outcome)
         gradients.append(measured)
-    stats = _block_stats(block)
+    stats = _block_stats(block, tuple(rounded_cases))
     release_block(block)
     return _BlockOutcome(given, rounded, outcomes, gradients, stats,
                          block.start + len(block.labels))
@@ -471,9 +510,9 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         collected.rows_sum_to_one &= stats.rows_sum_to_one
         if stats.spread is not None:
             collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
-        if stats.smallest_logged is not None:
-            collected.min_logged = min(stats.smallest_logged,
-                                       collected.min_logged or stats.smallest_logged)
+        for name, extremes in stats.rounded.items():
+            seen = collected.extremes.get(name)
+            collected.extremes[name] = extremes if seen is None else seen.merge(extremes)
         collected.reference.append(outcome.reference)
         for name, values in outcome.rounded.items():
             collected.rounded[name].append(values)
@@ -562,11 +601,13 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     target, rounded = truth.values, truth.rounded_values[name]
     abs_e, rel_e, ulp_e, worst = _errors(computed, target, run.precision)
     arith_rel = _errors(computed, rounded, run.precision)[1]
-    limit = pipeline_limit(run.pipeline, run.precision, case.classes)
-    # The largest logit against the upper edge; from below, sigmoid's smallest x, and for
-    # softmax the smallest logit whose probability is logged (its exp must not vanish).
-    smallest_input = (collected.min_logit if case.spec.family == "sigmoid"
-                      else collected.min_logged)
+    limit = pipeline_limit(run.pipeline, run.precision, case.classes,
+                           float(case.spec.label_smoothing))
+    # The input as D holds it: the largest logit against the upper edge; from below,
+    # sigmoid's smallest x, and for softmax the smallest logit whose probability is logged
+    # (its exp must not vanish).
+    seen = collected.extremes[name]
+    smallest_input = seen.smallest if case.spec.family == "sigmoid" else seen.smallest_logged
     worst_index = None
     if truth.counted is not None and worst is not None:
         worst_index = _example_index(case, int(np.flatnonzero(truth.counted)[worst]))
@@ -586,8 +627,8 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         limit=limit,
         tolerance=tol,
         worst_index=worst_index,
-        logit_headroom=_headroom(limit.largest_safe_logit, collected.max_logit),
-        spread_headroom=_headroom(limit.largest_safe_spread, collected.max_spread),
+        logit_headroom=_headroom(limit.largest_safe_logit, seen.largest),
+        spread_headroom=_headroom(limit.largest_safe_spread, seen.spread),
         lower_logit_headroom=(None if limit.smallest_safe_logit is None or smallest_input is None
                               else smallest_input - limit.smallest_safe_logit),
         grad_error=gradient.error(),

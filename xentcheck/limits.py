@@ -194,7 +194,7 @@ def _edge(test: KeyTest, known: dict[int, bool], start: int, end: int, direction
 
 
 def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
-                 labels: FloatArray, label_kind: str) -> FloatArray:
+                 labels: FloatArray, label_kind: str, label_smoothing: float = 0.0) -> FloatArray:
     from .execution import run_pipeline  # execution imports pipelines, as this module does
 
     case = Case(
@@ -202,7 +202,8 @@ def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
         logits=logits,
         labels=labels,
         label_kind=label_kind,  # type: ignore[arg-type]
-        spec=LossSpec(family=pipeline.family, reduction="none"),  # type: ignore[arg-type]
+        spec=LossSpec(family=pipeline.family, reduction="none",  # type: ignore[arg-type]
+                      label_smoothing=label_smoothing),
     )
     _, per_example, _ = run_pipeline(pipeline, precision, case)
     finite = np.isfinite(np.asarray(per_example, dtype=np.float64))
@@ -210,22 +211,37 @@ def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
 
 
 @lru_cache(maxsize=256)
-def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int) -> Limit:
-    """Edges of ``pipeline`` in ``precision`` for ``classes`` classes, found on the pipeline.
+def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int,
+                   label_smoothing: float = 0.0) -> Limit:
+    """Edges of ``pipeline`` in ``precision`` for ``classes`` classes (with
+    ``label_smoothing``, for softmax), found on the pipeline; cached.
 
     Each edge is a value of D where the worst-case input is finite, the next value of D
     beyond it is not (see the module docstring for the patterns).
     """
+    return find_limit(pipeline, precision, classes, label_smoothing)
+
+
+def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
+               label_smoothing: float = 0.0, *, from_closed_form: bool = True) -> Limit:
+    """:func:`pipeline_limit`, uncached; without ``from_closed_form`` the search bisects
+    D's whole line instead of starting next to the closed form (the same edges, slower).
+
+    Label smoothing logs every class and sums the C log-probabilities, so the spread
+    edge is also where that sum overflows: all classes but one S below the largest
+    (``[0, -S, ..., -S]``), as well as one class S below the others.
+    """
     if not pipeline.from_logits:
         return Limit(None, None)  # probability inputs have no logit scale to run out of
     line = _Line(precision)
-    closed = closed_form_limit(pipeline, precision, classes)
+    closed = closed_form_limit(pipeline, precision, classes) if from_closed_form else None
     per_step = max(1, min(_MAX_CANDIDATES, _VALUES_PER_STEP // max(1, classes)))
+    smoothing = label_smoothing if pipeline.family == "softmax" else 0.0
 
     def run(make_rows: Callable[[FloatArray], tuple[FloatArray, FloatArray, str]]) -> KeyTest:
         def test(keys: list[int]) -> FloatArray:
             logits, labels, kind = make_rows(line.values(keys))
-            return _finite_rows(pipeline, precision, logits, labels, kind)
+            return _finite_rows(pipeline, precision, logits, labels, kind, smoothing)
         return test
 
     if pipeline.family == "sigmoid":
@@ -240,25 +256,38 @@ def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int) -> Li
         def spread_rows(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
             logits = np.zeros((len(values), classes))
             logits[:, 0] = -values
+            if smoothing:  # and the rows with every class but the first that far below
+                rest = np.repeat(-values[:, None], classes, axis=1)
+                rest[:, 0] = 0.0
+                return np.concatenate([logits, rest]), np.zeros(2 * len(values)), "index"
             return logits, np.zeros(len(values)), "index"
-        logit_test, spread_test = run(equal_rows), run(spread_rows)
+        logit_test = run(equal_rows)
+        spread_test = _both_halves(run(spread_rows)) if smoothing else run(spread_rows)
 
     def hint(value: float | None, below: bool) -> int | None:
         if closed is None or value is None:
             return None
         return line.key_below(value) if below else line.key_above(value)
 
+    # With smoothing the closed forms are only where to start: the smoothing sum of C
+    # log-probabilities (C ln C for equal logits, about (C - 1) S for [0, -S, ..., -S])
+    # overflows D from some C on, which the search finds on the pipeline.
+    overflow = math.exp(_ln_overflow(precision)) if precision.max < 1e300 else math.inf
+    no_logit = closed is not None and (closed.no_safe_logit or bool(
+        smoothing and classes * math.log(classes) >= overflow))
     logits = _search(
         logit_test, -line.top, line.top, per_step,
         hint_high=hint(closed.largest_safe_logit if closed else None, True),
         hint_low=hint(closed.smallest_safe_logit if closed else None, False),
-        want_low=True, expect_none=closed is not None and closed.no_safe_logit)
+        want_low=True, expect_none=no_logit)
     spread: tuple[int, int] | None = None
     if spread_test is not None and classes > 1:
+        spread_hint = closed.largest_safe_spread if closed else None
+        if smoothing and spread_hint is not None:
+            spread_hint = min(spread_hint, overflow / (classes - 1))
         spread = _search(
             spread_test, 0, line.top, per_step,
-            hint_high=hint(closed.largest_safe_spread if closed else None, True),
-            hint_low=None, want_low=False,
+            hint_high=hint(spread_hint, True), hint_low=None, want_low=False,
             expect_none=closed is not None and closed.no_safe_spread)
     has_spread = spread_test is not None and classes > 1
     return Limit(
@@ -268,6 +297,14 @@ def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int) -> Li
         no_safe_logit=logits is None,
         no_safe_spread=has_spread and spread is None,
     )
+
+
+def _both_halves(test: KeyTest) -> KeyTest:
+    """A key is safe when its row in the first half and its row in the second are."""
+    def both(keys: list[int]) -> FloatArray:
+        safe = test(keys)
+        return np.asarray(safe[:len(keys)] & safe[len(keys):])
+    return both
 
 
 # -- closed forms ----------------------------------------------------------------------------
