@@ -10,7 +10,7 @@ import pytest
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_pipeline
-from xentcheck.limits import pipeline_limit
+from xentcheck.limits import find_limit, pipeline_limit
 from xentcheck.pipelines import available
 from xentcheck.precision import Precision
 
@@ -122,3 +122,142 @@ def test_naive_sigmoid_edge(dtype: str) -> None:
     assert next_up(found, dtype) >= edge - tol
     stable = pipeline_limit(pipeline("sigmoid", "stable"), Precision(dtype), 1)
     assert stable.largest_safe_logit == FORMATS[dtype][0]
+
+
+def next_down(value: float, dtype: str) -> float:
+    return -next_up(-value, dtype)
+
+
+def rows_finite(name: str, family: str, dtype: str, logits: list[list[float]],
+                labels: list[list[float]] | list[int]) -> list[bool]:
+    x = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    kind = "binary" if family == "sigmoid" else "index"
+    case = Case("edge", x, y, kind, LossSpec(family=family, reduction="none"))  # type: ignore[arg-type]
+    _, per_example, _ = run_pipeline(pipeline(family, name), Precision(dtype), case)
+    values = np.asarray(per_example, dtype=np.float64).reshape(len(x), -1)
+    return [bool(v) for v in np.isfinite(values).all(axis=-1)]
+
+
+LLM_SIZES = [65519, 65520, 65521, 128256, 262144]
+
+
+@pytest.mark.parametrize("classes", LLM_SIZES)
+def test_naive_softmax_edge_at_vocabulary_sizes_in_float16(classes: int) -> None:
+    # C equal logits L: the float16 sum of C copies of e^L is inf once C e^L reaches
+    # 65504 + 16, so the edge is ln(65520 / C): 0 at C = 65520, where the sum of C ones
+    # is already inf, so the last safe value is negative from there on.
+    found = pipeline_limit(pipeline("softmax", "naive"), Precision("float16"), classes)
+    edge = ln_overflow_threshold("float16") - math.log(classes)
+    assert found.largest_safe_logit is not None and not found.no_safe_logit
+    assert (found.largest_safe_logit < 0) == (classes >= 65520)
+    # float16's spacing near the edge, and float32's rounding of exp and of the sum
+    tol = 2 * 2.0**-10 + 8 * 2.0**-23 * classes ** 0.5
+    assert found.largest_safe_logit <= edge + tol
+    assert next_up(found.largest_safe_logit, "float16") >= edge - tol
+
+
+@pytest.mark.parametrize("classes", LLM_SIZES)
+def test_float16_sum_of_ones_decides_whether_shifted_and_stable_have_an_edge(
+        classes: int) -> None:
+    # numpy's own rounding of the exact sums: 65519 -> 65504, 65520 -> inf (the tie at
+    # 65504 + 16 goes to the even 65536, past the format)
+    with np.errstate(over="ignore"):
+        all_equal_inf = bool(np.isinf(np.float32(classes).astype(np.float16)))
+        others_inf = bool(np.isinf(np.float32(classes - 1).astype(np.float16)))
+    assert all_equal_inf == (classes >= 65520) and others_inf == (classes >= 65521)
+    for name in ("shifted", "stable"):
+        found = pipeline_limit(pipeline("softmax", name), Precision("float16"), classes)
+        assert found.no_safe_logit == all_equal_inf
+        if all_equal_inf:
+            assert found.largest_safe_logit is None and found.smallest_safe_logit is None
+        else:
+            assert found.largest_safe_logit == 65504.0 and found.smallest_safe_logit == -65504.0
+        assert found.no_safe_spread == others_inf
+        assert (found.largest_safe_spread is None) == others_inf
+    # and the pipelines agree: C equal logits are not finite at any magnitude
+    if all_equal_inf:
+        assert rows_finite("stable", "softmax", "float16",
+                           [[v] * classes for v in (-60000.0, 0.0, 60000.0)],
+                           [0, 0, 0]) == [False] * 3
+
+
+def test_spread_edge_at_65520_float16_classes() -> None:
+    # The other 65519 ones sum to 65504 in float16; e^-S / 65504 must stay above half the
+    # smallest subnormal 2^-24, so S < 25 ln 2 - ln 65504 = 6.2388.
+    edge = 25 * math.log(2) - math.log(65504)
+    for name in ("naive", "shifted"):
+        found = pipeline_limit(pipeline("softmax", name), Precision("float16"), 65520)
+        assert found.largest_safe_spread is not None
+        assert found.largest_safe_spread <= edge < next_up(found.largest_safe_spread, "float16")
+        assert round(found.largest_safe_spread, 3) == 6.238
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("classes", [1, 3, 1000, 128256])
+def test_naive_softmax_lower_edge(dtype: str, classes: int) -> None:
+    # exp (in float32 for 16-bit formats) rounds to 0 in D once e^L <= u / 2, u the
+    # smallest subnormal; then every probability is 0/0.
+    _, tiny_sub, _ = FORMATS[dtype]
+    edge = math.log(tiny_sub) - math.log(2)
+    found = pipeline_limit(pipeline("softmax", "naive"), Precision(dtype), classes)
+    low = found.smallest_safe_logit
+    assert low is not None
+    tol = 4 * 2.0 ** -(52 if dtype == "float64" else 23) * abs(edge)
+    assert low >= edge - tol
+    assert next_down(low, dtype) <= edge + tol
+    if classes <= 1000:  # the edge is real: finite at it, NaN one value of D below
+        finite = rows_finite("naive", "softmax", dtype,
+                             [[low] * classes, [next_down(low, dtype)] * classes], [0, 0])
+        assert finite == [True, False]
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+def test_naive_sigmoid_lower_edge(dtype: str) -> None:
+    # x = -L: exp(-x) = e^L overflows at ln(max + ulp/2); then s = 1/inf = 0, and the
+    # loss is inf (target 1) or 0 * log 0 = NaN (target 0).
+    edge = -ln_overflow_threshold(dtype)
+    found = pipeline_limit(pipeline("sigmoid", "naive"), Precision(dtype), 1)
+    low = found.smallest_safe_logit
+    assert low is not None
+    tol = 4 * 2.0 ** -(52 if dtype == "float64" else 23) * abs(edge)
+    assert low >= edge - tol
+    assert next_down(low, dtype) <= edge + tol
+    assert rows_finite("naive", "sigmoid", dtype, [[low, low], [next_down(low, dtype)] * 2],
+                       [[0.0, 1.0], [0.0, 1.0]]) == [True, False]
+    stable = pipeline_limit(pipeline("sigmoid", "stable"), Precision(dtype), 1)
+    assert stable.smallest_safe_logit == -FORMATS[dtype][0]
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("classes", [1, 2, 3, 1000])
+def test_search_from_the_closed_form_finds_what_full_bisection_finds(
+        dtype: str, classes: int) -> None:
+    for family in ("softmax", "sigmoid"):
+        for p in available(family, True):
+            bracketed = find_limit(p, Precision(dtype), classes)
+            full = find_limit(p, Precision(dtype), classes, from_closed_form=False)
+            assert bracketed == full, (p.family, p.name)
+
+
+def test_search_without_closed_form_finds_absent_edges() -> None:
+    for name in ("naive", "stable"):
+        p = pipeline("softmax", name)
+        assert find_limit(p, Precision("float16"), 65521, from_closed_form=False) == \
+            find_limit(p, Precision("float16"), 65521)
+
+
+def test_label_smoothing_spread_edge_is_where_the_sum_of_log_probabilities_overflows() -> None:
+    # stable, float16, C = 1000, smoothing: for [0, -S, ..., -S] the smoothing term sums
+    # 999 log-probabilities of about -S each (accumulated in float32, rounded to float16),
+    # inf once 999 S reaches 65520; one logit S below the others never overflows below the
+    # format's range.
+    stable = pipeline("softmax", "stable")
+    found = find_limit(stable, Precision("float16"), 1000, 0.1)
+    spread = found.largest_safe_spread
+    assert spread is not None
+    assert 999 * spread < 65520 <= 999 * next_up(spread, "float16") + math.log(1000)
+    assert find_limit(stable, Precision("float16"), 1000).largest_safe_spread == 65504.0
+    # C ln C for C equal logits: 7000 ln 7000 = 61974 fits, 7500 ln 7500 = 66848 does not
+    assert not find_limit(stable, Precision("float16"), 7000, 0.1).no_safe_logit
+    assert find_limit(stable, Precision("float16"), 7500, 0.1).no_safe_logit
