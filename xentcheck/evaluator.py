@@ -36,7 +36,7 @@ from .findings import (
     ScenarioResult,
     Tolerance,
 )
-from .limits import pipeline_limit
+from .limits import pipeline_limit, prefetch_limits
 from .misuse import SUM_TOLERANCE, check_case
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
@@ -672,6 +672,8 @@ def evaluate(
     dtype_names = list(dict.fromkeys(p.name for p in precisions))
     collected = _single_pass(case, precisions, pipelines, dtype_names, progress)
     truth, ref_per_example = _truth(case, collected, dtype_names)
+    prefetch_limits([(run.pipeline, run.precision) for run in collected.runs], case.classes,
+                    float(case.spec.label_smoothing))
     findings = [
         _finding(case, run, collected, truth, tolerances[run.precision.name], gradient)
         for run, gradient in zip(collected.runs, collected.gradients, strict=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -220,6 +221,21 @@ def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int,
     beyond it is not (see the module docstring for the patterns).
     """
     return find_limit(pipeline, precision, classes, label_smoothing)
+
+
+def prefetch_limits(pairs: Sequence[tuple[Pipeline, Precision]], classes: int,
+                    label_smoothing: float = 0.0) -> None:
+    """Find the limits of several (pipeline, precision) pairs on threads, into the cache of
+    :func:`pipeline_limit`: for many classes each one evaluates a few whole rows of C
+    logits, and numpy releases the GIL in its loops."""
+    from .execution import worker_count
+
+    workers = min(worker_count(), len(pairs))
+    if workers < 2:
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(lambda pair: pipeline_limit(*pair, classes, label_smoothing), pairs):
+            pass
 
 
 def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
@@ -474,6 +490,7 @@ def limit_rows(
 ) -> list[LimitRow]:
     """Every (pipeline, precision) pair's edges, closed form next to bisection."""
     rows = []
+    prefetch_limits([(p, q) for q in precisions for p in pipelines], classes)
     for precision in precisions:
         for pipeline in pipelines:
             found = pipeline_limit(pipeline, precision, classes)
