@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from xentcheck.cli import cli
-from xentcheck.limits import closed_form_limit, limit_rows, pipeline_limit
+from xentcheck.findings import Limit
+from xentcheck.limits import closed_form_limit, limit_rows, limits_agree, pipeline_limit
 from xentcheck.pipelines import available
 from xentcheck.precision import Precision, precisions_for
 
@@ -117,3 +118,19 @@ def test_limits_command_table_and_json() -> None:
 def test_limits_bad_dtype_exits_2() -> None:
     result = CliRunner().invoke(cli, ["limits", "--dtype", "float8"])
     assert result.exit_code == 2 and "unknown dtype" in result.stderr and result.stdout == ""
+
+
+def test_agreement_means_within_a_unit_of_d_at_the_edge() -> None:
+    f32 = Precision("float32")
+    ulp = 2.0**-17  # float32 spacing in [64, 128)
+    found = Limit(87.625, None, -103.96875)
+    assert limits_agree(found, Limit(87.625 + 0.9 * ulp, None, -103.96875), f32)
+    assert not limits_agree(found, Limit(87.625 + 3 * ulp, None, -103.96875), f32)
+    assert not limits_agree(found, Limit(math.inf, None, -103.96875), f32)
+    assert not limits_agree(found, Limit(None, None, None, no_safe_logit=True), f32)
+    # near float64's maximum the closed form stays finite: ln(DBL_MAX) - ln 2
+    naive = available("softmax", True)[0]
+    two = closed_form_limit(naive, Precision("float64"), 2)
+    assert two is not None and two.largest_safe_logit is not None
+    assert two.largest_safe_logit == pytest.approx(
+        math.log(np.finfo(np.float64).max) - math.log(2), abs=1e-12)

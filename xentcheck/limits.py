@@ -371,7 +371,8 @@ def _naive_top(precision: Precision, classes: int) -> float | None:
         return None
     if best == line.top:
         return _ln_overflow(precision)
-    return math.log((line.value(best) + line.value(best + 1)) / 2)
+    low, high = line.value(best), line.value(best + 1)
+    return math.log(low + (high - low) / 2)  # (low + high) / 2 would overflow near max
 
 
 def _spread_closed_form(precision: Precision, classes: int, subnormals: bool) -> float | None:
@@ -458,27 +459,29 @@ class LimitRow:
     agrees: bool
 
 
-def _agree(found: float | None, closed: float | None, precision: Precision, classes: int) -> bool:
-    """Whether a closed form lies within the rounding slack of the bisected edge.
+def _agree(found: float | None, closed: float | None, precision: Precision) -> bool:
+    """Whether a closed form lies within the rounding slack of the edge found.
 
-    The bisected edge is a value of D and the true edge lies before the next one; the closed
-    form ignores the rounding of exp (a relative error of a unit in the compute dtype) and of
-    the C-term sum, which move the edge by as much in absolute terms (d ln y = dy / y).
+    The edge found is a value of D and the true edge lies before the next one; the closed
+    forms take the sums as the pipeline rounds them, and ignore only the rounding of exp (a
+    relative error of a unit or so in the compute dtype), which moves the edge by as much in
+    absolute terms (d ln y = dy / y).
     """
     if found is None or closed is None:
         return found is None and closed is None
+    if not (math.isfinite(found) and math.isfinite(closed)):
+        return found == closed
     compute_eps = float(np.finfo(precision.compute_dtype).eps)
-    slack = float(precision.ulp(np.float64(found))) + 4 * compute_eps * (abs(closed) + classes)
+    slack = float(precision.ulp(np.float64(found))) + 4 * compute_eps
     return abs(closed - found) <= slack
 
 
-def limits_agree(found: Limit, closed: Limit | None, precision: Precision,
-                 classes: int) -> bool:
+def limits_agree(found: Limit, closed: Limit | None, precision: Precision) -> bool:
     """Whether every edge of the closed form agrees with the one found on the pipeline,
     absent edges included."""
     return closed is not None and found.no_safe_logit == closed.no_safe_logit \
         and found.no_safe_spread == closed.no_safe_spread and all(
-            _agree(a, b, precision, classes) for a, b in (
+            _agree(a, b, precision) for a, b in (
                 (found.largest_safe_logit, closed.largest_safe_logit),
                 (found.smallest_safe_logit, closed.smallest_safe_logit),
                 (found.largest_safe_spread, closed.largest_safe_spread),
@@ -500,6 +503,5 @@ def limit_rows(
                     and pipeline.name != "stable":
                 no_sub = _spread_closed_form(precision, classes, subnormals=False)
             rows.append(LimitRow(pipeline.family, pipeline.name, precision.name, classes, found,
-                                 closed, no_sub, limits_agree(found, closed, precision,
-                                                              classes)))
+                                 closed, no_sub, limits_agree(found, closed, precision)))
     return rows
