@@ -84,10 +84,9 @@ def test_shifted_and_stable_never_overflow_below_the_format(name: str, dtype: st
 
 
 @pytest.mark.parametrize("dtype", list(FORMATS))
-@pytest.mark.parametrize("name", ["naive", "shifted"])
-def test_spread_edge_two_and_three_classes(name: str, dtype: str) -> None:
+def test_spread_edge_two_and_three_classes(dtype: str) -> None:
     _, tiny_sub, _ = FORMATS[dtype]
-    p = pipeline("softmax", name)
+    p = pipeline("softmax", "shifted")
     # C = 2: p_t = round(e^-S) is non-zero while e^-S > half the smallest subnormal.
     two = pipeline_limit(p, Precision(dtype), 2).largest_safe_spread
     edge2 = math.log(2) - math.log(tiny_sub)
@@ -186,11 +185,70 @@ def test_spread_edge_at_65520_float16_classes() -> None:
     # The other 65519 ones sum to 65504 in float16; e^-S / 65504 must stay above half the
     # smallest subnormal 2^-24, so S < 25 ln 2 - ln 65504 = 6.2388.
     edge = 25 * math.log(2) - math.log(65504)
-    for name in ("naive", "shifted"):
-        found = pipeline_limit(pipeline("softmax", name), Precision("float16"), 65520)
-        assert found.largest_safe_spread is not None
-        assert found.largest_safe_spread <= edge < next_up(found.largest_safe_spread, "float16")
-        assert round(found.largest_safe_spread, 3) == 6.238
+    found = pipeline_limit(pipeline("softmax", "shifted"), Precision("float16"), 65520)
+    assert found.largest_safe_spread is not None
+    assert found.largest_safe_spread <= edge < next_up(found.largest_safe_spread, "float16")
+    assert round(found.largest_safe_spread, 3) == 6.238
+    naive = pipeline_limit(pipeline("softmax", "naive"), Precision("float16"), 65520)
+    assert naive.largest_safe_spread is not None
+    assert naive.largest_safe_spread < found.largest_safe_spread  # see below
+
+
+def worst_target(dtype: str) -> float:
+    """The largest value T of the format whose exp (in float32 for 16-bit formats, as the
+    precision model computes it) rounds to the smallest subnormal u: e^T just under 1.5 u.
+    Found with numpy and ml_dtypes over the format's values near ln(1.5 u)."""
+    _, tiny_sub, _ = FORMATS[dtype]
+    compute = np.float64 if dtype == "float64" else np.float32
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(DTYPES[dtype]).itemsize]
+
+    def rounds_to_u(magnitude_bits: int) -> bool:  # exp(-t) rounded to the format is u
+        t = np.array(magnitude_bits, dtype=bits).view(DTYPES[dtype]).astype(np.float64)
+        with np.errstate(under="ignore"):
+            e = np.exp(-t.astype(compute)).astype(DTYPES[dtype]).astype(np.float64)
+        return bool(e == tiny_sub)
+
+    def magnitude_bits(t: float) -> int:
+        return int(np.array(t, dtype=DTYPES[dtype]).view(bits))
+
+    # bisect on the bit patterns of |T| (ordered like the magnitudes): below ln(1 / (2 u))
+    # exp rounds to 2 u or more, at ln(1 / u) to u
+    small, large = magnitude_bits(-math.log(2 * tiny_sub)), magnitude_bits(-math.log(tiny_sub))
+    assert not rounds_to_u(small) and rounds_to_u(large)
+    while large - small > 1:
+        middle = (small + large) // 2
+        small, large = (small, middle) if rounds_to_u(middle) else (middle, large)
+    return -float(np.array(large, dtype=bits).view(DTYPES[dtype]).astype(np.float64))
+
+
+def round_down(value: float, dtype: str) -> float:
+    """The largest value of the format at most ``value``."""
+    near = float(np.array(value).astype(DTYPES[dtype]).astype(np.float64))
+    return near if near <= value else next_down(near, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("classes", [2, 3, 300])
+def test_naive_spread_edge_is_taken_at_the_worst_level(dtype: str, classes: int) -> None:
+    # Naive softmax does not shift: with the target at T (e^T rounds down to u from almost
+    # 1.5 u) and the other C - 1 at M = T + S, p = u / ((C - 1) e^M) must exceed u / 2, so
+    # M < ln(2 / (C - 1)) and S < ln(2 / (C - 1)) - T: up to ln 1.5 less than with the
+    # others at 0. ([1, -102.97] in float32 has p = 0 at a spread of 103.97.)
+    t = worst_target(dtype)
+    found = pipeline_limit(pipeline("softmax", "naive"), Precision(dtype), classes)
+    assert found.largest_safe_spread is not None
+    edge = math.log(2 / (classes - 1)) - t
+    # M lies on D's grid (spacing up to 2^-p |M| + the subnormal rounding of e^M)
+    _, _, p = FORMATS[dtype]
+    tol = 2 * 2.0**-p * (abs(math.log(2 / (classes - 1))) + 1) + 2.0**-p * edge
+    assert abs(found.largest_safe_spread - edge) <= tol
+    # inputs at the worst level: the highest others within the edge are finite, within
+    # the next spread up they are not
+    within = round_down(t + found.largest_safe_spread, dtype)
+    beyond = round_down(t + next_up(found.largest_safe_spread, dtype), dtype)
+    assert rows_finite("naive", "softmax", dtype, [[t] + [within] * (classes - 1),
+                                                   [t] + [beyond] * (classes - 1)],
+                       [0, 0]) == [True, False]
 
 
 @pytest.mark.parametrize("dtype", list(FORMATS))

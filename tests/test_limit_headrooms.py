@@ -78,6 +78,19 @@ def test_a_target_whose_exp_vanishes_is_measured_by_its_own_logit() -> None:
     assert fine.lower_logit_headroom is not None and fine.lower_logit_headroom > 0
 
 
+def test_naive_spread_edge_holds_at_every_level() -> None:
+    # [1, -102.97] in float32: exp(-102.97) = 1.36 u rounds to u, divided by e = 2.72 it is
+    # 0.37 u, which rounds to 0: inf at a spread of 103.97, which with the others at 0
+    # would still be finite; the naive edge is taken at the worst level (103.57 here)
+    result = softmax([[-102.97207642, 1.0]], [0], ["float32"])
+    naive = finding(result, "naive", "float32")
+    assert naive.per_example is not None and np.isinf(naive.per_example).all()
+    assert naive.spread_headroom is not None and naive.spread_headroom < 0
+    assert naive.lower_logit_headroom is not None and naive.lower_logit_headroom > 0
+    shifted = finding(result, "shifted", "float32")  # the shift puts the others at 0
+    assert shifted.per_example is not None and np.isfinite(shifted.per_example).all()
+
+
 def test_one_hot_labels_log_every_class() -> None:
     # -sum(y log p) with a one-hot y takes log p of every class: p_1 = e^-200 is 0 in
     # float32, and 0 * log 0 is NaN; the spread that matters is 200, past 103.97 (C = 2)

@@ -13,8 +13,10 @@ smallest safe logit
     with all C logits equal to L gives 0/0 once exp(L) rounds to 0; naive sigmoid at
     x = -L overflows exp(-x). A formulation without one has D's most negative number.
 largest safe spread
-    softmax only: the largest S such that a logit S below the other C - 1 logits (all equal
-    at 0, the worst case) still has a non-zero probability, so the loss stays finite.
+    softmax only: the largest S such that a logit S below the other C - 1 logits (all equal,
+    the worst case) still has a non-zero probability, so the loss stays finite. The others
+    are at 0 and, for naive softmax (which does not shift, so the level matters), also at
+    the level where the target's exp rounds worst (:func:`_worst_target`).
 
 Where the worst-case pattern breaks at every magnitude (the float16 sum of 128,256 equal
 terms is inf whatever they are), the edge is absent: None, with ``no_safe_logit`` or
@@ -269,16 +271,26 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
         def equal_rows(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
             return np.repeat(values[:, None], classes, axis=1), np.zeros(len(values)), "index"
 
+        level = _worst_target(precision) if pipeline.name == "naive" else None
+
         def spread_rows(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
-            logits = np.zeros((len(values), classes))
-            logits[:, 0] = -values
-            if smoothing:  # and the rows with every class but the first that far below
+            below = np.zeros((len(values), classes))
+            below[:, 0] = -values
+            patterns = [below]
+            if smoothing:  # every class but the first that far below
                 rest = np.repeat(-values[:, None], classes, axis=1)
                 rest[:, 0] = 0.0
-                return np.concatenate([logits, rest]), np.zeros(2 * len(values)), "index"
-            return logits, np.zeros(len(values)), "index"
+                patterns.append(rest)
+            if level is not None:  # the target at the level where exp rounds worst, the
+                # others as high as D allows with a spread of at most S
+                others = line.values([line.key_below(level + v) for v in values])
+                shifted = np.repeat(others[:, None], classes, axis=1)
+                shifted[:, 0] = level
+                patterns.append(shifted)
+            rows = np.concatenate(patterns)
+            return rows, np.zeros(len(rows)), "index"
         logit_test = run(equal_rows)
-        spread_test = _both_halves(run(spread_rows)) if smoothing else run(spread_rows)
+        spread_test = _all_patterns(run(spread_rows))
 
     def hint(value: float | None, below: bool) -> int | None:
         if closed is None or value is None:
@@ -315,12 +327,35 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
     )
 
 
-def _both_halves(test: KeyTest) -> KeyTest:
-    """A key is safe when its row in the first half and its row in the second are."""
-    def both(keys: list[int]) -> FloatArray:
-        safe = test(keys)
-        return np.asarray(safe[:len(keys)] & safe[len(keys):])
-    return both
+def _all_patterns(test: KeyTest) -> KeyTest:
+    """A key is safe when every one of its rows is (one row per pattern, patterns stacked)."""
+    def every(keys: list[int]) -> FloatArray:
+        safe = np.asarray(test(keys))
+        return np.asarray(safe.reshape(-1, len(keys)).all(axis=0))
+    return every
+
+
+def _worst_target(precision: Precision) -> float:
+    """The largest value T of D whose exp, as a pipeline computes it, rounds to D's smallest
+    subnormal u: e^T is almost 1.5 u, and rounding it to u loses a third of it.
+
+    Naive softmax divides that target exponential by the others' sum without shifting
+    first, so the same spread S is worse with the others at T + S (p = u / ((C - 1) e^(T+S)),
+    about e^-S / (1.5 (C - 1))) than at 0, where e^-S is rounded up as often as down.
+    """
+    line = _Line(precision)
+    runner = StageRunner(precision, ("exp",)).bind(np.ones(1, dtype=bool))
+    unit = precision.smallest_subnormal
+    guess = line.key_below(math.log(1.5) + math.log(unit))  # 1.5 u itself rounds to 2 u
+    for width in (8, 64, 512, 4096):  # exp rounds to u across the window's first part
+        keys = list(range(guess - width, guess + width + 1))
+        with np.errstate(all="ignore"):
+            exps = np.asarray(runner.exp("exp", precision.round(line.values(keys))[None, :])[0],
+                              dtype=np.float64)
+        at_unit = [k for k, e in zip(keys, exps, strict=True) if e == unit]
+        if at_unit and max(at_unit) < keys[-1]:
+            return line.value(max(at_unit))
+    raise AssertionError(f"exp never rounds to the smallest subnormal of {precision.name}")
 
 
 # -- closed forms ----------------------------------------------------------------------------
@@ -345,22 +380,31 @@ def _sums_of_copies(precision: Precision, values: Sequence[float], count: int) -
 
 
 def _naive_top(precision: Precision, classes: int) -> float | None:
-    """The real L above which e = round(exp L) makes the sum of C copies of e inf in D.
+    """The real L above which e = round(exp L) makes the sum of C copies of e inf in D
+    (None: not even the smallest positive value has a finite sum)."""
+    return _ln_largest_term(precision, classes, math.exp(_ln_overflow(precision))
+                            if precision.max < 1e300 else precision.max, math.isfinite)
 
-    The largest e of D whose C-fold sum (as the pipeline sums) is finite is found next to
-    overflow / (sum of C ones); exp(L) rounds to at most e below the midpoint between e
-    and the next value of D. None: not even the smallest positive value has a finite sum.
+
+def _ln_largest_term(precision: Precision, count: int, bound: float,
+                     holds: Callable[[float], bool]) -> float | None:
+    """The real L below which e = round(exp L) keeps ``holds(sum)`` true, for the sum of
+    ``count`` copies of e as the pipeline sums them (rounded to D), ``bound`` being about
+    where the sum stops holding.
+
+    The largest such e of D is found next to bound / (sum of ``count`` ones); exp(L)
+    rounds to at most e below the midpoint between e and the next value of D.
     """
     line = _Line(precision)
-    ones = float(_sums_of_copies(precision, [1.0], classes)[0])
-    guess = line.key_below(math.exp(_ln_overflow(precision)) / ones) if math.isfinite(ones) \
-        else line.key_below(precision.max / classes)
+    ones = float(_sums_of_copies(precision, [1.0], count)[0])
+    guess = line.key_below(bound / ones) if math.isfinite(ones) \
+        else line.key_below(bound / count)
     # the guess is within a unit or two of D; windows of keys walk to the edge otherwise
     keys = [k for k in range(guess - 2, guess + 3) if 0 < k <= line.top]
     best = None
     while keys and best is None:
-        sums = _sums_of_copies(precision, list(line.values(keys)), classes)
-        finite = [k for k, s in zip(keys, sums, strict=True) if math.isfinite(s)]
+        sums = _sums_of_copies(precision, list(line.values(keys)), count)
+        finite = [k for k, s in zip(keys, sums, strict=True) if holds(float(s))]
         if finite and (max(finite) < keys[-1] or keys[-1] == line.top):
             best = max(finite)
         elif finite:  # every candidate finite: the edge is further up
@@ -407,10 +451,13 @@ def closed_form_limit(
     exact (see :func:`_naive_top` for the sum as the pipeline rounds it); smallest logit
     ``ln(u / 2)`` with u the smallest subnormal of D (exp, evaluated in float32 for 16-bit
     D, rounds to 0 below it and the probabilities are 0/0: float64 -745.13, float32
-    -103.97, float16 -17.33, bfloat16 -92.88); spread: see :func:`_spread_closed_form`.
-    shifted: no logit edge while the sum of C ones is finite in D (none at all once it is
-    not: p = 1/inf = 0); the same spread edge. stable: the format's range while the sum of
-    C ones is finite, else none (log_softmax = 0 - log(inf)). naive sigmoid:
+    -103.97, float16 -17.33, bfloat16 -92.88); spread: see :func:`_spread_closed_form`,
+    and at most about ``ln 2 - ln(C - 1) - T`` (T from :func:`_worst_target`: the others at
+    T + S rather than 0 make the same spread worse by up to ln 1.5). shifted: no logit edge
+    while the sum of C ones is finite in D (none at all once it is not: p = 1/inf = 0); the
+    spread edge of :func:`_spread_closed_form` (the shift puts the others at 0 whatever
+    their level). stable: the format's range while the sum of C ones is finite, else none
+    (log_softmax = 0 - log(inf)). naive sigmoid:
     ``1 + e^-x`` rounds to 1 once ``e^-x <= 2^-(p+1)``, so ``x < (p + 1) ln 2``; from below,
     ``exp(-x)`` overflows at ``x = -ln(max + ulp/2)``. stable sigmoid: none. Returns None
     for probability pipelines. Accurate to the rounding of exp, i.e. to within a unit or
@@ -432,6 +479,15 @@ def closed_form_limit(
             spread = top if math.isfinite(rest) else None
         else:
             spread = _spread_closed_form(precision, classes, subnormals)
+            if pipeline.name == "naive" and spread is not None and subnormals:
+                # the others at M = T + S, the target at T (see _worst_target): p = u / s
+                # must exceed u / 2, s the sum of C - 1 copies of round(e^M): s < 2; the
+                # first M of D past that bound breaks, and S must stay below M - T
+                level = _ln_largest_term(precision, classes - 1, 2.0, lambda s: s < 2.0)
+                if level is not None:
+                    line = _Line(precision)
+                    spread = min(spread, line.value(line.key_above(level))
+                                 - _worst_target(precision))
         no_spread = spread is None
     if pipeline.name == "naive":
         largest = _naive_top(precision, classes)
