@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,21 @@ def test_underflow_to_zero_over_zero_has_a_negative_lower_headroom() -> None:
     # shifted and stable have no lower edge: D's most negative number
     assert finding(result, "stable", "float64").limit.smallest_safe_logit == -np.finfo(
         np.float64).max
+
+
+def test_the_table_shows_the_lower_edge_and_how_far_past_it(write: Callable[[str, str], Path],
+                                                           ) -> None:
+    scenario = write("u.yaml", "name: u\nlogits: [[-800, -801]]\nlabels: [0]\n"
+                     "dtypes: [float64]\n")
+    table = CliRunner().invoke(cli, ["run", str(scenario)],
+                               env={"NO_COLOR": "1", "COLUMNS": "250"})
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    naive = next(i for i, line in enumerate(lines) if line.startswith("│naive"))
+    # -800 - ln(2^-1075) = -54.867; the second line of the naive row's logit cell
+    assert "≥ -745.133 (over by 54.87)" in lines[naive + 1]
+    stable = next(line for line in lines if line.startswith("│stable"))
+    assert "format max" in stable and "≥" not in stable
 
 
 def test_a_target_whose_exp_vanishes_is_measured_by_its_own_logit() -> None:
@@ -166,6 +182,8 @@ def test_llm_vocabulary_in_float16(tmp_path: Path) -> None:
     top = float(logits.max())  # float16 input: D holds it as given
     assert naive["logit_headroom"] == -0.671875 - top
     assert naive["smallest_safe_logit"] == -17.328125
+    targets = logits[np.arange(4), [1, 2, 3, 4]].astype(np.float64)
+    assert naive["lower_logit_headroom"] == float(targets.min()) + 17.328125
     table = runner.invoke(cli, args, env={"NO_COLOR": "1", "COLUMNS": "250"})
     assert table.exit_code == 0
     row = next(line for line in table.stdout.splitlines() if line.startswith("│stable"))
