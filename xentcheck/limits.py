@@ -52,6 +52,8 @@ from .stages import StageRunner
 # bisection, one row per step, evaluates the fewest values overall).
 _MAX_CANDIDATES = 32
 _VALUES_PER_STEP = 1 << 18
+# Rows of C logits the threads of :func:`prefetch_limits` evaluate at once, at most.
+_VALUES_IN_FLIGHT = 1 << 23
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 # Evenly spaced keys tried when nothing else gave a safe value (spaced evenly on the key
 # line, i.e. about evenly in the exponent).
@@ -113,8 +115,9 @@ def _search(test: KeyTest, lo_end: int, hi_end: int, per_step: int, *,
 
     def probe(keys: Sequence[int]) -> None:
         new = sorted({k for k in keys if lo_end <= k <= hi_end and k not in known})
-        if new:
-            known.update(zip(new, (bool(s) for s in test(new)), strict=True))
+        for start in range(0, len(new), per_step):  # at most per_step rows at once
+            batch = new[start:start + per_step]
+            known.update(zip(batch, (bool(s) for s in test(batch)), strict=True))
 
     def grid() -> list[int]:
         return sorted({lo_end, hi_end, *(int(k) for k in np.linspace(lo_end, hi_end, _GRID)),
@@ -232,7 +235,8 @@ def prefetch_limits(pairs: Sequence[tuple[Pipeline, Precision]], classes: int,
     logits, and numpy releases the GIL in its loops."""
     from .execution import worker_count
 
-    workers = min(worker_count(), len(pairs))
+    # each thread holds a few rows of C logits and the pipeline's intermediates
+    workers = min(worker_count(), len(pairs), max(1, _VALUES_IN_FLIGHT // max(1, classes)))
     if workers < 2:
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -259,6 +263,8 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
     def run(make_rows: Callable[[FloatArray], tuple[FloatArray, FloatArray, str]]) -> KeyTest:
         def test(keys: list[int]) -> FloatArray:
             logits, labels, kind = make_rows(line.values(keys))
+            # values of D: held in D's storage dtype they are exact, and cheaper to run
+            logits = np.asarray(logits).astype(precision.storage_dtype)
             return _finite_rows(pipeline, precision, logits, labels, kind, smoothing)
         return test
 
@@ -273,24 +279,31 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
 
         level = _worst_target(precision) if pipeline.name == "naive" else None
 
-        def spread_rows(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
-            below = np.zeros((len(values), classes))
-            below[:, 0] = -values
-            patterns = [below]
-            if smoothing:  # every class but the first that far below
-                rest = np.repeat(-values[:, None], classes, axis=1)
-                rest[:, 0] = 0.0
-                patterns.append(rest)
-            if level is not None:  # the target at the level where exp rounds worst, the
-                # others as high as D allows with a spread of at most S
-                others = line.values([line.key_below(level + v) for v in values])
-                shifted = np.repeat(others[:, None], classes, axis=1)
-                shifted[:, 0] = level
-                patterns.append(shifted)
-            rows = np.concatenate(patterns)
-            return rows, np.zeros(len(rows)), "index"
+        def one_below(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
+            rows = np.zeros((len(values), classes))
+            rows[:, 0] = -values
+            return rows, np.zeros(len(values)), "index"
+
+        def all_below(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
+            rows = np.repeat(-values[:, None], classes, axis=1)  # every class but one
+            rows[:, 0] = 0.0
+            return rows, np.zeros(len(values)), "index"
+
+        def at_worst_level(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
+            # the target where exp rounds worst, the others as high as D allows within S
+            assert level is not None
+            others = line.values([line.key_below(level + v) for v in values])
+            rows = np.repeat(others[:, None], classes, axis=1)
+            rows[:, 0] = level
+            return rows, np.zeros(len(values)), "index"
+
+        patterns = [one_below]
+        if level is not None:
+            patterns.insert(0, at_worst_level)  # naive's binding pattern first
+        if smoothing:
+            patterns.append(all_below)
         logit_test = run(equal_rows)
-        spread_test = _all_patterns(run(spread_rows))
+        spread_test = _every_pattern([run(pattern) for pattern in patterns])
 
     def hint(value: float | None, below: bool) -> int | None:
         if closed is None or value is None:
@@ -327,11 +340,17 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
     )
 
 
-def _all_patterns(test: KeyTest) -> KeyTest:
-    """A key is safe when every one of its rows is (one row per pattern, patterns stacked)."""
+def _every_pattern(tests: Sequence[KeyTest]) -> KeyTest:
+    """A key is safe when it is under every pattern; a key already unsafe under one
+    pattern is not run through the next (each is a whole row of C logits)."""
     def every(keys: list[int]) -> FloatArray:
-        safe = np.asarray(test(keys))
-        return np.asarray(safe.reshape(-1, len(keys)).all(axis=0))
+        safe = np.ones(len(keys), dtype=bool)
+        for test in tests:
+            still = [k for k, ok in zip(keys, safe, strict=True) if ok]
+            if not still:
+                break
+            safe[safe] = np.asarray(test(still), dtype=bool)
+        return safe
     return every
 
 
