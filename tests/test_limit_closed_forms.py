@@ -10,7 +10,7 @@ import pytest
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_pipeline
-from xentcheck.limits import pipeline_limit
+from xentcheck.limits import find_limit, pipeline_limit
 from xentcheck.pipelines import available
 from xentcheck.precision import Precision
 
@@ -84,10 +84,9 @@ def test_shifted_and_stable_never_overflow_below_the_format(name: str, dtype: st
 
 
 @pytest.mark.parametrize("dtype", list(FORMATS))
-@pytest.mark.parametrize("name", ["naive", "shifted"])
-def test_spread_edge_two_and_three_classes(name: str, dtype: str) -> None:
+def test_spread_edge_two_and_three_classes(dtype: str) -> None:
     _, tiny_sub, _ = FORMATS[dtype]
-    p = pipeline("softmax", name)
+    p = pipeline("softmax", "shifted")
     # C = 2: p_t = round(e^-S) is non-zero while e^-S > half the smallest subnormal.
     two = pipeline_limit(p, Precision(dtype), 2).largest_safe_spread
     edge2 = math.log(2) - math.log(tiny_sub)
@@ -122,3 +121,201 @@ def test_naive_sigmoid_edge(dtype: str) -> None:
     assert next_up(found, dtype) >= edge - tol
     stable = pipeline_limit(pipeline("sigmoid", "stable"), Precision(dtype), 1)
     assert stable.largest_safe_logit == FORMATS[dtype][0]
+
+
+def next_down(value: float, dtype: str) -> float:
+    return -next_up(-value, dtype)
+
+
+def rows_finite(name: str, family: str, dtype: str, logits: list[list[float]],
+                labels: list[list[float]] | list[int]) -> list[bool]:
+    x = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    kind = "binary" if family == "sigmoid" else "index"
+    case = Case("edge", x, y, kind, LossSpec(family=family, reduction="none"))  # type: ignore[arg-type]
+    _, per_example, _ = run_pipeline(pipeline(family, name), Precision(dtype), case)
+    values = np.asarray(per_example, dtype=np.float64).reshape(len(x), -1)
+    return [bool(v) for v in np.isfinite(values).all(axis=-1)]
+
+
+LLM_SIZES = [65519, 65520, 65521, 128256, 262144]
+
+
+@pytest.mark.parametrize("classes", LLM_SIZES)
+def test_naive_softmax_edge_at_vocabulary_sizes_in_float16(classes: int) -> None:
+    # C equal logits L: the float16 sum of C copies of e^L is inf once C e^L reaches
+    # 65504 + 16, so the edge is ln(65520 / C): 0 at C = 65520, where the sum of C ones
+    # is already inf, so the last safe value is negative from there on.
+    found = pipeline_limit(pipeline("softmax", "naive"), Precision("float16"), classes)
+    edge = ln_overflow_threshold("float16") - math.log(classes)
+    assert found.largest_safe_logit is not None and not found.no_safe_logit
+    assert (found.largest_safe_logit < 0) == (classes >= 65520)
+    # float16's spacing near the edge, and float32's rounding of exp and of the sum
+    tol = 2 * 2.0**-10 + 8 * 2.0**-23 * classes ** 0.5
+    assert found.largest_safe_logit <= edge + tol
+    assert next_up(found.largest_safe_logit, "float16") >= edge - tol
+
+
+@pytest.mark.parametrize("classes", LLM_SIZES)
+def test_float16_sum_of_ones_decides_whether_shifted_and_stable_have_an_edge(
+        classes: int) -> None:
+    # numpy's own rounding of the exact sums: 65519 -> 65504, 65520 -> inf (the tie at
+    # 65504 + 16 goes to the even 65536, past the format)
+    with np.errstate(over="ignore"):
+        all_equal_inf = bool(np.isinf(np.float32(classes).astype(np.float16)))
+        others_inf = bool(np.isinf(np.float32(classes - 1).astype(np.float16)))
+    assert all_equal_inf == (classes >= 65520) and others_inf == (classes >= 65521)
+    for name in ("shifted", "stable"):
+        found = pipeline_limit(pipeline("softmax", name), Precision("float16"), classes)
+        assert found.no_safe_logit == all_equal_inf
+        if all_equal_inf:
+            assert found.largest_safe_logit is None and found.smallest_safe_logit is None
+        else:
+            assert found.largest_safe_logit == 65504.0 and found.smallest_safe_logit == -65504.0
+        assert found.no_safe_spread == others_inf
+        assert (found.largest_safe_spread is None) == others_inf
+    # and the pipelines agree: C equal logits are not finite at any magnitude
+    if all_equal_inf:
+        assert rows_finite("stable", "softmax", "float16",
+                           [[v] * classes for v in (-60000.0, 0.0, 60000.0)],
+                           [0, 0, 0]) == [False] * 3
+
+
+def test_spread_edge_at_65520_float16_classes() -> None:
+    # The other 65519 ones sum to 65504 in float16; e^-S / 65504 must stay above half the
+    # smallest subnormal 2^-24, so S < 25 ln 2 - ln 65504 = 6.2388.
+    edge = 25 * math.log(2) - math.log(65504)
+    found = pipeline_limit(pipeline("softmax", "shifted"), Precision("float16"), 65520)
+    assert found.largest_safe_spread is not None
+    assert found.largest_safe_spread <= edge < next_up(found.largest_safe_spread, "float16")
+    assert round(found.largest_safe_spread, 3) == 6.238
+    naive = pipeline_limit(pipeline("softmax", "naive"), Precision("float16"), 65520)
+    assert naive.largest_safe_spread is not None
+    assert naive.largest_safe_spread < found.largest_safe_spread  # see below
+
+
+def worst_target(dtype: str) -> float:
+    """The largest value T of the format whose exp (in float32 for 16-bit formats, as the
+    precision model computes it) rounds to the smallest subnormal u: e^T just under 1.5 u.
+    Found with numpy and ml_dtypes over the format's values near ln(1.5 u)."""
+    _, tiny_sub, _ = FORMATS[dtype]
+    compute = np.float64 if dtype == "float64" else np.float32
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(DTYPES[dtype]).itemsize]
+
+    def rounds_to_u(magnitude_bits: int) -> bool:  # exp(-t) rounded to the format is u
+        t = np.array(magnitude_bits, dtype=bits).view(DTYPES[dtype]).astype(np.float64)
+        with np.errstate(under="ignore"):
+            e = np.exp(-t.astype(compute)).astype(DTYPES[dtype]).astype(np.float64)
+        return bool(e == tiny_sub)
+
+    def magnitude_bits(t: float) -> int:
+        return int(np.array(t, dtype=DTYPES[dtype]).view(bits))
+
+    # bisect on the bit patterns of |T| (ordered like the magnitudes): below ln(1 / (2 u))
+    # exp rounds to 2 u or more, at ln(1 / u) to u
+    small, large = magnitude_bits(-math.log(2 * tiny_sub)), magnitude_bits(-math.log(tiny_sub))
+    assert not rounds_to_u(small) and rounds_to_u(large)
+    while large - small > 1:
+        middle = (small + large) // 2
+        small, large = (small, middle) if rounds_to_u(middle) else (middle, large)
+    return -float(np.array(large, dtype=bits).view(DTYPES[dtype]).astype(np.float64))
+
+
+def round_down(value: float, dtype: str) -> float:
+    """The largest value of the format at most ``value``."""
+    near = float(np.array(value).astype(DTYPES[dtype]).astype(np.float64))
+    return near if near <= value else next_down(near, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("classes", [2, 3, 300])
+def test_naive_spread_edge_is_taken_at_the_worst_level(dtype: str, classes: int) -> None:
+    # Naive softmax does not shift: with the target at T (e^T rounds down to u from almost
+    # 1.5 u) and the other C - 1 at M = T + S, p = u / ((C - 1) e^M) must exceed u / 2, so
+    # M < ln(2 / (C - 1)) and S < ln(2 / (C - 1)) - T: up to ln 1.5 less than with the
+    # others at 0. ([1, -102.97] in float32 has p = 0 at a spread of 103.97.)
+    t = worst_target(dtype)
+    found = pipeline_limit(pipeline("softmax", "naive"), Precision(dtype), classes)
+    assert found.largest_safe_spread is not None
+    edge = math.log(2 / (classes - 1)) - t
+    # M lies on D's grid (spacing up to 2^-p |M| + the subnormal rounding of e^M)
+    _, _, p = FORMATS[dtype]
+    tol = 2 * 2.0**-p * (abs(math.log(2 / (classes - 1))) + 1) + 2.0**-p * edge
+    assert abs(found.largest_safe_spread - edge) <= tol
+    # inputs at the worst level: the highest others within the edge are finite, within
+    # the next spread up they are not
+    within = round_down(t + found.largest_safe_spread, dtype)
+    beyond = round_down(t + next_up(found.largest_safe_spread, dtype), dtype)
+    assert rows_finite("naive", "softmax", dtype, [[t] + [within] * (classes - 1),
+                                                   [t] + [beyond] * (classes - 1)],
+                       [0, 0]) == [True, False]
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("classes", [1, 3, 1000, 128256])
+def test_naive_softmax_lower_edge(dtype: str, classes: int) -> None:
+    # exp (in float32 for 16-bit formats) rounds to 0 in D once e^L <= u / 2, u the
+    # smallest subnormal; then every probability is 0/0.
+    _, tiny_sub, _ = FORMATS[dtype]
+    edge = math.log(tiny_sub) - math.log(2)
+    found = pipeline_limit(pipeline("softmax", "naive"), Precision(dtype), classes)
+    low = found.smallest_safe_logit
+    assert low is not None
+    tol = 4 * 2.0 ** -(52 if dtype == "float64" else 23) * abs(edge)
+    assert low >= edge - tol
+    assert next_down(low, dtype) <= edge + tol
+    if classes <= 1000:  # the edge is real: finite at it, NaN one value of D below
+        finite = rows_finite("naive", "softmax", dtype,
+                             [[low] * classes, [next_down(low, dtype)] * classes], [0, 0])
+        assert finite == [True, False]
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+def test_naive_sigmoid_lower_edge(dtype: str) -> None:
+    # x = -L: exp(-x) = e^L overflows at ln(max + ulp/2); then s = 1/inf = 0, and the
+    # loss is inf (target 1) or 0 * log 0 = NaN (target 0).
+    edge = -ln_overflow_threshold(dtype)
+    found = pipeline_limit(pipeline("sigmoid", "naive"), Precision(dtype), 1)
+    low = found.smallest_safe_logit
+    assert low is not None
+    tol = 4 * 2.0 ** -(52 if dtype == "float64" else 23) * abs(edge)
+    assert low >= edge - tol
+    assert next_down(low, dtype) <= edge + tol
+    assert rows_finite("naive", "sigmoid", dtype, [[low, low], [next_down(low, dtype)] * 2],
+                       [[0.0, 1.0], [0.0, 1.0]]) == [True, False]
+    stable = pipeline_limit(pipeline("sigmoid", "stable"), Precision(dtype), 1)
+    assert stable.smallest_safe_logit == -FORMATS[dtype][0]
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("classes", [1, 2, 3, 1000])
+def test_search_from_the_closed_form_finds_what_full_bisection_finds(
+        dtype: str, classes: int) -> None:
+    for family in ("softmax", "sigmoid"):
+        for p in available(family, True):
+            bracketed = find_limit(p, Precision(dtype), classes)
+            full = find_limit(p, Precision(dtype), classes, from_closed_form=False)
+            assert bracketed == full, (p.family, p.name)
+
+
+def test_search_without_closed_form_finds_absent_edges() -> None:
+    for name in ("naive", "stable"):
+        p = pipeline("softmax", name)
+        assert find_limit(p, Precision("float16"), 65521, from_closed_form=False) == \
+            find_limit(p, Precision("float16"), 65521)
+
+
+def test_label_smoothing_spread_edge_is_where_the_sum_of_log_probabilities_overflows() -> None:
+    # stable, float16, C = 1000, smoothing: for [0, -S, ..., -S] the smoothing term sums
+    # 999 log-probabilities of about -S each (accumulated in float32, rounded to float16),
+    # inf once 999 S reaches 65520; one logit S below the others never overflows below the
+    # format's range.
+    stable = pipeline("softmax", "stable")
+    found = find_limit(stable, Precision("float16"), 1000, 0.1)
+    spread = found.largest_safe_spread
+    assert spread is not None
+    assert 999 * spread < 65520 <= 999 * next_up(spread, "float16") + math.log(1000)
+    assert find_limit(stable, Precision("float16"), 1000).largest_safe_spread == 65504.0
+    # C ln C for C equal logits: 7000 ln 7000 = 61974 fits, 7500 ln 7500 = 66848 does not
+    assert not find_limit(stable, Precision("float16"), 7000, 0.1).no_safe_logit
+    assert find_limit(stable, Precision("float16"), 7500, 0.1).no_safe_logit

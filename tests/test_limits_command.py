@@ -5,22 +5,72 @@ from __future__ import annotations
 import json
 import math
 
+import ml_dtypes
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from xentcheck.cli import cli
-from xentcheck.limits import closed_form_limit, limit_rows, pipeline_limit
+from xentcheck.findings import Limit
+from xentcheck.limits import closed_form_limit, limit_rows, limits_agree, pipeline_limit
 from xentcheck.pipelines import available
 from xentcheck.precision import Precision, precisions_for
 
 ALL = precisions_for(["float16", "bfloat16", "float32", "float64"])
 
 
-@pytest.mark.parametrize("classes", [1, 2, 3, 10, 1000, 50_000])
+@pytest.mark.parametrize("classes", [1, 2, 3, 10, 255, 256, 257, 1000, 2049, 50_000, 65519,
+                                     65520, 65521, 128256, 262144])
 def test_closed_forms_agree_with_bisection_in_every_precision(classes: int) -> None:
     rows = limit_rows(available("softmax", True) + available("sigmoid", True), ALL, classes)
     assert len(rows) == 4 * 5
     assert all(row.agrees for row in rows), [(r.pipeline, r.dtype) for r in rows if not r.agrees]
+
+
+@pytest.mark.parametrize("classes", [3, 255, 256, 257])
+def test_closed_forms_follow_a_sum_accumulated_in_d(classes: int) -> None:
+    # accumulate "same": a bfloat16 running sum stalls (a sum of ones at 256), so the
+    # closed forms must use the sum as the pipeline rounds it, not C times the term
+    same = precisions_for(["float16", "bfloat16", "float32", "float64"], "same")
+    rows = limit_rows(available("softmax", True), same, classes)
+    assert all(row.agrees for row in rows), [(r.pipeline, r.dtype) for r in rows if not r.agrees]
+    naive = next(r for r in rows if r.pipeline == "naive" and r.dtype == "bfloat16")
+    assert naive.closed_form is not None and naive.closed_form.largest_safe_logit is not None
+    # Independently: every bfloat16 e between max / 512 and max, summed C times with each
+    # partial sum rounded to bfloat16 by ml_dtypes; the edge is where exp rounds past the
+    # largest e whose sum stays finite (the midpoint to the next bfloat16 value).
+    bits = np.arange(0x7B00, 0x7F80, dtype=np.uint16)  # up to inf
+    e = bits.view(ml_dtypes.bfloat16).astype(np.float64)
+    total = np.zeros_like(e)
+    with np.errstate(over="ignore"):
+        for _ in range(classes):
+            total = (total + e).astype(ml_dtypes.bfloat16).astype(np.float64)
+    last = int(np.flatnonzero(np.isfinite(total) & np.isfinite(e))[-1])
+    assert naive.closed_form.largest_safe_logit == pytest.approx(
+        math.log((e[last] + e[last + 1]) / 2) if last + 1 < len(e) and np.isfinite(e[last + 1])
+        else math.log(e[last] * (1 + 2.0**-9)), rel=1e-12)
+
+
+def test_limits_at_an_llm_vocabulary_say_where_no_value_is_safe() -> None:
+    runner = CliRunner()
+    table = runner.invoke(cli, ["limits", "--classes", "128256", "--dtype", "float16",
+                                "--loss", "softmax"], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    stable = next(line for line in table.stdout.splitlines() if "stable" in line)
+    assert stable.count("no safe value") == 7 and "yes" in stable
+    naive = next(line for line in table.stdout.splitlines() if "naive" in line)
+    assert "-0.671875" in naive and "-17.32812" in naive
+    doc = json.loads(runner.invoke(cli, ["limits", "--classes", "128256", "--dtype", "float16",
+                                         "--loss", "softmax", "--format", "json"]).stdout)
+    by_name = {r["pipeline"]: r for r in doc["limits"]}
+    assert by_name["stable"]["largest_safe_logit"] is None
+    assert by_name["stable"]["no_safe_logit"] is True and by_name["stable"]["no_safe_spread"]
+    assert by_name["naive"]["no_safe_logit"] is False
+    # ln(65520 / 128256) = -0.67162 lies between -0.671875 and the next float16 up
+    assert by_name["naive"]["largest_safe_logit"] == -0.671875
+    assert by_name["naive"]["smallest_safe_logit"] == -17.328125  # just above ln(2^-25)
+    assert by_name["naive"]["closed_form"]["smallest_safe_logit"] == pytest.approx(
+        -25 * math.log(2))
 
 
 def test_published_float_edges() -> None:
@@ -32,11 +82,13 @@ def test_published_float_edges() -> None:
     assert round(edges["float16"].largest_safe_logit or 0, 2) == 11.09
     assert edges["float64"] is not None
     assert round(edges["float64"].largest_safe_logit or 0, 2) == 709.78
-    # minus ln C once C terms are summed
+    # minus ln C once C terms are summed, up to where exp(L) falls on D's grid: the edge
+    # is where exp rounds past the largest e of D with 3 e < FLT_MAX + ulp/2, whose
+    # relative distance below (FLT_MAX + ulp/2) / 3 is under float32's spacing 2^-23
     three = closed_form_limit(naive, Precision("float32"), 3)
     assert three is not None and three.largest_safe_logit is not None
     assert three.largest_safe_logit == pytest.approx(
-        (edges["float32"].largest_safe_logit or 0) - math.log(3), abs=1e-12)
+        (edges["float32"].largest_safe_logit or 0) - math.log(3), abs=2.0**-23)
 
 
 def test_spread_without_subnormals_is_the_normal_range() -> None:
@@ -66,3 +118,19 @@ def test_limits_command_table_and_json() -> None:
 def test_limits_bad_dtype_exits_2() -> None:
     result = CliRunner().invoke(cli, ["limits", "--dtype", "float8"])
     assert result.exit_code == 2 and "unknown dtype" in result.stderr and result.stdout == ""
+
+
+def test_agreement_means_within_a_unit_of_d_at_the_edge() -> None:
+    f32 = Precision("float32")
+    ulp = 2.0**-17  # float32 spacing in [64, 128)
+    found = Limit(87.625, None, -103.96875)
+    assert limits_agree(found, Limit(87.625 + 0.9 * ulp, None, -103.96875), f32)
+    assert not limits_agree(found, Limit(87.625 + 3 * ulp, None, -103.96875), f32)
+    assert not limits_agree(found, Limit(math.inf, None, -103.96875), f32)
+    assert not limits_agree(found, Limit(None, None, None, no_safe_logit=True), f32)
+    # near float64's maximum the closed form stays finite: ln(DBL_MAX) - ln 2
+    naive = available("softmax", True)[0]
+    two = closed_form_limit(naive, Precision("float64"), 2)
+    assert two is not None and two.largest_safe_logit is not None
+    assert two.largest_safe_logit == pytest.approx(
+        math.log(np.finfo(np.float64).max) - math.log(2), abs=1e-12)

@@ -39,7 +39,7 @@ from .findings import (
 from .gradients import GradientStats as _GradientStats
 from .gradients import gradient_first_bad as _gradient_first_bad
 from .gradients import gradient_flags as _gradient_flags
-from .limits import pipeline_limit
+from .limits import pipeline_limit, prefetch_limits
 from .misuse import SUM_TOLERANCE, check_case, masked_inputs, merge_masked
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
@@ -306,49 +306,91 @@ def _values(finding: Finding) -> FloatArray:
 
 
 @dataclass(frozen=True)
+class _Extremes:
+    """The input's extremes as a pipeline in D sees them (rounded to D, which is monotone:
+    the rounded row maximum is the maximum of the rounded row), for the headrooms."""
+
+    largest: float
+    smallest: float
+    spread: float | None  # row max minus a logged class's logit, largest over the rows
+    # the smallest logit whose probability the formulation logs (softmax from logits)
+    smallest_logged: float | None
+
+    def merge(self, later: _Extremes) -> _Extremes:
+        def most(a: float | None, b: float | None, pick: Callable[..., float]) -> float | None:
+            return b if a is None else a if b is None else pick(a, b)
+
+        return _Extremes(max(self.largest, later.largest), min(self.smallest, later.smallest),
+                         most(self.spread, later.spread, max),
+                         most(self.smallest_logged, later.smallest_logged, min))
+
+
+@dataclass(frozen=True)
 class _BlockStats:
     largest: float  # -inf where every entry is masked
     smallest: float  # the smallest unmasked entry; inf where every entry is masked
-    spread: float | None  # row max minus a weighted class's logit, largest over the block
+    spread: float | None  # row max minus a logged class's logit, largest over the block
     rows_sum_to_one: bool  # every value in [0, 1], every row summing to 1
+    rounded: dict[str, _Extremes] = field(default_factory=dict)  # per dtype name
     masked: MaskedInputs = field(default_factory=MaskedInputs)
 
 
-def _block_stats(block: Block) -> _BlockStats:
+def _block_stats(block: Block, dtype_names: Sequence[str] = ()) -> _BlockStats:
     """What the block's inputs look like: extremes, the largest spread, whether its rows
-    look like probability distributions, its masked entries.
+    look like probability distributions, its masked entries; and the extremes rounded to
+    each named dtype.
 
-    Masked entries (``-inf`` logits) are left out of the extremes and the spread: their
-    exp is an exact 0, so they bring a formulation no closer to its limits.
+    The spread and the smallest logged logit are over the classes whose log-probability a
+    formulation takes: the target's with integer labels, every class's with one-hot or
+    probability labels or label smoothing (``-sum(y * log p)`` logs every class, and
+    ``0 * log 0`` is NaN). Masked entries (``-inf`` logits) are left out of all of them:
+    their exp is an exact 0, so they bring a formulation no closer to its limits.
     """
     x = np.asarray(block.logits)
     masked = block.masked
     top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
-    largest = float(top.max())
-    smallest = float(x.min() if masked is None else np.min(x, where=~masked, initial=np.inf))
+    bottom = np.asarray(x.min(axis=-1) if masked is None
+                        else np.min(x, axis=-1, where=~masked, initial=np.inf),
+                        dtype=np.float64)
+    largest, smallest = float(top.max()), float(bottom.min())
     distributions = masked is None and smallest >= 0 and largest <= 1 and bool(
         (np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
-    spread = None
     case = block.case
+    lowest: FloatArray | None = None  # per counted row: the smallest logged logit
+    counted = block.valid
     if case.spec.family == "softmax" and case.spec.from_logits:
-        spread = _largest_spread(block, x, top, masked)
-    return _BlockStats(largest, smallest, spread, distributions, masked_inputs(block))
-
-
-def _largest_spread(block: Block, x: FloatArray, top: FloatArray,
-                    masked: FloatArray | None) -> float | None:
-    """Row maximum minus a weighted class's logit, largest over the block (None: no class
-    is weighted). A spread past float64's range, ``[1e308, -1e308]``, is inf."""
-    case = block.case
-    with np.errstate(over="ignore"):
         if case.label_kind == "index" and not case.spec.label_smoothing:
             target = x[np.arange(len(x)), block.target].astype(np.float64)
-            counted = block.valid if masked is None else block.valid & (target > -np.inf)
-            gaps = top[counted] - target[counted]
-            return float(gaps.max()) if gaps.size else None
-        weighted = block.unmasked(softmax_coefficients(case, block.labels) > 0)
-        gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
-        return float(gaps.max()) if weighted.any() else None
+            if masked is not None:  # a masked target's loss is inf whatever the spread
+                counted = counted & (target > -np.inf)
+            lowest = target[counted]
+        else:
+            lowest = bottom[counted]
+    spread = _extremes(top, bottom, lowest, counted, None).spread
+    rounded = {name: _extremes(top, bottom, lowest, counted, Precision(name))
+               for name in dtype_names}
+    return _BlockStats(largest, smallest, spread, distributions, rounded, masked_inputs(block))
+
+
+def _extremes(top: FloatArray, bottom: FloatArray, lowest: FloatArray | None,
+              valid: FloatArray, precision: Precision | None) -> _Extremes:
+    """Row maxima and minima, and the logged logits of the counted rows, reduced (rounded
+    to D first, given a precision). A spread past float64's range (``[1e308, -1e308]``) is
+    inf."""
+    def rnd(values: FloatArray) -> FloatArray:
+        if precision is None:
+            return values
+        return np.asarray(precision.round(values), dtype=np.float64)
+
+    spread = logged = None
+    if lowest is not None and lowest.size:
+        top_r, lowest_r = rnd(top[valid]), rnd(lowest)
+        with np.errstate(invalid="ignore", over="ignore"):
+            gaps = top_r - lowest_r
+        # inf - inf: both rounded past D's range; the pipeline's x - max is NaN there
+        spread = float(np.where(np.isnan(gaps), np.inf, gaps).max())
+        logged = float(lowest_r.min())
+    return _Extremes(float(rnd(top).max()), float(rnd(bottom).min()), spread, logged)
 
 
 # -- the whole evaluation --------------------------------------------------------------------
@@ -367,6 +409,7 @@ class _Pass:
     max_spread: float | None = None
     rows_sum_to_one: bool = True
     masked: MaskedInputs = field(default_factory=MaskedInputs)
+    extremes: dict[str, _Extremes] = field(default_factory=dict)  # per dtype, for headrooms
     gradients: list[_GradientStats] = field(default_factory=list)
 
 
@@ -396,7 +439,7 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
         outcome.gradient = None  # measured: a block's gradients are not kept
         outcomes.append(outcome)
         gradients.append(measured)
-    stats = _block_stats(block)
+    stats = _block_stats(block, tuple(rounded_cases))
     release_block(block)
     return _BlockOutcome(given, rounded, outcomes, gradients, stats,
                          block.start + len(block.labels))
@@ -440,6 +483,9 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
         collected.masked = merge_masked(collected.masked, stats.masked)
         if stats.spread is not None:
             collected.max_spread = max(stats.spread, collected.max_spread or stats.spread)
+        for name, extremes in stats.rounded.items():
+            seen = collected.extremes.get(name)
+            collected.extremes[name] = extremes if seen is None else seen.merge(extremes)
         collected.reference.append(outcome.reference)
         for name, values in outcome.rounded.items():
             collected.rounded[name].append(values)
@@ -517,12 +563,13 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     target, rounded = truth.values, truth.rounded_values[name]
     abs_e, rel_e, ulp_e, worst = _errors(computed, target, run.precision)
     arith_rel = _errors(computed, rounded, run.precision)[1]
-    limit = pipeline_limit(run.pipeline, run.precision, case.classes)
-    # Sigmoid limits bound |x|; softmax limits bound the largest logit.
-    largest_input = (
-        max(abs(collected.max_logit), abs(collected.min_logit))
-        if case.spec.family == "sigmoid" else collected.max_logit
-    )
+    limit = pipeline_limit(run.pipeline, run.precision, case.classes,
+                           float(case.spec.label_smoothing))
+    # The input as D holds it: the largest logit against the upper edge; from below,
+    # sigmoid's smallest x, and for softmax the smallest logit whose probability is logged
+    # (its exp must not vanish).
+    seen = collected.extremes[name]
+    smallest_input = seen.smallest if case.spec.family == "sigmoid" else seen.smallest_logged
     worst_index = None
     if truth.counted is not None and worst is not None:
         worst_index = _example_index(case, int(np.flatnonzero(truth.counted)[worst]))
@@ -542,8 +589,10 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         limit=limit,
         tolerance=tol,
         worst_index=worst_index,
-        logit_headroom=_headroom(limit.largest_safe_logit, largest_input),
-        spread_headroom=_headroom(limit.largest_safe_spread, collected.max_spread),
+        logit_headroom=_headroom(limit.largest_safe_logit, seen.largest),
+        spread_headroom=_headroom(limit.largest_safe_spread, seen.spread),
+        lower_logit_headroom=(None if limit.smallest_safe_logit is None or smallest_input is None
+                              else smallest_input - limit.smallest_safe_logit),
         grad_error=gradient.error(),
         grad_row_errors=np.concatenate(gradient.rows) if gradient.rows else None,
         grad_flags=_gradient_flags(gradient, tol),
@@ -586,6 +635,8 @@ def evaluate(
     dtype_names = list(dict.fromkeys(p.name for p in precisions))
     collected = _single_pass(case, precisions, pipelines, dtype_names, progress)
     truth, ref_per_example = _truth(case, collected, dtype_names)
+    prefetch_limits([(run.pipeline, run.precision) for run in collected.runs], case.classes,
+                    float(case.spec.label_smoothing))
     findings = [
         _finding(case, run, collected, truth, tolerances[run.precision.name], gradient)
         for run, gradient in zip(collected.runs, collected.gradients, strict=True)

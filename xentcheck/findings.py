@@ -32,10 +32,20 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Limit:
-    """Edges of one pipeline in one precision for a class count (None: no such edge)."""
+    """Edges of one pipeline in one precision for a class count.
+
+    None: no such edge (probability inputs; a spread for sigmoid or C = 1), or, with
+    ``no_safe_logit`` / ``no_safe_spread``, no safe value at all: the worst-case pattern
+    breaks at every magnitude (float16 ``stable`` with 128,256 classes: the sum of C equal
+    terms is inf). ``smallest_safe_logit`` is D's most negative number where the
+    formulation has no lower edge.
+    """
 
     largest_safe_logit: float | None
     largest_safe_spread: float | None
+    smallest_safe_logit: float | None = None
+    no_safe_logit: bool = False
+    no_safe_spread: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,9 @@ class Finding:
     # limit minus the input's own largest logit / spread: negative means the input is past it
     logit_headroom: float | None = None
     spread_headroom: float | None = None
+    # the input's smallest logit that must not underflow (sigmoid: any x; softmax: a logit
+    # whose probability is logged) minus the smallest safe logit
+    lower_logit_headroom: float | None = None
     # the gradient with respect to the logits (None: not computed, probability inputs)
     grad_error: float | None = None  # normwise: max |g - g_ref| / max |g_ref|
     grad_flags: tuple[str, ...] = ()  # GRAD_FLAGS
@@ -118,7 +131,8 @@ class InputStats:
     input_dtype: str
     max_abs_logit: float
     max_logit: float
-    max_spread: float | None  # largest (row max - target logit) over counted rows; softmax only
+    # largest (row max - logged class's logit) over counted rows; softmax only
+    max_spread: float | None
     min_logit: float = -np.inf
     rows_sum_to_one: bool = False  # every value in [0, 1] and every row summing to 1
     masked: MaskedInputs = field(default_factory=MaskedInputs)

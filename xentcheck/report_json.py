@@ -71,6 +71,10 @@ def _result(finding: Finding, reduction: str) -> dict[str, Any]:
         "worst_index": None if finding.worst_index is None else list(finding.worst_index),
         "logit_headroom": number(finding.logit_headroom),
         "spread_headroom": number(finding.spread_headroom),
+        "smallest_safe_logit": number(finding.limit.smallest_safe_logit),
+        "lower_logit_headroom": number(finding.lower_logit_headroom),
+        "no_safe_logit": finding.limit.no_safe_logit,
+        "no_safe_spread": finding.limit.no_safe_spread,
         "grad_error": number(finding.grad_error),
         "grad_flags": list(finding.grad_flags),
         "grad_first_bad_stage": finding.grad_first_bad.stage if finding.grad_first_bad else None,
@@ -164,7 +168,10 @@ def _limit(limit: Limit | None) -> dict[str, Any] | None:
     if limit is None:
         return None
     return {"largest_safe_logit": number(limit.largest_safe_logit),
-            "largest_safe_spread": number(limit.largest_safe_spread)}
+            "largest_safe_spread": number(limit.largest_safe_spread),
+            "smallest_safe_logit": number(limit.smallest_safe_logit),
+            "no_safe_logit": limit.no_safe_logit,
+            "no_safe_spread": limit.no_safe_spread}
 
 
 def render_limits_json(rows: Sequence[LimitRow]) -> str:

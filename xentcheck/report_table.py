@@ -35,7 +35,11 @@ LEGEND = (
     "the first the backward pass goes through that makes it bad).",
     "safe logit ≤: every input whose logits stay below it gives a finite loss (worst case: "
     "all C logits equal) · safe spread ≤: the same for the gap between a row's largest logit "
-    "and its target's · format max: no edge before the format's own range.",
+    "and its target's (every class's with one-hot/probability labels or label smoothing) · "
+    "safe logit ≥: the lower edge, against the smallest logit whose probability is logged "
+    "(naive exp underflowing to 0/0) · format max/min: no edge before the format's own "
+    "range · no safe value: the worst case breaks at every magnitude (a sum of C equal "
+    "terms is inf in D).",
 )
 PER_EXAMPLE_LEGEND = (
     "reduction none: 'loss at [i]' is every row's loss at the one example i where the "
@@ -103,11 +107,19 @@ def _gradient_text(finding: Finding) -> Text:
     return text
 
 
-def _limit_text(limit: float | None, headroom: float | None, dtype: str) -> Text:
+def _limit_text(limit: float | None, headroom: float | None, dtype: str, *,
+                no_safe: bool = False) -> Text:
+    """An edge with its headroom, or that no value is safe."""
+    if no_safe:
+        return Text("no safe value", style="bold red")
+    return _edge_text(limit, headroom, dtype)
+
+
+def _edge_text(limit: float | None, headroom: float | None, dtype: str) -> Text:
     if limit is None:
         return Text("—", style="dim")
-    if limit == Precision(dtype).max:
-        return Text("format max", style="dim")
+    if abs(limit) == Precision(dtype).max:
+        return Text("format max" if limit > 0 else "format min", style="dim")
     text = Text(_num(limit, 6))
     if headroom is not None:
         if headroom < 0:
@@ -188,9 +200,23 @@ def _findings_columns(result: ScenarioResult) -> list[Column]:
         columns.append(Column("worst at", "right"))
     columns += [Column("abs err", "right"), Column("rel err", "right"),
                 Column("ulp err", "right"), Column("flags"), Column("first bad stage"),
-                Column("gradient"), Column("safe logit ≤"),
+                Column("gradient")]
+    if _shows_lower_edges(result):
+        columns.append(Column("safe logit ≥"))
+    columns += [Column("safe logit ≤", follows=_shows_lower_edges(result)),
                 Column("safe spread ≤", follows=True)]
     return columns
+
+
+def _has_lower_edge(f: Finding) -> bool:
+    lower = f.limit.smallest_safe_logit
+    return lower is not None and lower != -Precision(f.dtype).max and not f.limit.no_safe_logit
+
+
+def _shows_lower_edges(result: ScenarioResult) -> bool:
+    """Whether any pipeline here has a lower edge (naive softmax, naive sigmoid): only then
+    does the table carry the column."""
+    return any(_has_lower_edge(f) for f in result.findings)
 
 
 def _findings_rows(result: ScenarioResult) -> list[Row]:
@@ -205,8 +231,16 @@ def _findings_rows(result: ScenarioResult) -> list[Row]:
         cells += [
             Text(_num(f.abs_error, 3)), Text(_num(f.rel_error, 3)), Text(_num(f.ulp_error, 3)),
             _flags_text(f.flags), _first_bad(f), _gradient_text(f),
-            _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype),
-            _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype),
+        ]
+        if _shows_lower_edges(result):
+            # where no logit is safe at all, the upper edge's cell says so, once
+            cells.append(Text("—", style="dim") if f.limit.no_safe_logit else _limit_text(
+                f.limit.smallest_safe_logit, f.lower_logit_headroom, f.dtype))
+        cells += [
+            _limit_text(f.limit.largest_safe_logit, f.logit_headroom, f.dtype,
+                        no_safe=f.limit.no_safe_logit),
+            _limit_text(f.limit.largest_safe_spread, f.spread_headroom, f.dtype,
+                        no_safe=f.limit.no_safe_spread),
         ]
         rows.append(Row(cells, new_section=previous is not None and f.dtype != previous))
         previous = f.dtype
@@ -290,21 +324,28 @@ def render_limits_table(rows: Sequence[LimitRow], console: Console) -> None:
     keys = ("loss", "pipeline", "dtype")
     columns = [Column(name, key=True) for name in keys] + [
         Column(name, "right", follows=name == "closed form")
-        for name in ("safe logit ≤", "closed form", "safe spread ≤", "closed form",
-                     "no subnormals", "agree")]
+        for name in ("safe logit ≥", "closed form", "safe logit ≤", "closed form",
+                     "safe spread ≤", "closed form", "no subnormals", "agree")]
     table: list[Row] = []
     previous = None
     for row in rows:
         new_section = previous is not None and row.dtype != previous
         previous = row.dtype
         closed = row.closed_form
+        found = row.bisected
         cells = (
             Text(row.family), Text(row.pipeline), Text(row.dtype),
-            _limit_value(row.bisected.largest_safe_logit, row.dtype),
-            _limit_value(closed.largest_safe_logit if closed else None, row.dtype),
-            _limit_value(row.bisected.largest_safe_spread, row.dtype),
-            _limit_value(closed.largest_safe_spread if closed else None, row.dtype),
-            _limit_value(row.spread_without_subnormals, row.dtype),
+            _limit_value(found.smallest_safe_logit, row.dtype, found.no_safe_logit),
+            _limit_value(closed.smallest_safe_logit if closed else None, row.dtype,
+                         closed is not None and closed.no_safe_logit),
+            _limit_value(found.largest_safe_logit, row.dtype, found.no_safe_logit),
+            _limit_value(closed.largest_safe_logit if closed else None, row.dtype,
+                         closed is not None and closed.no_safe_logit),
+            _limit_value(found.largest_safe_spread, row.dtype, found.no_safe_spread),
+            _limit_value(closed.largest_safe_spread if closed else None, row.dtype,
+                         closed is not None and closed.no_safe_spread),
+            _limit_value(row.spread_without_subnormals, row.dtype,
+                         closed is not None and closed.no_safe_spread),
             Text("yes", style="green") if row.agrees else Text(
                 "—" if closed is None else "NO", style="dim" if closed is None else "bold red"),
         )
@@ -312,13 +353,13 @@ def render_limits_table(rows: Sequence[LimitRow], console: Console) -> None:
     print_table(console, columns, table)
 
 
-def _limit_value(value: float | None, dtype: str) -> Text:
+def _limit_value(value: float | None, dtype: str, no_safe: bool = False) -> Text:
+    if no_safe:
+        return Text("no safe value", style="bold red")
     if value is None:
         return Text("—", style="dim")
-    if value == Precision(dtype).max:
-        return Text("format max", style="dim")
-    if value < 0:
-        return Text(f"none ({value:.4g})", style="red")  # even equal logits underflow
+    if abs(value) == Precision(dtype).max:
+        return Text("format max" if value > 0 else "format min", style="dim")
     return Text(f"{value:.7g}")
 
 
