@@ -29,6 +29,8 @@ from .execution import (
 from .findings import (
     FLAGS,
     Finding,
+    FrameworkAnswer,
+    FrameworkComparison,
     InputStats,
     MaskedInputs,
     Mismatch,
@@ -265,6 +267,46 @@ def _mismatches(findings: Sequence[Finding], tolerances: Mapping[str, Tolerance]
                                     (float(va[i]), float(vb[i])), float(diff[i]),
                                     _flat_example(a, i)))
     return out
+
+
+def _framework_comparisons(findings: Sequence[Finding], mismatches: Sequence[Mismatch],
+                           reference: float | None,
+                           focus: tuple[int, ...] | None) -> list[FrameworkComparison]:
+    """Per dtype, each framework pipeline's answer: whether it agrees with the reference
+    (finite where the reference is, no flag of a wrong loss), and which other frameworks it
+    has a mismatch with (the pairwise mismatches above, restricted to frameworks)."""
+    out = []
+    dtypes = list(dict.fromkeys(f.dtype for f in findings if f.framework))
+    for dtype in dtypes:
+        group = [f for f in findings if f.framework and f.dtype == dtype]
+        apart = {frozenset(m.pipelines) for m in mismatches if m.dtype == dtype}
+        answers = tuple(
+            FrameworkAnswer(
+                pipeline=f.pipeline,
+                loss=_answer(f, focus),
+                agrees_with_reference=_within(f),
+                differs_from=tuple(g.pipeline for g in group
+                                   if frozenset((f.pipeline, g.pipeline)) in apart),
+            )
+            for f in group
+        )
+        out.append(FrameworkComparison(dtype, reference, answers))
+    return out
+
+
+def _within(finding: Finding) -> bool:
+    """Whether a finding's loss is the reference's within its tolerance (equal infinities,
+    and NaN where the reference is NaN, count as equal: their error is 0)."""
+    error, tol = finding.abs_error, finding.tolerance
+    return bool(np.isfinite(error)) and (error <= tol.abs or finding.rel_error <= tol.rel)
+
+
+def _answer(finding: Finding, focus: tuple[int, ...] | None) -> float:
+    if finding.loss is not None:
+        return finding.loss
+    assert finding.per_example is not None
+    values = np.asarray(finding.per_example, dtype=np.float64)
+    return float(values[focus] if focus is not None else values.ravel()[0])
 
 
 def _flat_example(finding: Finding, flat: int) -> tuple[int, ...] | None:
@@ -574,6 +616,7 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     if truth.counted is not None and worst is not None:
         worst_index = _example_index(case, int(np.flatnonzero(truth.counted)[worst]))
     return Finding(
+        framework=run.pipeline.framework,
         pipeline=run.pipeline.name,
         dtype=name,
         accumulate=run.precision.accumulate_label,
@@ -660,6 +703,8 @@ def evaluate(
         rows_sum_to_one=collected.rows_sum_to_one and case.classes > 1,
         masked=collected.masked,
     )
+    mismatches = _mismatches(findings, tolerances)
+    focus = _focus_example(case, findings, truth)
     return ScenarioResult(
         name=case.name,
         source=case.source,
@@ -673,12 +718,23 @@ def evaluate(
         stats=stats,
         reference=reference,
         findings=tuple(findings),
-        mismatches=tuple(_mismatches(findings, tolerances)),
-        focus_index=_focus_example(case, findings, truth),
+        mismatches=tuple(mismatches),
+        focus_index=focus,
+        frameworks=tuple(_framework_comparisons(findings, mismatches, _reference_answer(
+            reference, focus), focus)),
         warnings=check_case(case, stats),
         class_weights=None if case.spec.class_weights is None
         else tuple(float(w) for w in np.ravel(case.spec.class_weights)),
     )
+
+
+def _reference_answer(reference: ReferenceValue,
+                      focus: tuple[int, ...] | None) -> float | None:
+    """The reference loss the framework answers are set against: the reduced loss, or the
+    loss at the focus example for reduction "none"."""
+    if reference.loss is not None or reference.per_example is None or focus is None:
+        return reference.loss
+    return float(np.asarray(reference.per_example, dtype=np.float64)[focus])
 
 
 def _counted_mask(case: Case, per_example: FloatArray) -> FloatArray:

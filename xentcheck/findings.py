@@ -82,6 +82,7 @@ class Finding:
     grad_flags: tuple[str, ...] = ()  # GRAD_FLAGS
     grad_first_bad: StageEvent | None = None
     grad_row_errors: FloatArray | None = None  # per input row; NaN: not finite
+    framework: bool = False  # the pipeline emulates a library's loss (torch, jax, ...)
 
     @property
     def first_bad_stage(self) -> str | None:
@@ -150,6 +151,26 @@ class ReferenceValue:
 
 
 @dataclass(frozen=True)
+class FrameworkAnswer:
+    """What one framework pipeline answered in one dtype, against the reference and the
+    other frameworks."""
+
+    pipeline: str
+    loss: float  # the reduced loss; for reduction "none", the loss at the focus example
+    agrees_with_reference: bool  # finite where the reference is, within the tolerance
+    differs_from: tuple[str, ...]  # the other frameworks it has a mismatch with
+
+
+@dataclass(frozen=True)
+class FrameworkComparison:
+    """One dtype: does each framework's answer differ from the truth, and from the others'?"""
+
+    dtype: str
+    reference: float | None  # the reduced reference loss (at the focus example for "none")
+    answers: tuple[FrameworkAnswer, ...]
+
+
+@dataclass(frozen=True)
 class ScenarioResult:
     name: str
     source: str
@@ -169,6 +190,8 @@ class ScenarioResult:
     # reduction "none": the example where the pipelines are farthest from the reference,
     # whose losses a table shows side by side
     focus_index: tuple[int, ...] | None = None
+    # per dtype, where framework pipelines ran: their answers side by side
+    frameworks: tuple[FrameworkComparison, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,19 @@ def scenario_json(result: ScenarioResult) -> dict[str, Any]:
         "reference": reference,
         "results": [_result(f, result.reduction) for f in result.findings],
         "mismatches": [_mismatch(m) for m in result.mismatches],
+        "frameworks": [
+            {
+                "dtype": c.dtype,
+                "reference": number(c.reference),
+                "answers": [
+                    {"pipeline": a.pipeline, "loss": number(a.loss),
+                     "agrees_with_reference": a.agrees_with_reference,
+                     "differs_from": list(a.differs_from)}
+                    for a in c.answers
+                ],
+            }
+            for c in result.frameworks
+        ],
         # additive keys
         "warnings": [
             {"rule": w.rule, "name": w.name, "message": w.message} for w in result.warnings

@@ -264,11 +264,37 @@ def render_scenario(result: ScenarioResult, console: Console) -> None:
         print_wrapped(
             console, f"loss of the inputs rounded to: {' · '.join(changed)} (reference "
             f"{ref.loss:.9g}; the rest of each error is arithmetic)", 2, 4, style="cyan")
-    if result.mismatches:
+    frameworks = {f.pipeline for f in result.findings if f.framework}
+    # a framework's disagreements are told in its own lines below, not pair by pair
+    textbook = [m for m in result.mismatches if not frameworks & set(m.pipelines)]
+    if textbook:
         console.print("  mismatches between pipelines:", style="bold")
-        for m in result.mismatches:
+        for m in textbook:
             print_wrapped(console, _mismatch_line(m), 2, 4)
+    if result.frameworks:
+        _render_frameworks(result, console)
     console.print()
+
+
+def _render_frameworks(result: ScenarioResult, console: Console) -> None:
+    """Per dtype: each framework's answer, whether it is the reference's (✓) or not (✗),
+    and which other frameworks answer differently."""
+    reference = result.frameworks[0].reference
+    where = "" if result.focus_index is None else f" at example {_index(result.focus_index)}"
+    console.print(f"  frameworks against the reference{where} ({_num(reference, 9)}):",
+                  style="bold")
+    for comparison in result.frameworks:
+        line = Text(f"{comparison.dtype}: ")
+        for i, answer in enumerate(comparison.answers):
+            if i:
+                line.append(" · ")
+            line.append(f"{answer.pipeline} {_num(answer.loss, 9)} ")
+            line.append("✓" if answer.agrees_with_reference else "✗",
+                        style="green" if answer.agrees_with_reference else "bold red")
+            if answer.differs_from:
+                line.append(f" (differs from {', '.join(answer.differs_from)})",
+                            style="yellow")
+        print_wrapped(console, line, 2, 4)
 
 
 def render_verdict(result: ScenarioResult, verdict: Verdict, console: Console) -> None:

@@ -81,6 +81,9 @@ class Pipeline(ABC):
     from_logits: ClassVar[bool]
     formula: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
+    # True for a pipeline that emulates what a library's loss computes (torch, jax, ...):
+    # reports set its answers side by side with the other frameworks' and the truth
+    framework: ClassVar[bool] = False
 
     @abstractmethod
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
