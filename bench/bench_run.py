@@ -179,12 +179,13 @@ finally:
 """
 
 
-def full_matrix(logits: Path, labels: Path) -> tuple[float, float]:
-    """``xentcheck run`` with every precision and pipeline: (seconds, peak RSS in MiB)."""
+def full_matrix(logits: Path, labels: Path, *options: str) -> tuple[float, float]:
+    """``xentcheck run`` with every precision and the default pipelines (or as ``options``
+    say): (seconds, peak RSS in MiB)."""
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, "run", "--logits", str(logits), "--labels",
-         str(labels), "--format", "json", "--output", "/dev/null"],
+         str(labels), "--format", "json", "--output", "/dev/null", *options],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     seconds = time.perf_counter() - start
@@ -197,9 +198,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
-    parser.add_argument("--pipeline", default="stable", choices=["naive", "shifted", "stable"])
+    parser.add_argument("--pipeline", default="stable",
+                        help="the pair timed as whole processes and against the baselines")
+    parser.add_argument("--pairs", default=None,
+                        help="pipelines timed pair by pair (default: every softmax pipeline "
+                             "on logits), comma-separated")
+    parser.add_argument("--pair-dtypes", default="float32,bfloat16",
+                        help="the precisions the pairs are timed in, comma-separated")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-matrix", action="store_true")
+    parser.add_argument("--linearity", action="store_true",
+                        help="also run the default matrix on half the rows")
     args = parser.parse_args()
     try:
         import scipy  # noqa: F401  (the baseline)
@@ -222,6 +231,7 @@ def main() -> None:
             logits, labels, args.dtype, args.pipeline))
         print(f"whole processes: scipy script {base_process:.3f} s, xentcheck run "
               f"{ours_process:.3f} s, ratio {ours_process / base_process:.2f}x")
+        baseline(logits, labels)  # warm: scipy's import is not the baseline's cost
         base = best_of(args.repeat, lambda: baseline(logits, labels))
         ours = best_of(args.repeat, lambda: diagnostic(logits, labels, args.dtype,
                                                        args.pipeline))
@@ -236,15 +246,32 @@ def main() -> None:
         print(f"float64 exp of every value, one thread:  {one:8.3f} s = {one / base:.2f}x "
               "the baseline (the reference's floor)")
         print(f"the same on two threads:             {two:8.3f} s (speed-up {one / two:.2f})")
+        from xentcheck.pipelines import available
+
+        names = ([p.name for p in available("softmax", True)] if args.pairs is None
+                 else [n for n in args.pairs.split(",") if n])
+        for dtype in [d for d in args.pair_dtypes.split(",") if d]:
+            for name in names:
+                seconds = best_of(args.repeat, lambda n=name, d=dtype: diagnostic(
+                    logits, labels, d, n))
+                print(f"pair {name:8} {dtype:9} {seconds:8.3f} s = {seconds / base:5.2f}x "
+                      "the baseline")
         if args.skip_matrix:
             return
-        half_logits, half_labels = write_inputs(folder, args.rows // 2, args.vocab, args.dtype)
-        half_seconds, _ = full_matrix(half_logits, half_labels)
+        textbook, _ = full_matrix(logits, labels, "--pipeline", "naive,shifted,stable")
         seconds, peak = full_matrix(logits, labels)
-        print(f"full matrix (4 dtypes x 3 pipelines): {seconds:.1f} s for the input, "
-              f"{half_seconds:.1f} s for half of it (ratio {seconds / half_seconds:.2f}, "
-              "linear is 2)")
-        print(f"peak resident memory of the full matrix: {peak:.0f} MiB (goal: at most 400)")
+        pipelines = len(available("softmax", True))
+        print(f"textbook matrix (4 dtypes x 3 pipelines, the default before framework "
+              f"pipelines): {textbook:.1f} s = {textbook / size:.1f} s per GiB")
+        print(f"default matrix (4 dtypes x {pipelines} pipelines): {seconds:.1f} s = "
+              f"{seconds / size:.1f} s per GiB")
+        print(f"peak resident memory of the default matrix: {peak:.0f} MiB (goal: at most 400)")
+        if args.linearity:
+            half_logits, half_labels = write_inputs(folder, args.rows // 2, args.vocab,
+                                                    args.dtype)
+            half_seconds, _ = full_matrix(half_logits, half_labels)
+            print(f"the default matrix on half the rows: {half_seconds:.1f} s (ratio "
+                  f"{seconds / half_seconds:.2f}, linear is 2)")
 
 
 if __name__ == "__main__":
