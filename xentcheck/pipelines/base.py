@@ -81,6 +81,8 @@ class Pipeline(ABC):
     from_logits: ClassVar[bool]
     formula: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
+    # run when no pipeline is named; a framework pipeline runs when named (--pipeline)
+    default: ClassVar[bool] = True
 
     @abstractmethod
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
