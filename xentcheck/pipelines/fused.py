@@ -154,21 +154,44 @@ class SoftmaxFused(Pipeline):
                 run.valid_rows, run.row_offset)
             log_softmax = self._log_softmax(quiet, quiet.cast("cast", block.logits))
         compute = run.precision.compute_dtype
-        coefficients = _coefficients(run.precision, block)
         scale = np.asarray(upstream, dtype=compute)
+        case = block.case
+        ignored = ~block.valid if case.label_kind == "index" else None
+        if case.label_kind == "index" and not case.spec.label_smoothing:
+            # one non-zero g per row, at the target: sum(g) is that entry exactly, and every
+            # other entry is 0 - p * sum(g) = -(p * sum(g)); formed on the targets alone
+            rows = np.arange(len(block.target))
+            weights = (np.ones(case.classes, dtype=compute) if case.spec.class_weights is None
+                       else _stored(run, case.spec.class_weights).astype(compute))
+            at_target = np.where(block.valid, weights[block.target], np.zeros((), compute))
 
-        ignored = ~block.valid if block.case.label_kind == "index" else None
+            def sparse_gradient(lsm: FloatArray) -> FloatArray:
+                p = np.exp(lsm)
+                g = -(at_target * scale)
+                out = p * -g[:, None]  # -(p * g), the sign exact
+                out[rows, block.target] = g - p[rows, block.target] * g
+                return _signed_zeros_of_ignored(out, ignored)
+
+            return run.fused("log_softmax", sparse_gradient, log_softmax, blame=[])
+
+        coefficients = _coefficients(run.precision, block)
 
         def gradient(lsm: FloatArray, a: FloatArray) -> FloatArray:
             g = -(a * scale)
-            if ignored is not None and ignored.any():
-                # an ignored row's upstream gradient is where(valid, ., 0.0): +0, times the
-                # one-hot's -1 at its stand-in target, class 0: -0 there
-                g[ignored] = 0.0
-                g[ignored, 0] = -0.0
-            return g - np.exp(lsm) * np.sum(g, axis=-1, keepdims=True)
+            out = g - np.exp(lsm) * np.sum(g, axis=-1, keepdims=True)
+            return _signed_zeros_of_ignored(out, ignored)
 
         return run.fused("log_softmax", gradient, log_softmax, coefficients, blame=[])
+
+
+def _signed_zeros_of_ignored(out: FloatArray, ignored: FloatArray | None) -> FloatArray:
+    """An ignored row's gradient as Inductor stores it: its upstream gradient is
+    ``where(valid, ., 0.0)``, +0, times the one-hot's -1 at its stand-in target, class 0:
+    -0 there, +0 elsewhere."""
+    if ignored is not None and ignored.any():
+        out[ignored] = 0.0
+        out[ignored, 0] = -0.0
+    return out
 
 
 def _divisor(precision: Precision, denominator: float) -> FloatArray:

@@ -55,11 +55,14 @@ def _in_floatx(run: StageRunner) -> StageRunner:
     return inner
 
 
-def _keras_block(run: StageRunner, block: Block) -> Block:
-    """The block as Keras sees it: the inputs stored in D (a D tensor), then converted to
-    float32; dense labels with Keras' label smoothing applied in float32
-    (``y * (1 - e) + e / C``, ``e / C`` a float32 division)."""
-    stored = run.cast("cast", block.logits)
+def _keras_block(run: StageRunner, block: Block, saved: Saved | None = None) -> Block:
+    """The block as Keras sees it: the inputs stored in D (a D tensor, kept for the backward
+    pass, which gets it back in ``saved``), then converted to float32; dense labels with
+    Keras' label smoothing applied in float32 (``y * (1 - e) + e / C``, ``e / C`` a float32
+    division)."""
+    stored = saved.get("keras_input") if saved else None
+    if stored is None:
+        stored = run.save("keras_input", run.cast("cast", block.logits))
     case = block.case
     spec = case.spec
     labels = block.labels
@@ -157,7 +160,7 @@ class KerasSoftmax(Pipeline):
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
         quiet = StageRunner(run.precision, self.all_stages).bind(run.valid_rows, run.row_offset)
-        keras_block = _keras_block(quiet, block)
+        keras_block = _keras_block(quiet, block, saved)
         return self._inner.backward(_in_floatx(run), keras_block,
                                     float(_row_upstream(block, upstream)), saved)
 
@@ -226,7 +229,7 @@ class KerasSigmoid(Pipeline):
         """BCE-with-logits' backward in float32: ``(sigmoid(x) - z) * g`` (with pos_weight
         ``(sigmoid(x) (pw z + 1 - z) - pw z) g``), times the class weight."""
         quiet = StageRunner(run.precision, self.all_stages).bind(run.valid_rows, run.row_offset)
-        keras_block = _keras_block(quiet, block)
+        keras_block = _keras_block(quiet, block, saved)
         inner = _in_floatx(run)
         f32 = np.float32
         x = np.asarray(keras_block.logits, dtype=f32)
