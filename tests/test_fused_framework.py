@@ -175,3 +175,20 @@ def test_live_inductor_is_the_fused_pipeline(name: str) -> None:
     loss_equal, _, (loss_ulps, grad_ulps, _) = _compare(entry, live)
     assert loss_equal
     assert loss_ulps == 0 and grad_ulps <= 1
+
+
+def test_run_reports_inf_for_the_float16_mean_with_the_fused_pipeline(tmp_path: Path) -> None:
+    # the criterion, through the command line: --pipeline fused --dtype float16
+    from click.testing import CliRunner
+
+    from xentcheck.cli import cli
+
+    np.save(tmp_path / "x.npy", np.tile(np.array([[0.0, -40.0]], dtype=np.float16), (2000, 1)))
+    np.save(tmp_path / "t.npy", np.ones(2000, dtype=np.int64))
+    result = CliRunner().invoke(cli, ["run", "--logits", str(tmp_path / "x.npy"), "--labels",
+                                      str(tmp_path / "t.npy"), "--pipeline", "fused",
+                                      "--dtype", "float16", "--format", "json"])
+    doc = json.loads(result.stdout)
+    [finding] = doc["scenarios"][0]["results"]
+    assert (finding["pipeline"], finding["dtype"], finding["loss"]) == ("fused", "float16", "inf")
+    assert finding["first_bad_stage"] == "reduce" and finding["first_bad_kind"] == "overflow"
