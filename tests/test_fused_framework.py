@@ -151,7 +151,7 @@ def test_a_bfloat16_mean_over_257_rows_divides_by_256() -> None:
 
 # -- with torch installed ----------------------------------------------------------------------
 
-LIVE = ["overflow_mean-float16", "divisor_257-bfloat16"]
+LIVE = ["divisor_257-bfloat16"]  # one compile (~10 s cold): the 257-row bfloat16 mean
 
 
 @pytest.mark.parametrize("name", LIVE)
