@@ -137,16 +137,19 @@ def test_the_float16_mean_of_the_issue_is_inf_in_inductor_too() -> None:
 
 
 def test_a_bfloat16_mean_over_257_rows_divides_by_256() -> None:
-    # the count, 257, is stored in bfloat16 (256) before Inductor divides: ten equal losses
-    # of 1.0 would average 257/256; the fused pipeline's divisor is the same
+    # 257 rows [1, 0], label 0: each float32 loss is v = log(1 + e^-1); Inductor stores their
+    # float32 sum S in bfloat16 and divides by the count stored in bfloat16, 256 (the
+    # recorded divisor_257-bfloat16 case is equal bit for bit); S / 257 would be 0.4% lower,
+    # past half a bfloat16 ulp
     x = np.zeros((257, 2))
     x[:, 0] = 1.0
     case = Case("divisor", x, np.zeros(257, dtype=np.int64), "index", LossSpec())
     loss, _ = xentcheck_result(case, "fused", "bfloat16")
-    per_row = float(np.float32(np.log1p(np.exp(np.float32(-1.0)))))
-    total = float(Precision("bfloat16").round(np.float64(np.float32(per_row * 257))))
-    assert float(loss) == float(Precision("bfloat16").round(np.float64(np.float32(total / 256))))
-    assert float(loss) != float(Precision("bfloat16").round(np.float64(np.float32(total / 257))))
+    bf16 = Precision("bfloat16")
+    v = np.float32(np.log1p(np.exp(-1.0)))
+    stored_sum = np.float32(bf16.round(np.float64(np.sum(np.full(257, v, dtype=np.float32)))))
+    assert float(loss) == float(bf16.round(np.float64(stored_sum / np.float32(256))))
+    assert float(loss) != float(bf16.round(np.float64(stored_sum / np.float32(257))))
 
 
 # -- with torch installed ----------------------------------------------------------------------
