@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .base import Block, Pipeline, Saved, reduce_losses
+from .fused import SoftmaxFused
+from .keras3 import KerasSigmoid, KerasSoftmax, KerasSoftmaxProbabilities
 from .textbook import (
     KERAS_EPSILON,
     SigmoidNaive,
@@ -38,20 +40,25 @@ PIPELINES: tuple[Pipeline, ...] = (
     SigmoidStable(),
     SigmoidProbabilitiesNaive(),
     SigmoidProbabilitiesClipped(),
+    SoftmaxFused(),
+    KerasSoftmax(),
+    KerasSoftmaxProbabilities(),
+    KerasSigmoid(),
 )
 
 
-def available(family: str, from_logits: bool) -> tuple[Pipeline, ...]:
-    """The pipelines that apply to a loss family and input kind, in display order."""
-    return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits)
+def available(family: str, from_logits: bool, *, every: bool = False) -> tuple[Pipeline, ...]:
+    """The pipelines that apply to a loss family and input kind, in display order: those run
+    by default, or (``every``) also those run only when named."""
+    return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits
+                 and (every or p.default))
 
 
 def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:
     """The named pipelines (all applicable ones when ``names`` is empty or None)."""
-    choices = available(family, from_logits)
     if not names:
-        return choices
-    by_name = {p.name: p for p in choices}
+        return available(family, from_logits)
+    by_name = {p.name: p for p in available(family, from_logits, every=True)}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         kind = "logits" if from_logits else "probabilities"

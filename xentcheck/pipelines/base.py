@@ -84,6 +84,8 @@ class Pipeline(ABC):
     # True for a pipeline that emulates what a library's loss computes (torch, jax, ...):
     # reports set its answers side by side with the other frameworks' and the truth
     framework: ClassVar[bool] = False
+    # run when no pipeline is named; the others run when named (--pipeline, pipelines:)
+    default: ClassVar[bool] = True
 
     @abstractmethod
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
