@@ -10,7 +10,7 @@ the evaluator, the reference and the reports do not change.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -37,6 +37,34 @@ class Block:
     logits: FloatArray
     labels: FloatArray
     start: int = 0
+    # a row split across its classes: the classes ``[c0, c1)`` these arrays hold
+    columns: tuple[int, int] | None = None
+    # a whole row too wide for one block: the width of its column chunks
+    split: int | None = None
+
+    def column_chunks(self) -> Iterator[Block]:
+        """The block (one row, :attr:`split` set) as consecutive column chunks: views of
+        ``split`` classes, the last one at least two wide (so that a per-class array is
+        never mistaken for a per-row one)."""
+        width = self.case.classes
+        step = self.split or width
+        starts = list(range(0, width, step))
+        if len(starts) > 1 and width - starts[-1] < 2:
+            starts.pop()
+        for start, stop in zip(starts, [*starts[1:], width], strict=True):
+            labels = self.labels if self.case.label_kind == "index" else self.labels[:, start:stop]
+            yield Block(self.case, self.logits[:, start:stop], labels, self.start, (start, stop))
+
+    def per_class(self, values: FloatArray) -> FloatArray:
+        """Per-class ``values`` (class weights, pos_weight) for this block's classes."""
+        values = np.asarray(values)
+        if self.columns is None or values.ndim == 0 or values.shape[-1] != self.case.classes:
+            return values
+        return values[..., self.columns[0]:self.columns[1]]
+
+    def softmax_coefficients(self) -> FloatArray:
+        """The block's coefficients a[i, c] (:func:`~xentcheck.case.softmax_coefficients`)."""
+        return softmax_coefficients(self.case, self.labels, self.columns)
 
     @cached_property
     def valid(self) -> FloatArray:
@@ -53,7 +81,9 @@ class Block:
         """``(N, C)``: True at each row's target class (integer labels). Built once per block:
         the textbook pipelines' forward and backward passes all ask for it."""
         mask = np.zeros(self.logits.shape, dtype=bool)
-        np.put_along_axis(mask, self.target[:, None], True, axis=-1)
+        start, stop = self.columns or (0, self.logits.shape[-1])
+        rows = np.flatnonzero((self.target >= start) & (self.target < stop))
+        mask[rows, self.target[rows] - start] = True
         return mask
 
     @cached_property
@@ -104,11 +134,13 @@ def _softmax_nll(run: StageRunner, block: Block, logp: FloatArray) -> FloatArray
     smoothing = float(spec.label_smoothing)
     weights = None
     if spec.class_weights is not None:
-        weights = run.cast("cast", np.asarray(spec.class_weights)[None, :])
+        weights = run.cast("cast", block.per_class(spec.class_weights)[None, :])
     if block.case.label_kind == "index":
         loss = run.negate("gather", run.gather("gather", logp, block.target))
         if weights is not None:
-            loss = run.multiply("weight", loss, weights[0, block.target])
+            # the targets' weights, as cast above (a split row's chunk holds some classes)
+            target_weights = np.asarray(spec.class_weights)[block.target]
+            loss = run.multiply("weight", loss, run.precision.round(target_weights))
         if smoothing:
             # F.cross_entropy: (1 - e) * nll + e / C * (-sum_c w_c log p_c)
             terms = logp if weights is None else run.multiply("smooth", logp, weights)
@@ -244,10 +276,9 @@ _BINARY_STAGES = ("combine", "weight", "nll")
 
 def _binary_weights(run: StageRunner, block: Block) -> tuple[FloatArray | None, FloatArray | None]:
     spec = block.case.spec
-    pos = None if spec.pos_weight is None else run.cast("cast", np.asarray(spec.pos_weight))
-    weights = (
-        None if spec.class_weights is None else run.cast("cast", np.asarray(spec.class_weights))
-    )
+    pos = None if spec.pos_weight is None else run.cast("cast", block.per_class(spec.pos_weight))
+    weights = None if spec.class_weights is None else run.cast(
+        "cast", block.per_class(spec.class_weights))
     return pos, weights
 
 
@@ -443,12 +474,12 @@ def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pip
 
 def _quiet(run: StageRunner, pipeline: Pipeline, block: Block) -> StageRunner:
     """A runner for recomputing forward values: same precision, its events discarded."""
-    return StageRunner(run.precision, pipeline.all_stages).bind(run.valid_rows, run.row_offset)
+    return run.unwatched(pipeline.all_stages)
 
 
 def _softmax_coefficients_in(run: StageRunner, block: Block) -> FloatArray:
     """The loss's coefficients a[i, c] (weights, smoothing, labels) stored in D."""
-    return run.precision.round(softmax_coefficients(block.case, block.labels))
+    return run.precision.round(block.softmax_coefficients())
 
 
 def _textbook_forward(fwd: StageRunner, z: Callable[[], FloatArray],
@@ -496,7 +527,7 @@ def _softmax_backward_shifted(self: Pipeline, run: StageRunner, block: Block,
                                 saved)
     grad_z = _textbook_softmax_backward(run, fwd, block, forward, upstream)
     # z = x - max(x): x gets grad_z, and the max's position also gets -sum(grad_z)
-    top = np.argmax(np.asarray(x), axis=-1)
+    top = run.argmax("shift", x)
     back = run.negate("shift", run.sum("shift", grad_z))
     return run.add("shift", grad_z, run.scatter("shift", grad_z.shape, top, back),
                    blame=[grad_z, back[:, None]])
@@ -547,10 +578,10 @@ def _binary_parts(run: StageRunner, block: Block, upstream: float) -> tuple[
     spec = block.case.spec
     target = run.precision.round(np.asarray(block.labels, dtype=np.float64))
     pos = run.precision.round(np.float64(1.0) if spec.pos_weight is None
-                              else np.asarray(spec.pos_weight, dtype=np.float64))
+                              else block.per_class(spec.pos_weight).astype(np.float64))
     scale = np.where(block.valid_elements, upstream, 0.0)
     if spec.class_weights is not None:
-        scale = scale * np.asarray(spec.class_weights, dtype=np.float64)
+        scale = scale * block.per_class(spec.class_weights).astype(np.float64)
     return target, pos, run.precision.round(scale)
 
 
