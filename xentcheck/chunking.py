@@ -16,6 +16,7 @@ Algorithms*, 2nd ed., section 4.2).
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .precision import FloatArray
 
@@ -24,15 +25,16 @@ from .precision import FloatArray
 SUM_CHUNK = 1 << 16
 
 
-def chunk_sums(x: FloatArray) -> FloatArray:
+def chunk_sums(x: FloatArray, dtype: DTypeLike | None = None) -> FloatArray:
     """``(..., m)``: numpy's pairwise sum of each ``SUM_CHUNK``-aligned chunk of the last
-    axis (the last chunk may be shorter), in ``x``'s own dtype."""
+    axis (the last chunk may be shorter), in ``x``'s own dtype (or ``dtype``, as
+    ``np.sum``'s)."""
     x = np.asarray(x)
     width, size = x.shape[-1], SUM_CHUNK
-    out = np.empty((*x.shape[:-1], -(-width // size)), dtype=x.dtype)
+    out = np.empty((*x.shape[:-1], -(-width // size)), dtype=dtype or x.dtype)
     for k, start in enumerate(range(0, width, size)):
         # a view per chunk: no copy of the rows, whatever their strides
-        np.sum(x[..., start:start + size], axis=-1, out=out[..., k])
+        out[..., k] = np.sum(x[..., start:start + size], axis=-1, dtype=dtype)
     return out
 
 
@@ -41,11 +43,11 @@ def combine_chunk_sums(sums: FloatArray) -> FloatArray:
     return np.sum(np.ascontiguousarray(sums), axis=-1)
 
 
-def row_sum(x: FloatArray, *, keepdims: bool = False) -> FloatArray:
+def row_sum(x: FloatArray, *, keepdims: bool = False, dtype: DTypeLike | None = None) -> FloatArray:
     """The sum of the last axis as defined above: ``np.sum`` up to ``SUM_CHUNK`` values,
     else the pairwise sum of the chunks' pairwise sums."""
     x = np.asarray(x)
     if x.shape[-1] <= SUM_CHUNK:
-        return np.sum(x, axis=-1, keepdims=keepdims)
-    total = combine_chunk_sums(chunk_sums(x))
+        return np.sum(x, axis=-1, keepdims=keepdims, dtype=dtype)
+    total = combine_chunk_sums(chunk_sums(x, dtype))
     return total[..., None] if keepdims else total

@@ -7,7 +7,7 @@ over the input, and turns what they produced into findings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from . import reference as ref
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements
+from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .execution import (
     BlockRun,
     Denominators,
@@ -40,6 +41,7 @@ from .limits import pipeline_limit
 from .misuse import SUM_TOLERANCE, check_case
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
+from .reference_split import SplitSoftmax, split_probability_losses, split_softmax
 from .stages import StageEvent, StageRunner
 
 # Called with (rows done, rows in all) after each block.
@@ -70,7 +72,9 @@ def reference_block(block: Block, *, gradient: bool,
     if spec.family == "sigmoid":
         counted = valid_elements(case, block.labels)
         loss_fn = ref.sigmoid_losses if spec.from_logits else ref.sigmoid_probability_losses
-        losses = loss_fn(block.logits, block.labels, spec.pos_weight, spec.class_weights)
+        pos = None if spec.pos_weight is None else block.per_class(spec.pos_weight)
+        weights = None if spec.class_weights is None else block.per_class(spec.class_weights)
+        losses = loss_fn(block.logits, block.labels, pos, weights)
         grad = None
         if gradient and spec.from_logits:
             grad = np.where(counted, ref.sigmoid_gradients(
@@ -103,7 +107,7 @@ def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Blo
     if block.case.label_kind != "index":
         labels = precision.round(labels).astype(np.float64)
     logits = precision.round(block.logits).astype(np.float64)
-    return Block(rounded_case, logits, labels, block.start)
+    return replace(block, case=rounded_case, logits=logits, labels=labels)
 
 
 def _held_exactly(block: Block, precision: Precision, rounded_case: Case) -> bool:
@@ -281,11 +285,13 @@ class _BlockStats:
 def _block_stats(block: Block) -> _BlockStats:
     """What the block's inputs look like: extremes, the largest spread, whether its rows
     look like probability distributions."""
+    if block.split is not None:
+        return _split_stats(block)
     x = np.asarray(block.logits)
     top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
     largest, smallest = float(top.max()), float(x.min())
     distributions = smallest >= 0 and largest <= 1 and bool(
-        (np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
+        (np.abs(row_sum(x, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
     spread = None
     case = block.case
     if case.spec.family == "softmax" and case.spec.from_logits:
@@ -298,6 +304,40 @@ def _block_stats(block: Block) -> _BlockStats:
             gaps = np.where(weighted, top[:, None] - x.astype(np.float64), -np.inf)
             spread = float(gaps.max()) if weighted.any() else None
     return _BlockStats(largest, smallest, spread, distributions)
+
+
+def _split_stats(block: Block) -> _BlockStats:
+    """:func:`_block_stats` of a row run in column chunks: the same values (the largest
+    spread is the row maximum less the smallest weighted logit, rounding being monotone)."""
+    case = block.case
+    largest, smallest, lowest_weighted = -np.inf, np.inf, np.inf
+    target_value = None
+    softmax_logits = case.spec.family == "softmax" and case.spec.from_logits
+    sparse = case.label_kind == "index" and not case.spec.label_smoothing
+    for chunk in block.column_chunks():
+        x = np.asarray(chunk.logits)
+        largest = max(largest, float(x.max()))
+        smallest = min(smallest, float(x.min()))
+        start, stop = chunk.columns or (0, 0)
+        if softmax_logits and sparse and start <= int(block.target[0]) < stop:
+            target_value = float(x[0, int(block.target[0]) - start])
+        elif softmax_logits and not sparse:
+            weighted = chunk.softmax_coefficients() > 0
+            if weighted.any():
+                lowest_weighted = min(lowest_weighted, float(x[weighted].min()))
+    distributions = smallest >= 0 and largest <= 1 and bool(
+        abs(float(_split_row_sum(block)) - 1.0) <= SUM_TOLERANCE)
+    spread = None
+    if softmax_logits and sparse:
+        spread = largest - target_value if block.valid[0] and target_value is not None else None
+    elif softmax_logits and np.isfinite(lowest_weighted):
+        spread = largest - lowest_weighted
+    return _BlockStats(largest, smallest, spread, distributions)
+
+
+def _split_row_sum(block: Block) -> float:
+    parts = [chunk_sums(chunk.logits, np.float64) for chunk in block.column_chunks()]
+    return float(combine_chunk_sums(np.concatenate(parts, axis=-1))[0])
 
 
 # -- the whole evaluation --------------------------------------------------------------------
@@ -331,8 +371,13 @@ class _GradientStats:
     # per row: max |g - g_ref| / max |g_ref| (NaN where the row's gradient is not finite)
     rows: list[FloatArray] = field(default_factory=list)
 
+    # a split row's running row maxima of |g - g_ref| and |g_ref|, until close_rows
+    pending: tuple[FloatArray, FloatArray] | None = None
+
     def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
             precision: Precision) -> None:
+        """Take in a block's gradient, or a split row's chunk (chunks in order, then
+        :meth:`close_rows`)."""
         self.seen = True
         computed = np.asarray(gradient).reshape(reference.shape)  # in D: no float64 copy
         counted = (block.valid[:, None] if block.case.spec.family == "softmax"
@@ -348,15 +393,12 @@ class _GradientStats:
         row_error = error.max(axis=-1)  # NaN propagates: a row with a NaN entry is NaN
         del error
         row_reference = np.maximum(reference.max(axis=-1), -reference.min(axis=-1))
+        # g is non-finite only where |g - g_ref| is: such rows are the ones to look at
         bad_rows = ~np.isfinite(row_error)
         if bad_rows.any():
             bad = np.asarray(computed[bad_rows], dtype=np.float64)
             self.nan |= bool(np.isnan(bad).any())
             self.inf |= bool(np.isinf(bad).any())
-        finite_rows = row_error[~bad_rows]
-        if finite_rows.size:
-            self.largest_error = max(self.largest_error, float(finite_rows.max()))
-        self.largest_reference = max(self.largest_reference, float(row_reference.max()))
         if self.zeroed is None:
             # entries flushed to 0 whose true value is a normal number of D; the comparison
             # with 0 runs in D, and the reference is looked at only where it holds
@@ -366,7 +408,26 @@ class _GradientStats:
                 if harmed.any():
                     row, col = np.unravel_index(int(flushed[np.argmax(harmed)]),
                                                 reference.shape)
-                    self.zeroed = (block.start + int(row), int(col))
+                    first_column = block.columns[0] if block.columns is not None else 0
+                    self.zeroed = (block.start + int(row), first_column + int(col))
+        if self.pending is not None:  # maxima merge exactly; NaN propagates
+            row_error = np.maximum(self.pending[0], row_error)
+            row_reference = np.maximum(self.pending[1], row_reference)
+        self.pending = (row_error, row_reference)
+        if block.columns is None:
+            self.close_rows()
+
+    def close_rows(self) -> None:
+        """The rows taken in are complete: their errors count."""
+        if self.pending is None:
+            return
+        row_error, row_reference = self.pending
+        self.pending = None
+        bad_rows = ~np.isfinite(row_error)
+        finite_rows = row_error[~bad_rows]
+        if finite_rows.size:
+            self.largest_error = max(self.largest_error, float(finite_rows.max()))
+        self.largest_reference = max(self.largest_reference, float(row_reference.max()))
         with np.errstate(invalid="ignore", divide="ignore"):
             relative = np.where(row_reference == 0, np.where(row_error == 0, 0.0, np.inf),
                                 row_error / row_reference)
@@ -409,6 +470,8 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
                    denominators: Denominators, rounded_cases: Mapping[str, Case],
                    upstream: float) -> _BlockOutcome:
     """The reference and every run on one block, with the gradients measured and dropped."""
+    if block.split is not None:
+        return _measure_split(case, block, runs, denominators, rounded_cases, upstream)
     given, rounded, reference_gradient = _references(block, rounded_cases, upstream)
     outcomes, gradients = [], []
     for run in runs:
@@ -423,6 +486,94 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
     release_block(block)
     return _BlockOutcome(given, rounded, outcomes, gradients, stats,
                          block.start + len(block.labels))
+
+
+def _measure_split(case: Case, block: Block, runs: Sequence[PipelineRun],
+                   denominators: Denominators, rounded_cases: Mapping[str, Case],
+                   upstream: float) -> _BlockOutcome:
+    """:func:`_measure_block` for a row run in column chunks: each run's gradient is
+    measured chunk by chunk against the reference's chunk, computed alongside."""
+    given, reference_gradient = _split_reference(block, block, upstream)
+    rounded = {}
+    for name, rounded_case in rounded_cases.items():
+        precision = Precision(name)
+        if _held_exactly(block, precision, rounded_case) or all(
+                _same_inputs(chunk, rounded_block(chunk, precision, rounded_case))
+                for chunk in block.column_chunks()):
+            rounded[name] = given
+            continue
+        with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
+            rounded[name] = _split_reference(
+                block, rounded_block(block, precision, rounded_case), 1.0)[0]
+    outcomes, gradients = [], []
+    for run in runs:
+        measured = _GradientStats()
+
+        def take(chunk: Block, gradient: FloatArray, measured: _GradientStats = measured,
+                 precision: Precision = run.precision) -> None:
+            expected = reference_gradient(chunk)
+            if expected is not None:
+                measured.add(chunk, gradient, expected, precision)
+
+        outcomes.append(run.run_block(case, block, denominators, on_gradient=take))
+        measured.close_rows()
+        gradients.append(measured)
+    stats = _block_stats(block)
+    release_block(block)
+    return _BlockOutcome(given, rounded, outcomes, gradients, stats,
+                         block.start + len(block.labels))
+
+
+def _split_reference(block: Block, values: Block, gradient_scale: float) -> tuple[
+        FloatArray, Callable[[Block], FloatArray | None]]:
+    """A row run in column chunks: the reference losses of ``values`` (the block, or the
+    block with its inputs rounded to a dtype) and the reference gradient of a chunk of the
+    block (None where there is none), each identical to :func:`reference_block`'s."""
+    case = values.case
+    spec = case.spec
+    if spec.family == "sigmoid":
+        parts = [reference_per_example(chunk) for chunk in values.column_chunks()]
+        return np.concatenate(parts, axis=-1), _sigmoid_gradient_chunk(gradient_scale)
+    sparse = _sparse_labels(values) and spec.from_logits  # probabilities take every a_c
+
+    def chunks() -> Iterator[tuple[int, FloatArray, FloatArray | None]]:
+        for chunk in values.column_chunks():
+            start = chunk.columns[0] if chunk.columns is not None else 0
+            yield start, chunk.logits, None if sparse else chunk.softmax_coefficients()
+
+    if not spec.from_logits:
+        return split_probability_losses(chunks), lambda chunk: None
+    target = values.target
+    weight = target_coefficients(case, values.labels)
+    row = split_softmax(chunks, case.classes, target if sparse else None,
+                        weight if sparse else None)
+    return row.losses, _softmax_gradient_chunk(row, target, weight, sparse, gradient_scale)
+
+
+def _softmax_gradient_chunk(row: SplitSoftmax, target: FloatArray, weight: FloatArray,
+                            sparse: bool, scale: float) -> Callable[[Block], FloatArray | None]:
+    def gradient(chunk: Block) -> FloatArray | None:
+        start = chunk.columns[0] if chunk.columns is not None else 0
+        if sparse:
+            return row.gradient(start, chunk.logits, None, target, weight * scale)
+        grad = row.gradient(start, chunk.logits, chunk.softmax_coefficients(), target, weight)
+        grad *= scale
+        return grad
+    return gradient
+
+
+def _sigmoid_gradient_chunk(scale: float) -> Callable[[Block], FloatArray | None]:
+    def gradient(chunk: Block) -> FloatArray | None:
+        spec = chunk.case.spec
+        if not spec.from_logits:
+            return None
+        pos = None if spec.pos_weight is None else chunk.per_class(spec.pos_weight)
+        weights = None if spec.class_weights is None else chunk.per_class(spec.class_weights)
+        grad = np.where(chunk.valid_elements, ref.sigmoid_gradients(
+            chunk.logits, chunk.labels, pos, weights), 0.0)
+        grad *= scale
+        return grad
+    return gradient
 
 
 def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],
