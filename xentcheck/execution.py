@@ -259,6 +259,10 @@ class PipelineRun:
         ``denominators`` must already hold the whole input's counts (the upstream gradient of
         a ``mean`` is one over its denominator).
         """
+        if block.split is not None:  # a row run in column chunks: its gradient assembled
+            outcome = self.run_block(case, block, denominators)
+            self.gradient_runner.absorb(outcome.gradient_events)
+            return outcome.gradient
         gradient, events = self._backward(case, block, denominators, {})
         self.gradient_runner.absorb(events)
         return gradient

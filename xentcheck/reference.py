@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .chunking import SUM_CHUNK, chunk_sums, combine_chunk_sums, row_sum
+from . import chunking
+from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .precision import FloatArray
 
 # Cody and Waite's split of ln 2: the high part has trailing zero bits, so k * LN2_HI is
@@ -63,17 +64,17 @@ def _dd_sum(hi: FloatArray, lo: FloatArray | None = None) -> tuple[FloatArray, F
     the chunk sums identically (:func:`_dd_chunk_pairs`, :func:`_dd_combine`); each level
     keeps the ``2**-100`` order of the bound.
     """
-    if np.shape(hi)[-1] <= SUM_CHUNK:
+    if np.shape(hi)[-1] <= chunking.SUM_CHUNK:
         return _dd_tree(hi, lo)
     return _dd_combine(*_dd_chunk_pairs(hi, lo))
 
 
 def _dd_chunk_pairs(hi: FloatArray, lo: FloatArray | None) -> tuple[FloatArray, FloatArray]:
     """``(..., m)`` pairs: the double-double sum of each summation chunk of the last axis."""
-    hi = np.asarray(hi)
-    parts = [_dd_tree(hi[..., start:start + SUM_CHUNK],
-                      None if lo is None else np.asarray(lo)[..., start:start + SUM_CHUNK])
-             for start in range(0, hi.shape[-1], SUM_CHUNK)]
+    hi, size = np.asarray(hi), chunking.SUM_CHUNK
+    parts = [_dd_tree(hi[..., start:start + size],
+                      None if lo is None else np.asarray(lo)[..., start:start + size])
+             for start in range(0, hi.shape[-1], size)]
     return (np.stack([p[0] for p in parts], axis=-1) if parts else np.zeros((*hi.shape[:-1], 0)),
             np.stack([p[1] for p in parts], axis=-1) if parts else np.zeros((*hi.shape[:-1], 0)))
 
