@@ -20,7 +20,7 @@ from .arrays import release_pages
 from .case import Case
 from .pipelines import Block, Pipeline, Saved, reduce_losses
 from .precision import FloatArray, Precision
-from .stages import PassComplete, Replay, StageEvent, StageRunner
+from .stages import PassComplete, Replay, ReplayCursor, StageEvent, StageRunner
 
 # Values per block: large enough that numpy's per-call overhead vanishes, small enough that
 # a block and its temporaries (a dozen float64 copies) stay within a few hundred MiB.
@@ -133,7 +133,9 @@ class Denominators:
         elif case.label_kind == "index":
             keep = block.valid
             self.counted += int(np.count_nonzero(keep))
-            self.class_counts += np.bincount(block.target[keep], minlength=case.classes)
+            if case.spec.class_weights is not None:  # else the counts are not needed: a
+                # C-long count per block is the largest array a row of millions of classes makes
+                self.class_counts += np.bincount(block.target[keep], minlength=case.classes)
 
     def mean_denominator(self, case: Case, weights: FloatArray | None) -> float:
         """Sum of the counted labels' weights (softmax, integer labels), else the count."""
@@ -190,12 +192,15 @@ class PipelineRun:
         """:meth:`run_block` for a row run in column chunks: in passes (:class:`Replay`), so
         that every value, event and gradient is that of the whole row."""
         chunks = list(block.column_chunks())
+        # One thread: on a loaded two-core machine, chunks on two threads took 1.6x as long
+        # (the blocks' threads already share the cores between rows).
+        workers = 1
         forward = Replay()
         outputs: list[FloatArray] = []
         events = _replayed(
             chunks, forward, lambda chunk: self._chunk_runner(case, chunk, forward, False),
             lambda runner, chunk: self.pipeline.per_example(runner, chunk),
-            lambda chunk, output: outputs.append(output))
+            lambda chunk, output: outputs.append(output), workers)
         if case.spec.family == "softmax":
             per_example = outputs[0]  # a row's loss: every chunk's final pass computes it
         else:
@@ -211,7 +216,6 @@ class PipelineRun:
             # the chunk's forward values (every forward reduction is known: no pass ends)
             values = self._chunk_runner(case, chunk, forward, False)
             values.watching = False
-            forward.start_chunk()
             self.pipeline.per_example(values, chunk)
             return self.pipeline.backward(runner, chunk, upstream, values.saved)
 
@@ -225,7 +229,7 @@ class PipelineRun:
 
         outcome.gradient_events = _replayed(
             chunks, backward, lambda chunk: self._chunk_runner(case, chunk, backward, True),
-            differentiate, take)
+            differentiate, take, workers)
         if pieces:
             outcome.gradient = np.concatenate(pieces, axis=-1)
         return outcome
@@ -234,8 +238,8 @@ class PipelineRun:
                       backward: bool) -> StageRunner:
         runner = (StageRunner(self.precision, self.gradient_runner.stages, self._known_backward)
                   if backward else StageRunner(self.precision, self.runner.stages, self._known))
-        return runner.bind(_watched_rows(case, chunk), chunk.start).enter(replay, chunk.columns
-                                                                          or (0, 0))
+        return runner.bind(_watched_rows(case, chunk), chunk.start).enter(
+            ReplayCursor(replay), chunk.columns or (0, 0))
 
     def _weights(self, case: Case) -> FloatArray | None:
         weights = case.spec.class_weights
@@ -293,34 +297,45 @@ class PipelineRun:
 def _replayed(chunks: list[Block], replay: Replay,
               runner_for: Callable[[Block], StageRunner],
               body: Callable[[StageRunner, Block], Outcome],
-              take: Callable[[Block, Outcome], None]) -> list[StageEvent]:
+              take: Callable[[Block, Outcome], None], workers: int) -> list[StageEvent]:
     """Run ``body`` over a split row's chunks in passes until a pass needs no reduction
-    collected; that pass's outputs go to ``take`` chunk by chunk, in order. Its events are
-    merged as the whole row would have found them: of each (stage, kind), the one of the
-    earliest watch, and of equal watches the earliest chunk (the lowest column)."""
+    collected; that pass's outputs go to ``take`` chunk by chunk, in order. Chunks run on
+    ``workers`` threads and are folded in order. The final pass's events are merged as the
+    whole row would have found them: of each (stage, kind), the one of the earliest watch,
+    and of equal watches the earliest chunk (the lowest column)."""
+
+    def run(chunk: Block) -> tuple[PassComplete | None, Outcome | None, StageRunner]:
+        runner = runner_for(chunk)
+        try:
+            return None, body(runner, chunk), runner
+        except PassComplete as collected:
+            return collected, None, runner
+        finally:
+            release_block(chunk)
+
     while True:
         found: dict[tuple[str, str], tuple[int, int, StageEvent]] = {}
+        state: object = None
+        finish: Callable[[object], object] | None = None
         final = 0
-        for number, chunk in enumerate(chunks):
-            runner = runner_for(chunk)
-            replay.start_chunk()
-            try:
-                output = body(runner, chunk)
-            except PassComplete:
+        outcomes = in_order(run, iter(chunks), workers)
+        for number, (chunk, (collected, output, runner)) in enumerate(
+                zip(chunks, outcomes, strict=True)):
+            if collected is not None:
+                state, finish = collected.step(state), collected.finish
                 continue
             final += 1
-            take(chunk, output)
+            take(chunk, output)  # type: ignore[arg-type]  # the body returned it
             for event in runner.events:
                 key = (event.stage, event.kind)
                 order = (runner.event_calls[key], number)
                 if key not in found or order < found[key][:2]:
                     found[key] = (*order, event)
-        if not replay.end_pass():
-            if final != len(chunks):
-                raise RuntimeError("a pipeline's reductions differ between a row's chunks")
+        if finish is None:
             return [event for *_, event in sorted(found.values(), key=lambda f: f[:2])]
         if final:
             raise RuntimeError("a pipeline's reductions differ between a row's chunks")
+        replay.results.append(finish(state))
 
 
 def _watched_rows(case: Case, block: Block) -> FloatArray:

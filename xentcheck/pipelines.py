@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .arrays import release_pages
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements, valid_rows
 from .errors import UsageError
 from .precision import FloatArray
@@ -53,7 +54,11 @@ class Block:
             starts.pop()
         for start, stop in zip(starts, [*starts[1:], width], strict=True):
             labels = self.labels if self.case.label_kind == "index" else self.labels[:, start:stop]
-            yield Block(self.case, self.logits[:, start:stop], labels, self.start, (start, stop))
+            chunk = Block(self.case, self.logits[:, start:stop], labels, self.start, (start, stop))
+            yield chunk
+            # a memory-mapped row's pages need not stay resident once a chunk is done
+            release_pages(self.case.logits, chunk.logits)
+            release_pages(self.case.labels, chunk.labels)
 
     def per_class(self, values: FloatArray) -> FloatArray:
         """Per-class ``values`` (class weights, pos_weight) for this block's classes."""

@@ -46,8 +46,14 @@ class StageEvent:
 
 
 class PassComplete(Exception):
-    """Raised by a reduction being collected: this chunk's part of it is taken, the rest of
-    the pass over this chunk is not needed."""
+    """Raised by the reduction a pass collects: this chunk's part of it is taken (``step``
+    folds it into the state of the chunks before, None at the first; ``finish`` turns the
+    state of all chunks into the whole-row result), the rest of the pass over this chunk
+    is not needed."""
+
+    def __init__(self, step: Callable[[Any], Any], finish: Callable[[Any], Any]) -> None:
+        super().__init__("a row reduction's part is taken")
+        self.step, self.finish = step, finish
 
 
 @dataclass
@@ -55,28 +61,21 @@ class Replay:
     """A row split across its classes, run chunk by chunk, in passes (see :class:`StageRunner`).
 
     Pass ``k`` runs the pipeline over each chunk up to its ``k``-th row reduction, which
-    folds the chunk's part into ``state`` and ends the pass over that chunk
-    (:class:`PassComplete`); the reductions before it return the whole-row results of the
-    earlier passes (``results``). When a pass runs to its end on every chunk, every
-    reduction is known and that pass computes (and watches) everything, chunk by chunk.
+    hands over the chunk's part (:class:`PassComplete`); the reductions before it return the
+    whole-row results of the earlier passes (``results``). When a pass runs to its end on
+    every chunk, every reduction is known and that pass computes (and watches) everything,
+    chunk by chunk. Chunks of one pass are independent: they may run on several threads.
     """
 
     results: list[Any] = field(default_factory=list)
-    state: Any = None
-    finish: Callable[[Any], Any] | None = None
+
+
+@dataclass
+class ReplayCursor:
+    """One chunk's way through a pass: which of the row's reductions comes next."""
+
+    replay: Replay
     counter: int = 0
-
-    def start_chunk(self) -> None:
-        """The next chunk's pass begins at the first reduction."""
-        self.counter = 0
-
-    def end_pass(self) -> bool:
-        """After a pass over every chunk: whether it collected a reduction (then merged)."""
-        if self.finish is None:
-            return False
-        self.results.append(self.finish(self.state))
-        self.state, self.finish = None, None
-        return True
 
 
 class StageRunner:
@@ -117,14 +116,14 @@ class StageRunner:
         # pipeline passes the same masks to several steps
         self._critical: dict[tuple[int, int, tuple[int, ...]], tuple[Any, ...]] = {}
         # a split row's chunk: its replay and columns (None: whole rows)
-        self.replay: Replay | None = None
+        self.replay: ReplayCursor | None = None
         self.columns: tuple[int, int] | None = None
         self.watching = True
         # which watch (in call order) found each event: a split row's chunks are merged by it
         self.calls = 0
         self.event_calls: dict[tuple[str, str], int] = {}
 
-    def enter(self, replay: Replay, columns: tuple[int, int]) -> StageRunner:
+    def enter(self, replay: ReplayCursor, columns: tuple[int, int]) -> StageRunner:
         """Run over the columns ``columns`` of a row split across its classes."""
         self.replay, self.columns = replay, columns
         return self
@@ -371,17 +370,15 @@ class StageRunner:
 
     def _reduce(self, step: Callable[[Any], Any], finish: Callable[[Any], Any]) -> Any:
         """A row reduction of a split row: the whole-row result once a pass has collected it;
-        in the pass collecting it, fold this chunk's part into the replay's state (``step``
-        maps the state so far, None at the first chunk, to the next) and end the pass."""
-        replay = self.replay
-        assert replay is not None
-        number = replay.counter
-        replay.counter += 1
-        if number < len(replay.results):
-            return replay.results[number]
-        replay.state = step(replay.state)
-        replay.finish = finish
-        raise PassComplete
+        in the pass collecting it, hand this chunk's part over (``step`` maps the state of
+        the chunks before, None at the first, to the next) and end the pass over the chunk."""
+        cursor = self.replay
+        assert cursor is not None
+        number = cursor.counter
+        cursor.counter += 1
+        if number < len(cursor.replay.results):
+            return cursor.replay.results[number]
+        raise PassComplete(step, finish)
 
     def _chunk_columns(self, index: FloatArray) -> tuple[FloatArray, FloatArray]:
         """For class indices of the whole row: which lie in this chunk, and their columns in
@@ -464,15 +461,18 @@ class StageRunner:
         nonfinite = (~precision.isfinite(values)).any(axis=-1)
         nan = precision.isnan(values).any(axis=-1)
 
+        sums = None
+        if not precision.sequential_sum:  # the chunk's part, taken where the chunk runs
+            with np.errstate(all="ignore"):
+                sums = chunk_sums(values.astype(precision.accumulate_dtype, copy=False))
+
         def step(state: Any) -> Any:
             if state is None:
                 state = (None, np.zeros_like(nonfinite), np.zeros_like(nan))
             partial, seen_nonfinite, seen_nan = state
-            if precision.sequential_sum:
+            if sums is None:  # a running sum goes on from the chunks before: in order
                 total = self._sequential_sum(values, partial)
             else:
-                with np.errstate(all="ignore"):
-                    sums = chunk_sums(values.astype(precision.accumulate_dtype, copy=False))
                 total = sums if partial is None else np.concatenate([partial, sums], axis=-1)
             return total, seen_nonfinite | nonfinite, seen_nan | nan
 
