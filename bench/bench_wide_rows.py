@@ -82,6 +82,8 @@ def measure(logits: Path, labels: Path, source: Path, no_limits: bool,
         )
     except subprocess.TimeoutExpired:
         return time.perf_counter() - start, None
+    except subprocess.CalledProcessError as failed:
+        sys.exit(f"xentcheck run failed:\n{failed.stderr}")
     seconds = time.perf_counter() - start
     return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024  # KiB on Linux
 

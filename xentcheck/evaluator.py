@@ -7,7 +7,7 @@ over the input, and turns what they produced into findings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 
@@ -41,7 +41,7 @@ from .limits import pipeline_limit
 from .misuse import SUM_TOLERANCE, check_case
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
-from .reference_split import SplitSoftmax, split_probability_losses, split_softmax
+from .reference_split import split_row_reference
 from .stages import StageEvent, StageRunner
 
 # Called with (rows done, rows in all) after each block.
@@ -493,7 +493,7 @@ def _measure_split(case: Case, block: Block, runs: Sequence[PipelineRun],
                    upstream: float) -> _BlockOutcome:
     """:func:`_measure_block` for a row run in column chunks: each run's gradient is
     measured chunk by chunk against the reference's chunk, computed alongside."""
-    given, reference_gradient = _split_reference(block, block, upstream)
+    given, reference_gradient = split_row_reference(block, upstream)
     rounded = {}
     for name, rounded_case in rounded_cases.items():
         precision = Precision(name)
@@ -503,8 +503,8 @@ def _measure_split(case: Case, block: Block, runs: Sequence[PipelineRun],
             rounded[name] = given
             continue
         with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
-            rounded[name] = _split_reference(
-                block, rounded_block(block, precision, rounded_case), 1.0)[0]
+            rounded[name] = split_row_reference(
+                rounded_block(block, precision, rounded_case), 1.0)[0]
     outcomes, gradients = [], []
     for run in runs:
         measured = _GradientStats()
@@ -522,58 +522,6 @@ def _measure_split(case: Case, block: Block, runs: Sequence[PipelineRun],
     release_block(block)
     return _BlockOutcome(given, rounded, outcomes, gradients, stats,
                          block.start + len(block.labels))
-
-
-def _split_reference(block: Block, values: Block, gradient_scale: float) -> tuple[
-        FloatArray, Callable[[Block], FloatArray | None]]:
-    """A row run in column chunks: the reference losses of ``values`` (the block, or the
-    block with its inputs rounded to a dtype) and the reference gradient of a chunk of the
-    block (None where there is none), each identical to :func:`reference_block`'s."""
-    case = values.case
-    spec = case.spec
-    if spec.family == "sigmoid":
-        parts = [reference_per_example(chunk) for chunk in values.column_chunks()]
-        return np.concatenate(parts, axis=-1), _sigmoid_gradient_chunk(gradient_scale)
-    sparse = _sparse_labels(values) and spec.from_logits  # probabilities take every a_c
-
-    def chunks() -> Iterator[tuple[int, FloatArray, FloatArray | None]]:
-        for chunk in values.column_chunks():
-            start = chunk.columns[0] if chunk.columns is not None else 0
-            yield start, chunk.logits, None if sparse else chunk.softmax_coefficients()
-
-    if not spec.from_logits:
-        return split_probability_losses(chunks), lambda chunk: None
-    target = values.target
-    weight = target_coefficients(case, values.labels)
-    row = split_softmax(chunks, case.classes, target if sparse else None,
-                        weight if sparse else None)
-    return row.losses, _softmax_gradient_chunk(row, target, weight, sparse, gradient_scale)
-
-
-def _softmax_gradient_chunk(row: SplitSoftmax, target: FloatArray, weight: FloatArray,
-                            sparse: bool, scale: float) -> Callable[[Block], FloatArray | None]:
-    def gradient(chunk: Block) -> FloatArray | None:
-        start = chunk.columns[0] if chunk.columns is not None else 0
-        if sparse:
-            return row.gradient(start, chunk.logits, None, target, weight * scale)
-        grad = row.gradient(start, chunk.logits, chunk.softmax_coefficients(), target, weight)
-        grad *= scale
-        return grad
-    return gradient
-
-
-def _sigmoid_gradient_chunk(scale: float) -> Callable[[Block], FloatArray | None]:
-    def gradient(chunk: Block) -> FloatArray | None:
-        spec = chunk.case.spec
-        if not spec.from_logits:
-            return None
-        pos = None if spec.pos_weight is None else chunk.per_class(spec.pos_weight)
-        weights = None if spec.class_weights is None else chunk.per_class(spec.class_weights)
-        grad = np.where(chunk.valid_elements, ref.sigmoid_gradients(
-            chunk.logits, chunk.labels, pos, weights), 0.0)
-        grad *= scale
-        return grad
-    return gradient
 
 
 def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequence[Pipeline],

@@ -191,6 +191,7 @@ class PipelineRun:
                    on_gradient: Callable[[Block, FloatArray], None] | None) -> BlockRun:
         """:meth:`run_block` for a row run in column chunks: in passes (:class:`Replay`), so
         that every value, event and gradient is that of the whole row."""
+        assert len(block.labels) == 1, "only a row wider than a block is split"
         chunks = list(block.column_chunks())
         # One thread: on a loaded two-core machine, chunks on two threads took 1.6x as long
         # (the blocks' threads already share the cores between rows).

@@ -14,12 +14,14 @@ A chunk source is a callable returning, on each call, the row's chunks in order 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from .case import target_coefficients
 from .chunking import chunk_sums, combine_chunk_sums
+from .pipelines import Block
 from .precision import FloatArray
 from .reference import (
     _EXACT_BINADE_GAP,
@@ -34,6 +36,9 @@ from .reference import (
     _nonnegative_total,
     _significand_bits,
     _two_sum,
+    sigmoid_gradients,
+    sigmoid_losses,
+    sigmoid_probability_losses,
 )
 
 Chunk = tuple[int, FloatArray, FloatArray | None]
@@ -230,3 +235,70 @@ def split_probability_losses(chunks: Chunks) -> FloatArray:
     hi, lo = _dd_combine(_concat([w[0] for w in weighted]), _concat([w[1] for w in weighted]))
     result: FloatArray = hi + lo
     return result
+
+
+# -- blocks ------------------------------------------------------------------------------------
+
+
+def split_row_reference(values: Block, gradient_scale: float) -> tuple[
+        FloatArray, Callable[[Block], FloatArray | None]]:
+    """A row run in column chunks (a block of one row, ``split`` set): its reference losses
+    (``values``' inputs as given, or rounded to a dtype) and a function giving the reference
+    gradient of the loss times ``gradient_scale`` for a chunk (None where there is none),
+    each identical to :func:`xentcheck.evaluator.reference_block`'s for the row whole."""
+    case = values.case
+    spec = case.spec
+    assert len(values.labels) == 1, "only a row wider than a block is split"
+    if spec.family == "sigmoid":
+        parts = [_sigmoid_losses(chunk) for chunk in values.column_chunks()]
+        return np.concatenate(parts, axis=-1), _sigmoid_gradient_chunk(gradient_scale)
+    # integer labels without smoothing: the target and its weight (probabilities: every a_c)
+    sparse = case.label_kind == "index" and not spec.label_smoothing and spec.from_logits
+
+    def chunks() -> Iterator[Chunk]:
+        for chunk in values.column_chunks():
+            start = chunk.columns[0] if chunk.columns is not None else 0
+            yield start, chunk.logits, None if sparse else chunk.softmax_coefficients()
+
+    if not spec.from_logits:
+        return split_probability_losses(chunks), lambda chunk: None
+    target = values.target
+    weight = target_coefficients(case, values.labels)
+    row = split_softmax(chunks, case.classes, target if sparse else None,
+                        weight if sparse else None)
+    return row.losses, _softmax_gradient_chunk(row, target, weight, sparse, gradient_scale)
+
+
+def _softmax_gradient_chunk(row: SplitSoftmax, target: FloatArray, weight: FloatArray,
+                            sparse: bool, scale: float) -> Callable[[Block], FloatArray | None]:
+    def gradient(chunk: Block) -> FloatArray | None:
+        start = chunk.columns[0] if chunk.columns is not None else 0
+        if sparse:
+            return row.gradient(start, chunk.logits, None, target, weight * scale)
+        grad = row.gradient(start, chunk.logits, chunk.softmax_coefficients(), target, weight)
+        grad *= scale
+        return grad
+    return gradient
+
+
+def _sigmoid_gradient_chunk(scale: float) -> Callable[[Block], FloatArray | None]:
+    def gradient(chunk: Block) -> FloatArray | None:
+        spec = chunk.case.spec
+        if not spec.from_logits:
+            return None
+        pos = None if spec.pos_weight is None else chunk.per_class(spec.pos_weight)
+        weights = None if spec.class_weights is None else chunk.per_class(spec.class_weights)
+        grad = np.where(chunk.valid_elements, sigmoid_gradients(
+            chunk.logits, chunk.labels, pos, weights), 0.0)
+        grad *= scale
+        return grad
+    return gradient
+
+
+def _sigmoid_losses(chunk: Block) -> FloatArray:
+    spec = chunk.case.spec
+    loss_fn = sigmoid_losses if spec.from_logits else sigmoid_probability_losses
+    pos = None if spec.pos_weight is None else chunk.per_class(spec.pos_weight)
+    weights = None if spec.class_weights is None else chunk.per_class(spec.class_weights)
+    losses = loss_fn(chunk.logits, chunk.labels, pos, weights)
+    return np.where(chunk.valid_elements, losses, 0.0)
