@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from itertools import pairwise
+from pathlib import Path
 
 import mpmath
 import numpy as np
 import pytest
 
 from xentcheck import chunking, execution
+from xentcheck.arrays import load_array
 from xentcheck.case import Case, LossSpec
 from xentcheck.chunking import chunk_sums, combine_chunk_sums, row_sum
 from xentcheck.evaluator import _GradientStats, evaluate
@@ -226,3 +228,18 @@ def test_the_wide_row_reference_against_mpmath(dtype: type,
         assert result.reference.loss is not None
         # the reference's proven accuracy: a couple of ulp of float64
         assert abs(mpmath.mpf(result.reference.loss) - expected) <= 3 * 2.0**-53 * abs(expected)
+
+
+def test_a_memory_mapped_wide_row_is_identical_split_or_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # float32 logits rounded to float16 make the rounded references copies of the chunks,
+    # whose pages are not the file's: only the file's own pages may be released
+    case = dict(CASES)["index"]
+    np.save(tmp_path / "logits.npy", case.logits)
+    mapped = load_array(tmp_path / "logits.npy", key=None, source="test", field="logits")
+    assert isinstance(mapped, np.memmap)
+    on_file = Case("t", mapped, case.labels, "index", case.spec)
+    precisions = precisions_for(["float16", "float32"])
+    split = _evaluate(on_file, 128, monkeypatch, precisions)
+    whole = _evaluate(case, 1 << 20, monkeypatch, precisions)
+    assert render_json([split]) == render_json([whole])

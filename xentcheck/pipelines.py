@@ -56,9 +56,11 @@ class Block:
             labels = self.labels if self.case.label_kind == "index" else self.labels[:, start:stop]
             chunk = Block(self.case, self.logits[:, start:stop], labels, self.start, (start, stop))
             yield chunk
-            # a memory-mapped row's pages need not stay resident once a chunk is done
-            release_pages(self.case.logits, chunk.logits)
-            release_pages(self.case.labels, chunk.labels)
+            # a memory-mapped row's pages need not stay resident once a chunk is done (a
+            # block of rounded copies holds no pages of the input)
+            for given, view in ((self.case.logits, chunk.logits), (self.case.labels, labels)):
+                if np.may_share_memory(given, view):
+                    release_pages(given, view)
 
     def per_class(self, values: FloatArray) -> FloatArray:
         """Per-class ``values`` (class weights, pos_weight) for this block's classes."""
