@@ -156,6 +156,8 @@ def test_events_in_a_later_chunk_keep_their_columns(monkeypatch: pytest.MonkeyPa
     hot = np.argwhere(case.logits.astype(np.float64) > math.log(65504))
     assert hot.tolist() == [[1, 500]]
     assert ("exp", "overflow", (1, 500)) in [(e.stage, e.kind, e.index) for e in naive.events]
+    # and exp / sum = inf / inf is NaN there, where the division makes it
+    assert ("divide", "nan", (1, 500)) in [(e.stage, e.kind, e.index) for e in naive.events]
     # the target of row 0 (class 450, logit -25): exp(-25 - max) is below float16's range
     stable = next(f for f in split.findings if f.pipeline == "shifted")
     assert ("exp", "underflow", (0, 450)) in [(e.stage, e.kind, e.index) for e in stable.events]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import combinations
 
 import numpy as np
@@ -503,8 +504,9 @@ def _measure_split(case: Case, block: Block, runs: Sequence[PipelineRun],
             rounded[name] = given
             continue
         with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
-            rounded[name] = split_row_reference(
-                rounded_block(block, precision, rounded_case), 1.0)[0]
+            rounded[name] = split_row_reference(  # rounded chunk by chunk
+                block, 1.0, partial(rounded_block, precision=precision,
+                                    rounded_case=rounded_case))[0]
     outcomes, gradients = [], []
     for run in runs:
         measured = _GradientStats()

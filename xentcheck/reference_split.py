@@ -240,30 +240,39 @@ def split_probability_losses(chunks: Chunks) -> FloatArray:
 # -- blocks ------------------------------------------------------------------------------------
 
 
-def split_row_reference(values: Block, gradient_scale: float) -> tuple[
+def split_row_reference(block: Block, gradient_scale: float,
+                        prepare: Callable[[Block], Block] | None = None) -> tuple[
         FloatArray, Callable[[Block], FloatArray | None]]:
     """A row run in column chunks (a block of one row, ``split`` set): its reference losses
-    (``values``' inputs as given, or rounded to a dtype) and a function giving the reference
-    gradient of the loss times ``gradient_scale`` for a chunk (None where there is none),
-    each identical to :func:`xentcheck.evaluator.reference_block`'s for the row whole."""
-    case = values.case
+    and a function giving the reference gradient of the loss times ``gradient_scale`` for a
+    chunk (None where there is none), each identical to
+    :func:`xentcheck.evaluator.reference_block`'s for the row whole. ``prepare`` maps each
+    chunk before use (to round its inputs to a dtype, one chunk at a time); the losses are
+    then those of the prepared chunks (its case, with its class weights, is theirs)."""
+    assert len(block.labels) == 1, "only a row wider than a block is split"
+
+    def prepared() -> Iterator[Block]:
+        for chunk in block.column_chunks():
+            yield chunk if prepare is None else prepare(chunk)
+
+    first = next(prepared())
+    case = first.case
     spec = case.spec
-    assert len(values.labels) == 1, "only a row wider than a block is split"
     if spec.family == "sigmoid":
-        parts = [_sigmoid_losses(chunk) for chunk in values.column_chunks()]
+        parts = [_sigmoid_losses(chunk) for chunk in prepared()]
         return np.concatenate(parts, axis=-1), _sigmoid_gradient_chunk(gradient_scale)
     # integer labels without smoothing: the target and its weight (probabilities: every a_c)
     sparse = case.label_kind == "index" and not spec.label_smoothing and spec.from_logits
 
     def chunks() -> Iterator[Chunk]:
-        for chunk in values.column_chunks():
+        for chunk in prepared():
             start = chunk.columns[0] if chunk.columns is not None else 0
             yield start, chunk.logits, None if sparse else chunk.softmax_coefficients()
 
     if not spec.from_logits:
         return split_probability_losses(chunks), lambda chunk: None
-    target = values.target
-    weight = target_coefficients(case, values.labels)
+    target = first.target
+    weight = target_coefficients(case, first.labels)
     row = split_softmax(chunks, case.classes, target if sparse else None,
                         weight if sparse else None)
     return row.losses, _softmax_gradient_chunk(row, target, weight, sparse, gradient_scale)
