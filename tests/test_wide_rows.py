@@ -17,7 +17,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from xentcheck import chunking, execution
+from xentcheck import chunking, execution, scenario
 from xentcheck.arrays import load_array
 from xentcheck.case import Case, LossSpec
 from xentcheck.chunking import chunk_sums, combine_chunk_sums, row_sum
@@ -245,3 +245,26 @@ def test_a_memory_mapped_wide_row_is_identical_split_or_whole(
     split = _evaluate(on_file, 128, monkeypatch, precisions)
     whole = _evaluate(case, 1 << 20, monkeypatch, precisions)
     assert render_json([split]) == render_json([whole])
+
+
+def test_validation_scans_a_wide_row_in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scenario, "_CHECK_VALUES", 128)
+    seen: list[int] = []
+
+    def screen(piece: FloatArray) -> bool:
+        seen.append(piece.shape[-1])
+        return True
+
+    x = np.zeros((2, CLASSES))
+    x[1, 477] = np.nan
+    x[1, 590] = np.inf
+    where = scenario._find_first(x, lambda v: ~np.isfinite(v), screen)
+    assert where == [1, 477] and max(seen) == 128
+    # a predicate over rows sees them whole: a first piece of zeros is not a row of zeros
+    probabilities = np.zeros((2, CLASSES))
+    probabilities[:, -1] = 1.0
+    assert scenario._find_first(probabilities, lambda v: (v.sum(axis=-1) <= 0)[:, None],
+                                whole_rows=True) is None
+    probabilities[1, -1] = 0.0
+    assert scenario._find_first(probabilities, lambda v: (v.sum(axis=-1) <= 0)[:, None],
+                                whole_rows=True) == [1, 0]
