@@ -310,9 +310,8 @@ def _replayed(chunks: list[Block], replay: Replay,
         try:
             return None, body(runner, chunk), runner
         except PassComplete as collected:
-            return collected, None, runner
-        finally:
-            release_block(chunk)
+            # its traceback would keep the chunk's intermediate arrays alive
+            return collected.with_traceback(None), None, runner
 
     while True:
         found: dict[tuple[str, str], tuple[int, int, StageEvent]] = {}
@@ -324,9 +323,11 @@ def _replayed(chunks: list[Block], replay: Replay,
                 zip(chunks, outcomes, strict=True)):
             if collected is not None:
                 state, finish = collected.step(state), collected.finish
+                release_block(chunk)
                 continue
             final += 1
             take(chunk, output)  # type: ignore[arg-type]  # the body returned it
+            release_block(chunk)  # after ``take``, which may read the chunk again
             for event in runner.events:
                 key = (event.stage, event.kind)
                 order = (runner.event_calls[key], number)
