@@ -97,7 +97,9 @@ class SplitSoftmax:
                 if 0 <= column < x.shape[1]:
                     p[0, column] = (np.expm1(-self.log_t[0]) if int(target[0]) == self.top
                                     else p[0, column] - 1.0)
-                p *= np.asarray(weight, dtype=np.float64)[:, None]
+                w = np.asarray(weight, dtype=np.float64)
+                p *= w[:, None]
+                p[w == 0] = 0.0  # as the whole row: ignored, or every entry masked (NaN p)
                 return p
             assert self.total_a is not None and self.a_top is not None
             a = np.asarray(coefficients, dtype=np.float64)
@@ -106,6 +108,7 @@ class SplitSoftmax:
             if at_top:
                 others = self.total_a - self.a_top
                 p[0, self.top - start] = (others + self.total_a * np.expm1(-self.log_t))[0]
+            p[self.total_a == 0] = 0.0  # as the whole row: no weight, gradient 0
             return p
 
 
@@ -128,17 +131,23 @@ def _chunk_terms(start: int, x: FloatArray, m: float, top: int, exact: bool,
 
 def _row_exact(chunks: Chunks) -> bool:
     """:func:`~xentcheck.reference._differences_exact` for the whole row, chunk by chunk:
-    no non-zero magnitude more than ``2**27`` below the largest."""
+    no non-zero finite magnitude more than ``2**27`` below the largest finite one; ``-inf``
+    (a masked entry) minus a finite maximum is ``-inf`` exactly, while ``+inf`` or NaN
+    take the general path."""
     largest, smallest = 0.0, np.inf
     for _, x, _ in chunks():
         if _significand_bits(x.dtype) > _NARROW_SIGNIFICAND:
             return False
         magnitude = np.abs(x).astype(np.float32, copy=False)
-        largest = max(largest, float(magnitude.max()))
-        nonzero = magnitude[magnitude > 0]
+        finite = np.isfinite(magnitude)
+        if not finite.all() and (np.isnan(magnitude).any()
+                                 or bool(np.any(~finite & (np.asarray(x) > 0)))):
+            return False
+        largest = max(largest, float(np.max(magnitude, where=finite, initial=0.0)))
+        nonzero = magnitude[finite & (magnitude > 0)]
         if nonzero.size:
             smallest = min(smallest, float(nonzero.min()))
-    return bool(np.isfinite(largest)) and not smallest < largest * 2.0**-_EXACT_BINADE_GAP
+    return not smallest < largest * 2.0**-_EXACT_BINADE_GAP
 
 
 def split_softmax(chunks: Chunks, classes: int, target: FloatArray | None = None,
