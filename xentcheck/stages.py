@@ -344,6 +344,9 @@ class StageRunner:
         The result is rounded to D once (``round_result``), as a kernel stores its output,
         or kept in the compute dtype, as a kernel keeps a value in registers for its next
         step (a float32 ``exp`` summed before anything is stored). Watched like any step.
+        ``fn`` is elementwise (broadcasting allowed): a kernel's row reduction is a
+        :meth:`sum`, :meth:`accumulate` or :meth:`max` of the kept compute-dtype values, so
+        that a row split across its classes replays it (:class:`Replay`).
         """
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
             out = fn(*(self._to_compute(o) for o in operands))
@@ -475,9 +478,11 @@ class StageRunner:
             self._watch(stage, out, [], where=where, operand_flags=(nonfinite, nan))
         return out[..., None] if keepdims else out
 
-    def _split_sum(self, x: FloatArray) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    def _split_sum(self, x: FloatArray, rounded: bool = True) -> tuple[
+            Callable[[Any], Any], Callable[[Any], Any]]:
         """The fold and finish of a split row's sum: the chunk sums (a running sum for a
-        sequential accumulation) and whether any term was non-finite or NaN, by row."""
+        sequential accumulation) and whether any term was non-finite or NaN, by row; the
+        total is rounded to D unless not ``rounded`` (:meth:`accumulate`)."""
         values = np.asarray(x)
         precision = self.precision
         nonfinite = (~precision.isfinite(values)).any(axis=-1)
@@ -503,20 +508,37 @@ class StageRunner:
             if not precision.sequential_sum:
                 with np.errstate(all="ignore"):
                     partial = combine_chunk_sums(partial)
-            return self._round(partial), seen_nonfinite, seen_nan
+            return self._round(partial) if rounded else partial, seen_nonfinite, seen_nan
 
         return step, finish
 
     def watch_reduction(self, stage: str, out: FloatArray, x: FloatArray) -> None:
-        """Watch a reduction over the last axis whose result the caller computed."""
-        self._watch(stage, out, [x], where=None, reduced_axis=-1)
+        """Watch a reduction over the last axis whose result the caller computed. In a split
+        row's chunk, whether any term of the whole row was non-finite or NaN is replayed."""
+        if self.replay is None:
+            self._watch(stage, out, [x], where=None, reduced_axis=-1)
+            return
+        values = np.asarray(x)
+        part = ((~self.precision.isfinite(values)).any(axis=-1),
+                self.precision.isnan(values).any(axis=-1))
+        nonfinite, nan = self._reduce(
+            lambda state: part if state is None else (state[0] | part[0], state[1] | part[1]),
+            lambda state: state)
+        shape = np.shape(out)
+        self._watch(stage, out, [], where=None,
+                    operand_flags=(np.reshape(nonfinite, shape), np.reshape(nan, shape)))
 
     def accumulate(self, x: FloatArray, *, axis: int = -1, keepdims: bool = False) -> FloatArray:
         """The unrounded sum of ``x`` along ``axis`` as the precision accumulates it.
 
         Sums of more than :data:`~xentcheck.chunking.SUM_CHUNK` values are defined
-        chunk-wise (:mod:`xentcheck.chunking`), so a row split across blocks sums the same.
+        chunk-wise (:mod:`xentcheck.chunking`), so a row split across blocks sums the same;
+        in a split row's chunk, a sum over the classes (the last axis) is replayed as
+        :meth:`sum`'s is.
         """
+        if self.replay is not None and np.ndim(x) and axis in (-1, np.ndim(x) - 1):
+            total = self._reduce(*self._split_sum(x, rounded=False))[0]
+            return total[..., None] if keepdims else total
         values = np.moveaxis(np.asarray(x), axis, -1)
         with np.errstate(all="ignore"):
             if not self.precision.sequential_sum:

@@ -111,7 +111,33 @@ class Block:
 
 
 class Pipeline(ABC):
-    """One formulation of the loss."""
+    """One formulation of the loss.
+
+    A row wider than a block (:func:`xentcheck.execution.blocks`) is run in column chunks
+    (:meth:`Block.column_chunks`), in passes that replay the row's reductions
+    (:class:`~xentcheck.stages.Replay`), so that every loss, event and gradient entry is
+    the unsplit row's, bit for bit. That holds only if :meth:`per_example` and
+    :meth:`backward` keep these rules (``tests/test_wide_rows.py`` and
+    ``tests/test_wide_rows_masked.py`` run every registered pipeline split and whole):
+
+    - every reduction over a row's classes goes through the runner: ``run.sum``,
+      ``run.accumulate`` (an unrounded sum, watched with ``run.watch_reduction``),
+      ``run.max``, ``run.argmax``, ``run.gather`` (and ``run.scatter`` for gather's
+      backward), never ``np.sum``/``np.max``/``np.argmax``/``take_along_axis`` or a
+      reduction inside a :meth:`~xentcheck.stages.StageRunner.fused` step's function
+      (``tests/test_wide_rows_contract.py`` shows a fused kernel written this way);
+      several reductions in a row (a log-sum-exp's max, then its sum) are several runner
+      calls, made in the same order in every chunk, whatever the chunk's values;
+    - forward values recomputed in :meth:`backward` come from ``run.unwatched(...)`` (it
+      shares the chunk and the replayed reductions), never from a fresh ``StageRunner``;
+    - per-class arrays (class weights, ``pos_weight``) are taken through
+      ``block.per_class(...)`` and a softmax's coefficients through
+      ``block.softmax_coefficients()`` (a chunk holds classes ``block.columns`` only);
+      per-row values indexed by the target (``weights[block.target]``) use the whole
+      array, and ``block.target_mask`` is the chunk's;
+    - a step's branching may depend on per-row values (the same in every chunk) but not
+      on a chunk's own values.
+    """
 
     name: ClassVar[str]
     family: ClassVar[str]
