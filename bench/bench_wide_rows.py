@@ -35,10 +35,14 @@ if no_limits:
     import xentcheck.evaluator as evaluator
     from xentcheck.limits import pipeline_limit
 
-    def small_limit(pipeline, precision, classes):
-        return pipeline_limit(pipeline, precision, min(classes, 1024))
+    def small_limit(pipeline, precision, classes, label_smoothing=0.0):
+        return pipeline_limit(pipeline, precision, min(classes, 1024), label_smoothing)
+
+    def no_prefetch(pairs, classes, label_smoothing=0.0):
+        return None
 
     evaluator.pipeline_limit = small_limit
+    evaluator.prefetch_limits = no_prefetch
 sys.argv = ["xentcheck", *sys.argv[1:]]
 try:
     runpy.run_module("xentcheck", run_name="__main__")
