@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .case import softmax_coefficients, target_coefficients
+from .case import target_coefficients
 from .precision import FloatArray, Operand, Precision
 from .stages import StageEvent, StageRunner
 
@@ -73,8 +73,9 @@ def reduction_gradient(precision: Precision, reduction: str, denominator: float)
 
 
 def _quiet(run: StageRunner, pipeline: Pipeline) -> StageRunner:
-    """A runner for recomputing forward values: same precision, its events discarded."""
-    return StageRunner(run.precision, pipeline.all_stages).bind(run.valid_rows, run.row_offset)
+    """A runner for recomputing forward values: same precision, rows and column chunk (its
+    row reductions replayed with the backward runner's), its events discarded."""
+    return run.unwatched(pipeline.all_stages)
 
 
 def _upstream(run: StageRunner, valid: FloatArray, upstream: float) -> FloatArray:
@@ -91,9 +92,13 @@ def _textbook_nll_backward(run: StageRunner, block: Block, upstream: float) -> F
     case = block.case
     spec = case.spec
     smoothing = float(spec.label_smoothing)
-    weights = None
+    weights = target_weights = None
     if spec.class_weights is not None:
-        weights = run.precision.round(np.asarray(spec.class_weights, dtype=np.float64))
+        # the block's classes' weights (a split row's chunk holds some), and the targets'
+        weights = run.precision.round(block.per_class(spec.class_weights).astype(np.float64))
+        if case.label_kind == "index":
+            target_weights = run.precision.round(
+                np.asarray(spec.class_weights, dtype=np.float64)[block.target])
     grad = _upstream(run, block.valid, upstream)  # (N,)
     if case.label_kind != "index":
         # loss = -sum(y' * logp): d/dlogp = (-g) * y', y' formed in D as the forward forms it
@@ -115,8 +120,8 @@ def _textbook_nll_backward(run: StageRunner, block: Block, upstream: float) -> F
             smooth_part = run.multiply("smooth", smooth_part, weights[None, :],
                                        blame=[smooth_part])
         grad = run.multiply("smooth", grad, 1.0 - smoothing)
-    if weights is not None:
-        grad = run.multiply("weight", grad, weights[block.target], blame=[grad])
+    if target_weights is not None:
+        grad = run.multiply("weight", grad, target_weights, blame=[grad])
     # loss = -gather(logp, t): gather's backward adds into zeros (-0 becomes +0)
     at_target = run.add("gather", run.negate("gather", grad), 0.0)
     grad_logp = run.scatter("gather", block.logits.shape, block.target, at_target)
@@ -173,7 +178,7 @@ def softmax_shifted(pipeline: Pipeline, run: StageRunner, block: Block, upstream
     grad_z = _textbook_softmax_backward(run, fwd, block, forward, upstream)
     # z = x - m: x gets grad_z; m gets -grad_z summed over the row, which max's backward
     # scatters to the first maximum (torch.max's index)
-    top = np.argmax(np.asarray(x), axis=-1)
+    top = run.argmax("shift", x)
     back = run.sum("shift", run.negate("shift", grad_z))
     return run.add("shift", grad_z, run.scatter("shift", grad_z.shape, top, back),
                    blame=[grad_z, back[:, None]])
@@ -199,7 +204,7 @@ def _nll_backward(run: StageRunner, block: Block,
         if run.precision.all_finite(at_target):
             grad = run.scatter("nll", block.logits.shape, block.target, at_target)
             return grad, at_target[:, None]
-    coefficients = run.precision.round(softmax_coefficients(case, block.labels))
+    coefficients = run.precision.round(block.softmax_coefficients())
     grad = run.multiply("nll", coefficients, -upstream)
     return grad, run.sum("log_softmax", grad, keepdims=True)
 
@@ -230,9 +235,9 @@ def _binary_constants(block: Block, precision: Precision) -> tuple[
     spec = block.case.spec
     target = precision.round(np.asarray(block.labels, dtype=np.float64))
     pos = (None if spec.pos_weight is None
-           else precision.round(np.asarray(spec.pos_weight, dtype=np.float64)))
+           else precision.round(block.per_class(spec.pos_weight).astype(np.float64)))
     weights = (None if spec.class_weights is None
-               else precision.round(np.asarray(spec.class_weights, dtype=np.float64)))
+               else precision.round(block.per_class(spec.class_weights).astype(np.float64)))
     return target, pos, weights
 
 
@@ -277,7 +282,7 @@ def sigmoid_stable(pipeline: Pipeline, run: StageRunner, block: Block, upstream:
     target, pos, _ = _binary_constants(block, run.precision)
     scale = np.where(block.valid_elements, upstream, 0.0)
     if block.case.spec.class_weights is not None:
-        scale = scale * np.asarray(block.case.spec.class_weights, dtype=np.float64)
+        scale = scale * block.per_class(block.case.spec.class_weights).astype(np.float64)
     scale = run.precision.round(scale)
     pw = run.precision.round(np.float64(1.0)) if pos is None else pos
     sig = fwd.divide("combine", 1.0, fwd.add("combine", 1.0, fwd.exp(
@@ -333,17 +338,17 @@ class EntryTracer(StageRunner):
             self._note_row_flush(stage, array, operands)
         if np.isnan(value):
             if not np.isnan(given).any():
-                self._record_index(stage, "nan", position)
+                self._record_index(stage, "nan", position, array.shape)
         elif np.isinf(value):
             if np.isfinite(given).all():
-                self._record_index(stage, "overflow", position)
+                self._record_index(stage, "overflow", position, array.shape)
         elif abs(value) < tiny:
             # from forward values alone (a fused kernel's step), or from operands that were
             # not tiny (all of them; for a row sum, any)
             fresh = (not given.size or (np.abs(given) >= tiny).any() if reduced
                      else (np.abs(given) >= tiny).all())
             if fresh:
-                self._record_index(stage, "underflow", position)
+                self._record_index(stage, "underflow", position, array.shape)
 
 
     def _note_row_flush(self, stage: str, out: FloatArray,

@@ -128,26 +128,30 @@ def target_coefficients(case: Case, labels: FloatArray) -> FloatArray:
     return np.asarray(weights, dtype=np.float64)[np.where(keep, index, 0)] * keep
 
 
-def softmax_coefficients(case: Case, labels: FloatArray) -> FloatArray:
+def softmax_coefficients(case: Case, labels: FloatArray,
+                         columns: tuple[int, int] | None = None) -> FloatArray:
     """The float64 weights a[i, c] with ``loss_i = -sum_c a[i, c] log p[i, c]``.
 
     Integer labels, one-hot and probability labels, class weights and label smoothing all
-    reduce to these non-negative coefficients; ignored rows get zeros.
+    reduce to these non-negative coefficients; ignored rows get zeros. With ``columns``
+    ``(c0, c1)``, only those classes' coefficients (dense ``labels`` hold just those columns).
     """
     spec = case.spec
     classes = case.classes
+    start, stop = (0, classes) if columns is None else columns
     weights = (
-        np.ones(classes) if spec.class_weights is None
-        else np.asarray(spec.class_weights, dtype=np.float64)
+        np.ones(stop - start) if spec.class_weights is None
+        else np.asarray(spec.class_weights, dtype=np.float64)[start:stop]
     )
     smoothing = float(spec.label_smoothing)
     if case.label_kind == "index":
         index = np.asarray(labels).astype(np.int64)
         keep = valid_rows(case, index)
-        coef = np.zeros((len(index), classes))
+        coef = np.zeros((len(index), stop - start))
         target_weight = target_coefficients(case, index)
-        np.put_along_axis(coef, np.where(keep, index, 0)[:, None],
-                          ((1.0 - smoothing) * target_weight)[:, None], -1)
+        target = np.where(keep, index, 0)
+        inside = np.flatnonzero((target >= start) & (target < stop))
+        coef[inside, target[inside] - start] = (1.0 - smoothing) * target_weight[inside]
         if smoothing:
             coef += keep[:, None] * (smoothing / classes) * weights[None, :]
         return coef

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import combinations
 
 import numpy as np
 
 from . import reference as ref
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements
+from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .execution import (
     BlockRun,
     Denominators,
@@ -45,6 +47,7 @@ from .limits import pipeline_limit, prefetch_limits
 from .misuse import SUM_TOLERANCE, check_case, masked_inputs, merge_masked
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
+from .reference_split import split_row_reference
 from .stages import StageEvent, StageRunner
 
 # Called with (rows done, rows in all) after each block.
@@ -75,11 +78,13 @@ def reference_block(block: Block, *, gradient: bool,
     if spec.family == "sigmoid":
         counted = valid_elements(case, block.labels)
         loss_fn = ref.sigmoid_losses if spec.from_logits else ref.sigmoid_probability_losses
-        losses = loss_fn(block.logits, block.labels, spec.pos_weight, spec.class_weights)
+        pos = None if spec.pos_weight is None else block.per_class(spec.pos_weight)
+        weights = None if spec.class_weights is None else block.per_class(spec.class_weights)
+        losses = loss_fn(block.logits, block.labels, pos, weights)
         grad = None
         if gradient and spec.from_logits:
             grad = np.where(counted, ref.sigmoid_gradients(
-                block.logits, block.labels, spec.pos_weight, spec.class_weights), 0.0)
+                block.logits, block.labels, pos, weights), 0.0)
             grad *= gradient_scale
         return np.where(counted, losses, 0.0), grad
     if not spec.from_logits:
@@ -108,7 +113,7 @@ def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Blo
     if block.case.label_kind != "index":
         labels = precision.round(labels).astype(np.float64)
     logits = precision.round(block.logits).astype(np.float64)
-    return Block(rounded_case, logits, labels, block.start)
+    return replace(block, case=rounded_case, logits=logits, labels=labels)
 
 
 def _held_exactly(block: Block, precision: Precision, rounded_case: Case) -> bool:
@@ -388,6 +393,8 @@ def _block_stats(block: Block, dtype_names: Sequence[str] = ()) -> _BlockStats:
     ``0 * log 0`` is NaN). Masked entries (``-inf`` logits) are left out of all of them:
     their exp is an exact 0, so they bring a formulation no closer to its limits.
     """
+    if block.split is not None:
+        return _split_stats(block, dtype_names)
     x = np.asarray(block.logits)
     masked = block.masked
     top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
@@ -396,7 +403,7 @@ def _block_stats(block: Block, dtype_names: Sequence[str] = ()) -> _BlockStats:
                         dtype=np.float64)
     largest, smallest = float(top.max()), float(bottom.min())
     distributions = masked is None and smallest >= 0 and largest <= 1 and bool(
-        (np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
+        (np.abs(row_sum(x, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
     case = block.case
     lowest: FloatArray | None = None  # per counted row: the smallest logged logit
     counted = block.valid
@@ -435,6 +442,85 @@ def _extremes(top: FloatArray, bottom: FloatArray, lowest: FloatArray | None,
     return _Extremes(float(rnd(top).max()), float(rnd(bottom).min()), spread, logged)
 
 
+def _split_stats(block: Block, dtype_names: Sequence[str]) -> _BlockStats:
+    """:func:`_block_stats` of a row run in column chunks: the same values, from the row's
+    maximum, smallest unmasked logit and target logit merged chunk by chunk (maxima and
+    minima merge exactly), reduced by the same :func:`_extremes`."""
+    case = block.case
+    spec = case.spec
+    top, bottom, target_value = -np.inf, np.inf, np.nan
+    any_masked = False
+    for chunk in block.column_chunks():
+        x = np.asarray(chunk.logits)
+        masked = chunk.masked
+        any_masked |= masked is not None
+        top = max(top, float(x.max()))
+        bottom = min(bottom, float(x.min() if masked is None
+                                   else np.min(x, where=~masked, initial=np.inf)))
+        if case.label_kind == "index" and spec.family == "softmax":
+            inside, column = _chunk_column(chunk, int(block.target[0]))
+            if inside:
+                target_value = float(x[0, column])
+    distributions = not any_masked and bottom >= 0 and top <= 1 and bool(
+        abs(float(_split_row_sum(block)) - 1.0) <= SUM_TOLERANCE)
+    tops, bottoms = np.array([top]), np.array([bottom])
+    lowest: FloatArray | None = None
+    counted = block.valid
+    if spec.family == "softmax" and spec.from_logits:
+        if case.label_kind == "index" and not spec.label_smoothing:
+            counted = counted & (target_value > -np.inf)  # a masked target: inf loss anyway
+            lowest = np.array([target_value])[counted]
+        else:
+            lowest = bottoms[counted]
+    spread = _extremes(tops, bottoms, lowest, counted, None).spread
+    rounded = {name: _extremes(tops, bottoms, lowest, counted, Precision(name))
+               for name in dtype_names}
+    return _BlockStats(top, bottom, spread, distributions, rounded, _split_masked(block))
+
+
+def _chunk_column(chunk: Block, column: int) -> tuple[bool, int]:
+    """Whether a class of the whole row lies in the chunk, and its column there."""
+    start, stop = chunk.columns or (0, chunk.logits.shape[-1])
+    return start <= column < stop, column - start
+
+
+def _split_masked(block: Block) -> MaskedInputs:
+    """:func:`~xentcheck.misuse.masked_inputs` of a row run in column chunks (a softmax
+    row's decisions need the whole row: whether every entry is masked)."""
+    if block.case.spec.family == "sigmoid":
+        found = MaskedInputs()
+        for chunk in block.column_chunks():
+            found = merge_masked(found, masked_inputs(chunk))  # positions in the row's columns
+        return found
+    entries, every, first_hit = 0, True, None
+    for chunk in block.column_chunks():
+        masked = chunk.masked
+        if masked is None:
+            every = False
+            continue
+        entries += int(np.count_nonzero(masked))
+        every &= bool(masked.all())
+        if first_hit is None:
+            weighs = (chunk.target_mask if block.case.label_kind == "index"
+                      and not block.case.spec.label_smoothing
+                      else chunk.softmax_coefficients() > 0)
+            hit = np.flatnonzero(masked[0] & weighs[0])
+            if hit.size:
+                first_hit = (block.start, (chunk.columns or (0, 0))[0] + int(hit[0]))
+    if not entries:
+        return MaskedInputs()
+    valid = bool(block.valid[0])
+    weighted = valid and not every and first_hit is not None
+    whole = every and valid
+    return MaskedInputs(entries, int(weighted), first_hit if weighted else None, int(whole),
+                        block.start if whole else None, int(every and not valid))
+
+
+def _split_row_sum(block: Block) -> float:
+    parts = [chunk_sums(chunk.logits, np.float64) for chunk in block.column_chunks()]
+    return float(combine_chunk_sums(np.concatenate(parts, axis=-1))[0])
+
+
 # -- the whole evaluation --------------------------------------------------------------------
 
 
@@ -471,6 +557,8 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
                    denominators: Denominators, rounded_cases: Mapping[str, Case],
                    upstream: float) -> _BlockOutcome:
     """The reference and every run on one block, with the gradients measured and dropped."""
+    if block.split is not None:
+        return _measure_split(case, block, runs, denominators, rounded_cases, upstream)
     given, rounded, reference_gradient = _references(block, rounded_cases, upstream)
     outcomes, gradients = [], []
     for run in runs:
@@ -480,6 +568,43 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
             measured.add(block, outcome.gradient, reference_gradient, run.precision)
         outcome.gradient = None  # measured: a block's gradients are not kept
         outcomes.append(outcome)
+        gradients.append(measured)
+    stats = _block_stats(block, tuple(rounded_cases))
+    release_block(block)
+    return _BlockOutcome(given, rounded, outcomes, gradients, stats,
+                         block.start + len(block.labels))
+
+
+def _measure_split(case: Case, block: Block, runs: Sequence[PipelineRun],
+                   denominators: Denominators, rounded_cases: Mapping[str, Case],
+                   upstream: float) -> _BlockOutcome:
+    """:func:`_measure_block` for a row run in column chunks: each run's gradient is
+    measured chunk by chunk against the reference's chunk, computed alongside."""
+    given, reference_gradient = split_row_reference(block, upstream)
+    rounded = {}
+    for name, rounded_case in rounded_cases.items():
+        precision = Precision(name)
+        if _held_exactly(block, precision, rounded_case) or all(
+                _same_inputs(chunk, rounded_block(chunk, precision, rounded_case))
+                for chunk in block.column_chunks()):
+            rounded[name] = given
+            continue
+        with np.errstate(all="ignore"):  # rounding may overflow; that is what is measured
+            rounded[name] = split_row_reference(  # rounded chunk by chunk
+                block, 1.0, partial(rounded_block, precision=precision,
+                                    rounded_case=rounded_case))[0]
+    outcomes, gradients = [], []
+    for run in runs:
+        measured = _GradientStats()
+
+        def take(chunk: Block, gradient: FloatArray, measured: _GradientStats = measured,
+                 precision: Precision = run.precision) -> None:
+            expected = reference_gradient(chunk)
+            if expected is not None:
+                measured.add(chunk, gradient, expected, precision)
+
+        outcomes.append(run.run_block(case, block, denominators, on_gradient=take))
+        measured.close_rows()
         gradients.append(measured)
     stats = _block_stats(block, tuple(rounded_cases))
     release_block(block)

@@ -15,11 +15,12 @@ from typing import TypeVar
 
 import numpy as np
 
+from . import chunking
 from .arrays import release_pages
 from .case import Case
 from .pipelines import Block, Pipeline, Saved
 from .precision import FloatArray, Precision
-from .stages import StageEvent, StageRunner
+from .stages import PassComplete, Replay, ReplayCursor, StageEvent, StageRunner
 
 # Values per block: large enough that numpy's per-call overhead vanishes, small enough that
 # a block and its temporaries (a dozen float64 copies) stay within a few hundred MiB.
@@ -28,19 +29,33 @@ BLOCK_ELEMENTS = 1 << 20
 Outcome = TypeVar("Outcome")
 
 
+def split_width(case: Case, block_elements: int) -> int | None:
+    """The width of the column chunks a row of ``case`` is run in: None when a row fits in a
+    block, else a multiple of the summation chunk (:mod:`xentcheck.chunking`), so that the
+    row's sums are the same split or whole."""
+    if case.classes <= block_elements:
+        return None
+    size = chunking.SUM_CHUNK
+    return max(size, block_elements // size * size)
+
+
 def blocks(case: Case, block_elements: int | None = None, *,
            release: bool = True) -> Iterator[Block]:
     """The case's rows in consecutive blocks of about ``block_elements`` values.
 
-    With ``release``, a block's pages of a memory-mapped input are let go when the next block
-    is asked for; a caller that keeps blocks longer passes False and calls
-    :func:`release_block` itself.
+    A row wider than that is a block of its own, run in column chunks of about that many
+    values (:meth:`Block.column_chunks`), so the work and memory per step are bounded by
+    values, not rows. With ``release``, a block's pages of a memory-mapped input are let go
+    when the next block is asked for; a caller that keeps blocks longer passes False and
+    calls :func:`release_block` itself.
     """
     size = BLOCK_ELEMENTS if block_elements is None else block_elements
     step = max(1, size // max(1, case.classes))
+    split = split_width(case, size)
     for start in range(0, case.rows, step):
         stop = min(case.rows, start + step)
-        block = Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start)
+        block = Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start,
+                      split=split)
         yield block
         if release:
             release_block(block)
@@ -113,11 +128,14 @@ class Denominators:
     def add(self, case: Case, block: Block) -> None:
         self.rows += len(block.labels)
         if case.spec.family == "sigmoid":
-            self.counted += int(np.count_nonzero(block.valid_elements))
+            self.counted += sum(int(np.count_nonzero(chunk.valid_elements))
+                                for chunk in block.column_chunks())
         elif case.label_kind == "index":
             keep = block.valid
             self.counted += int(np.count_nonzero(keep))
-            self.class_counts += np.bincount(block.target[keep], minlength=case.classes)
+            if case.spec.class_weights is not None:  # else the counts are not needed: a
+                # C-long count per block is the largest array a row of millions of classes makes
+                self.class_counts += np.bincount(block.target[keep], minlength=case.classes)
 
     def mean_denominator(self, case: Case, weights: FloatArray | None) -> float:
         """Sum of the counted labels' weights (softmax, integer labels), else the count."""
@@ -149,17 +167,81 @@ class PipelineRun:
         """Run the forward pass over the next block (blocks in order)."""
         self.absorb(self.run_block(case, block))
 
-    def run_block(self, case: Case, block: Block,
-                  denominators: Denominators | None = None) -> BlockRun:
+    def run_block(self, case: Case, block: Block, denominators: Denominators | None = None,
+                  on_gradient: Callable[[Block, FloatArray], None] | None = None) -> BlockRun:
         """The forward pass over one block and, given the whole input's ``denominators``,
-        the backward pass from the forward's own values. Touches no state of this run."""
+        the backward pass from the forward's own values. Touches no state of this run.
+
+        ``on_gradient`` is handed the gradient (a split row's chunk by chunk, which are then
+        not kept); without it the block's gradient is returned whole."""
+        if block.split is not None:
+            return self._run_split(case, block, denominators, on_gradient)
         forward = StageRunner(self.precision, self.runner.stages, self._known)
         forward.bind(_watched_rows(case, block), block.start)
         outcome = BlockRun(self.pipeline.per_example(forward, block), forward.events)
         if denominators is not None:
             outcome.gradient, outcome.gradient_events = self._backward(
                 case, block, denominators, forward.saved)
+            if on_gradient is not None and outcome.gradient is not None:
+                on_gradient(block, outcome.gradient)
+                outcome.gradient = None
         return outcome
+
+    def _run_split(self, case: Case, block: Block, denominators: Denominators | None,
+                   on_gradient: Callable[[Block, FloatArray], None] | None) -> BlockRun:
+        """:meth:`run_block` for a row run in column chunks: in passes (:class:`Replay`), so
+        that every value, event and gradient is that of the whole row."""
+        assert len(block.labels) == 1, "only a row wider than a block is split"
+        chunks = list(block.column_chunks())
+        # One thread: on a loaded two-core machine, chunks on two threads took 1.6x as long
+        # (the blocks' threads already share the cores between rows).
+        workers = 1
+        forward = Replay()
+        outputs: list[FloatArray] = []
+        events = _replayed(
+            chunks, forward, lambda chunk: self._chunk_runner(case, chunk, forward, False),
+            lambda runner, chunk: self.pipeline.per_example(runner, chunk),
+            lambda chunk, output: outputs.append(output), workers)
+        if case.spec.family == "softmax":
+            per_example = outputs[0]  # a row's loss: every chunk's final pass computes it
+        else:
+            per_example = np.concatenate(outputs, axis=-1)
+        outcome = BlockRun(per_example, events)
+        if denominators is None:
+            return outcome
+        upstream = self.upstream(case, denominators)
+        backward = Replay()
+        pieces: list[FloatArray] = []
+
+        def differentiate(runner: StageRunner, chunk: Block) -> FloatArray | None:
+            # the chunk's forward values (every forward reduction is known: no pass ends)
+            values = self._chunk_runner(case, chunk, forward, False)
+            values.watching = False
+            self.pipeline.per_example(values, chunk)
+            return self.pipeline.backward(runner, chunk, upstream, values.saved)
+
+        def take(chunk: Block, gradient: FloatArray | None) -> None:
+            if gradient is None:
+                return
+            if on_gradient is not None:
+                on_gradient(chunk, gradient)
+            else:
+                pieces.append(gradient)
+
+        outcome.gradient_events = _replayed(
+            chunks, backward, lambda chunk: self._chunk_runner(case, chunk, backward, True),
+            differentiate, take, workers)
+        if pieces:
+            outcome.gradient = np.concatenate(pieces, axis=-1)
+        return outcome
+
+    def _chunk_runner(self, case: Case, chunk: Block, replay: Replay,
+                      backward: bool) -> StageRunner:
+        runner = (StageRunner(self.precision, self.gradient_runner.stages, self._known_backward)
+                  if backward else StageRunner(self.precision, self.runner.stages, self._known))
+        # as :meth:`_backward`: the backward pass is watched in every row
+        rows = np.ones(len(chunk.labels), dtype=bool) if backward else _watched_rows(case, chunk)
+        return runner.bind(rows, chunk.start).enter(ReplayCursor(replay), chunk.columns or (0, 0))
 
     def absorb(self, outcome: BlockRun) -> None:
         """Take in a block's outcome; blocks must be absorbed in input order."""
@@ -179,6 +261,10 @@ class PipelineRun:
         ``denominators`` must already hold the whole input's counts (the upstream gradient of
         a ``mean`` is one over its denominator).
         """
+        if block.split is not None:  # a row run in column chunks: its gradient assembled
+            outcome = self.run_block(case, block, denominators)
+            self.gradient_runner.absorb(outcome.gradient_events)
+            return outcome.gradient
         gradient, events = self._backward(case, block, denominators, {})
         self.gradient_runner.absorb(events)
         return gradient
@@ -211,6 +297,51 @@ class PipelineRun:
             denominators.mean_denominator(case, weights),
         )
         return loss, per_example
+
+
+def _replayed(chunks: list[Block], replay: Replay,
+              runner_for: Callable[[Block], StageRunner],
+              body: Callable[[StageRunner, Block], Outcome],
+              take: Callable[[Block, Outcome], None], workers: int) -> list[StageEvent]:
+    """Run ``body`` over a split row's chunks in passes until a pass needs no reduction
+    collected; that pass's outputs go to ``take`` chunk by chunk, in order. Chunks run on
+    ``workers`` threads and are folded in order. The final pass's events are merged as the
+    whole row would have found them: of each (stage, kind), the one of the earliest watch,
+    and of equal watches the earliest chunk (the lowest column)."""
+
+    def run(chunk: Block) -> tuple[PassComplete | None, Outcome | None, StageRunner]:
+        runner = runner_for(chunk)
+        try:
+            return None, body(runner, chunk), runner
+        except PassComplete as collected:
+            # its traceback would keep the chunk's intermediate arrays alive
+            return collected.with_traceback(None), None, runner
+
+    while True:
+        found: dict[tuple[str, str], tuple[int, int, StageEvent]] = {}
+        state: object = None
+        finish: Callable[[object], object] | None = None
+        final = 0
+        outcomes = in_order(run, iter(chunks), workers)
+        for number, (chunk, (collected, output, runner)) in enumerate(
+                zip(chunks, outcomes, strict=True)):
+            if collected is not None:
+                state, finish = collected.step(state), collected.finish
+                release_block(chunk)
+                continue
+            final += 1
+            take(chunk, output)  # type: ignore[arg-type]  # the body returned it
+            release_block(chunk)  # after ``take``, which may read the chunk again
+            for event in runner.events:
+                key = (event.stage, event.kind)
+                order = (runner.event_calls[key], number)
+                if key not in found or order < found[key][:2]:
+                    found[key] = (*order, event)
+        if finish is None:
+            return [event for *_, event in sorted(found.values(), key=lambda f: f[:2])]
+        if final:
+            raise RuntimeError("a pipeline's reductions differ between a row's chunks")
+        replay.results.append(finish(state))
 
 
 def _watched_rows(case: Case, block: Block) -> FloatArray:

@@ -44,10 +44,15 @@ class GradientStats:
     # per row: max |g - g_ref| / max |g_ref| (the absolute error where the row's reference
     # is 0; NaN where the row's gradient is not finite)
     rows: list[FloatArray] = field(default_factory=list)
+    # a split row's running row maxima of |g - g_ref| and |g_ref|, until close_rows
+    pending: tuple[FloatArray, FloatArray] | None = None
 
     def add(self, block: Block, gradient: FloatArray, reference: FloatArray,
             precision: Precision) -> None:
+        """Take in a block's gradient, or a split row's chunk (chunks in order, then
+        :meth:`close_rows`): positions are in the whole input's rows and columns."""
         self.seen = True
+        first_column = block.columns[0] if block.columns is not None else 0
         # Every row counts here, ignored ones included: their true gradient is 0, and a NaN
         # that autograd puts there (0 / 0 in log's backward) reaches the weights all the same.
         computed = np.asarray(gradient).reshape(reference.shape)  # in D: no float64 copy
@@ -67,11 +72,7 @@ class GradientStats:
             self.inf |= bool(np.isinf(bad).any())
             if self.nonfinite is None:
                 column = int(np.argmax(~np.isfinite(bad[0])))
-                self.nonfinite = (block.start + first_row, column)
-        finite_rows = row_error[~bad_rows]
-        if finite_rows.size:
-            self.largest_error = max(self.largest_error, float(finite_rows.max()))
-        self.largest_reference = max(self.largest_reference, float(row_reference.max()))
+                self.nonfinite = (block.start + first_row, first_column + column)
         if self.zeroed is None:
             # entries flushed to 0 whose true value is a normal number of D; the comparison
             # with 0 runs in D, and the reference is looked at only where it holds
@@ -81,7 +82,25 @@ class GradientStats:
                 if harmed.any():
                     row, col = np.unravel_index(int(flushed[np.argmax(harmed)]),
                                                 reference.shape)
-                    self.zeroed = (block.start + int(row), int(col))
+                    self.zeroed = (block.start + int(row), first_column + int(col))
+        if self.pending is not None:  # maxima merge exactly; NaN propagates
+            row_error = np.maximum(self.pending[0], row_error)
+            row_reference = np.maximum(self.pending[1], row_reference)
+        self.pending = (row_error, row_reference)
+        if block.columns is None:
+            self.close_rows()
+
+    def close_rows(self) -> None:
+        """The rows taken in are complete: their errors count."""
+        if self.pending is None:
+            return
+        row_error, row_reference = self.pending
+        self.pending = None
+        bad_rows = ~np.isfinite(row_error)
+        finite_rows = row_error[~bad_rows]
+        if finite_rows.size:
+            self.largest_error = max(self.largest_error, float(finite_rows.max()))
+        self.largest_reference = max(self.largest_reference, float(row_reference.max()))
         with np.errstate(invalid="ignore", divide="ignore"):
             relative = np.where(row_reference == 0, row_error, row_error / row_reference)
         self.rows.append(np.where(bad_rows, np.nan, relative))

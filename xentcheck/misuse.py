@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .case import Case, softmax_coefficients
+from .case import Case
 from .errors import UsageError
 from .findings import InputStats, MaskedInputs, MisuseWarning
 from .pipelines import Block
@@ -166,18 +166,20 @@ def masked_inputs(block: Block) -> MaskedInputs:
     if case.spec.family == "sigmoid":
         weight = np.asarray(block.labels, dtype=np.float64)
         if case.spec.pos_weight is not None:
-            weight = weight * np.asarray(case.spec.pos_weight, dtype=np.float64)
+            weight = weight * block.per_class(case.spec.pos_weight).astype(np.float64)
         if case.spec.class_weights is not None:
-            weight = weight * np.asarray(case.spec.class_weights, dtype=np.float64)
+            weight = weight * block.per_class(case.spec.class_weights).astype(np.float64)
         hit = masked & block.valid_elements & (weight > 0)
         first = _first(hit, block.start)
+        if first is not None and block.columns is not None:  # a split row's chunk
+            first = (*first[:-1], first[-1] + block.columns[0])
         return MaskedInputs(entries, int(np.count_nonzero(hit)), first)
     every = masked.all(axis=-1)
     counted = block.valid & ~every
     if case.label_kind == "index" and not case.spec.label_smoothing:
         weighs = block.target_mask
     else:
-        weighs = softmax_coefficients(case, block.labels) > 0
+        weighs = block.softmax_coefficients() > 0
     hit = masked & weighs & counted[:, None]
     hit_rows = hit.any(axis=-1)
     first = _first(hit, block.start)  # (row, class)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from . import chunking
+from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .precision import FloatArray
 
 # Cody and Waite's split of ln 2: the high part has trailing zero bits, so k * LN2_HI is
@@ -57,7 +59,33 @@ def _dd_sum(hi: FloatArray, lo: FloatArray | None = None) -> tuple[FloatArray, F
 
     The result ``(s, e)`` carries the sum to about ``2**-100`` relative for terms of one sign
     (cascaded summation, Ogita, Rump and Oishi [3]), with O(n) work in log2(n) vector steps.
+    Rows wider than the summation chunk (:mod:`xentcheck.chunking`) are summed chunk by
+    chunk and the chunks' pairs summed by the same tree, so that a row split at multiples of
+    the chunk sums identically (:func:`_dd_chunk_pairs`, :func:`_dd_combine`); each level
+    keeps the ``2**-100`` order of the bound.
     """
+    if np.shape(hi)[-1] <= chunking.SUM_CHUNK:
+        return _dd_tree(hi, lo)
+    return _dd_combine(*_dd_chunk_pairs(hi, lo))
+
+
+def _dd_chunk_pairs(hi: FloatArray, lo: FloatArray | None) -> tuple[FloatArray, FloatArray]:
+    """``(..., m)`` pairs: the double-double sum of each summation chunk of the last axis."""
+    hi, size = np.asarray(hi), chunking.SUM_CHUNK
+    parts = [_dd_tree(hi[..., start:start + size],
+                      None if lo is None else np.asarray(lo)[..., start:start + size])
+             for start in range(0, hi.shape[-1], size)]
+    return (np.stack([p[0] for p in parts], axis=-1) if parts else np.zeros((*hi.shape[:-1], 0)),
+            np.stack([p[1] for p in parts], axis=-1) if parts else np.zeros((*hi.shape[:-1], 0)))
+
+
+def _dd_combine(sums: FloatArray, errors: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The row sums from all of a row's chunk pairs (:func:`_dd_chunk_pairs`), in order."""
+    return _dd_tree(np.ascontiguousarray(sums), np.ascontiguousarray(errors))
+
+
+def _dd_tree(hi: FloatArray, lo: FloatArray | None = None) -> tuple[FloatArray, FloatArray]:
+    """:func:`_dd_sum`'s tree over the whole last axis."""
     hi = np.asarray(hi, dtype=np.float64)
     if hi.shape[-1] == 0:
         zeros = np.zeros(hi.shape[:-1])
@@ -145,17 +173,29 @@ def _sum_terms_of_one_sign(terms: FloatArray) -> tuple[FloatArray, FloatArray]:
     errs by at most ``C**2 2**-105 sigma``. Four vector passes, where a double-double tree
     needs log2(C) rounds of strided TwoSums. A NaN term makes its row's sum NaN.
     """
-    n = terms.shape[-1]
+    high_sum, low_sums = _extracted_parts(terms, terms.max(axis=-1), terms.shape[-1])
+    return _extracted_total(high_sum, low_sums)
+
+
+def _extracted_parts(terms: FloatArray, largest: FloatArray,
+                     n: int) -> tuple[FloatArray, FloatArray]:
+    """ExtractScalar on (a column chunk of) rows of ``n`` terms whose largest is ``largest``:
+    the exact sum of the high parts and the chunk sums of the low parts
+    (:func:`~xentcheck.chunking.chunk_sums`). Chunks' parts merge exactly and in order."""
     k = max(n - 1, 1).bit_length()  # 2**k >= n
     with np.errstate(invalid="ignore"):
-        largest = terms.max(axis=-1)
         _, exponent = np.frexp(largest)  # largest < 2**exponent (0 and NaN give exponent 0)
         sigma = np.ldexp(1.0, exponent + k + 1)[:, None]
         high = terms + sigma
         high -= sigma
-        high_sum = high.sum(axis=-1)
+        high_sum = high.sum(axis=-1)  # exact in any order (see above)
         low = np.subtract(terms, high, out=high)  # the high parts are summed: reuse
-        return _two_sum(high_sum, low.sum(axis=-1))
+        return high_sum, chunk_sums(low)
+
+
+def _extracted_total(high_sum: FloatArray, low_sums: FloatArray) -> tuple[FloatArray, FloatArray]:
+    with np.errstate(invalid="ignore"):
+        return _two_sum(high_sum, combine_chunk_sums(low_sums))
 
 
 @dataclass(frozen=True)
@@ -197,10 +237,16 @@ def shifted_log_sum(logits: FloatArray) -> ShiftedLogSum:
         if d_lo is None:
             t_hi, t_lo = _sum_terms_of_one_sign(terms)
         else:
+            # Row by row (a row's value must not depend on the other rows of its block, nor
+            # on how it is split): rows whose differences are all exact are summed as above.
+            t_hi, t_lo = np.empty(len(terms)), np.empty(len(terms))
+            carried = d_lo.any(axis=-1)
+            if not carried.all():
+                t_hi[~carried], t_lo[~carried] = _sum_terms_of_one_sign(terms[~carried])
             # exp(d_hi + d_lo) = exp(d_hi) (1 + d_lo): first order suffices, |d_lo| <= 2**-53 |d|
-            terms_lo = terms * d_lo
-            t_hi, t_lo = _dd_sum(terms, terms_lo)
-            terms += terms_lo
+            terms_lo = terms[carried] * d_lo[carried]
+            t_hi[carried], t_lo[carried] = _dd_sum(terms[carried], terms_lo)
+            terms[carried] += terms_lo
     return ShiftedLogSum(top, d_hi, d_lo, terms, t_hi, _log1p_dd(t_hi, t_lo))
 
 
@@ -234,7 +280,7 @@ def softmax_losses(logits: FloatArray, coefficients: FloatArray,
         s_hi, s_lo = _dd_sum(np.where(weighted, a * -parts.d_hi, 0.0),
                              None if parts.d_lo is None
                              else np.where(weighted, a * -parts.d_lo, 0.0))
-        total_a = np.sum(a, axis=-1)
+        total_a = row_sum(a)
         return _nonnegative_total(s_hi, s_lo, total_a * parts.log_t)
 
 
@@ -378,7 +424,7 @@ def softmax_gradients(logits: FloatArray, coefficients: FloatArray,
     a = np.asarray(coefficients, dtype=np.float64)
     parts = parts if parts is not None else shifted_log_sum(logits)
     rows, top = np.arange(a.shape[0]), parts.top
-    total = a.sum(axis=-1)
+    total = row_sum(a)
     with np.errstate(invalid="ignore", over="ignore"):
         grad = _softmax(parts)
         grad *= total[:, None]

@@ -425,26 +425,31 @@ _CHECK_VALUES = 1 << 22
 
 def _find_first(
     array: FloatArray, predicate: Callable[[FloatArray], FloatArray],
-    possible: Callable[[FloatArray], bool] | None = None,
+    possible: Callable[[FloatArray], bool] | None = None, *, whole_rows: bool = False,
 ) -> list[int] | None:
     """Index (in ``array``'s shape) of the first value where ``predicate`` holds, scanning
-    row blocks so that a memory-mapped file is never read into memory whole. ``possible``
+    row blocks (a row wider than a block in pieces, unless ``whole_rows``: the predicate
+    reduces rows) so that a memory-mapped file is never read into memory whole. ``possible``
     screens a block cheaply in its own dtype: where it says no, the predicate is not run."""
     width = array.shape[-1] if array.ndim else 1
     rows = array.reshape(-1, width)
     step = max(1, _CHECK_VALUES // max(1, width))
+    # a row wider than a step is scanned in pieces, unless the predicate needs whole rows
+    columns = width if whole_rows else min(width, _CHECK_VALUES)
     for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step]
-        if possible is not None and not possible(chunk):
+        for first in range(0, width, columns):
+            chunk = rows[start:start + step, first:first + columns]
+            if possible is not None and not possible(chunk):
+                release_pages(array, chunk)
+                continue
+            with np.errstate(invalid="ignore"):
+                hit = np.asarray(predicate(np.asarray(chunk, dtype=np.float64)))
             release_pages(array, chunk)
-            continue
-        with np.errstate(invalid="ignore"):
-            hit = np.asarray(predicate(np.asarray(chunk, dtype=np.float64)))
-        release_pages(array, chunk)
-        if hit.any():
-            r, c = np.unravel_index(int(np.argmax(hit)), hit.shape)
-            flat = (start + int(r)) * width + int(c)
-            return [int(i) for i in np.unravel_index(flat, array.shape)] if array.ndim else []
+            if hit.any():
+                r, c = np.unravel_index(int(np.argmax(hit)), hit.shape)
+                flat = (start + int(r)) * width + first + int(c)
+                return ([int(i) for i in np.unravel_index(flat, array.shape)]
+                        if array.ndim else [])
     return None
 
 
@@ -492,7 +497,8 @@ def _checked_logits(logits: FloatArray, family: str, from_logits: bool) -> Float
                 "XC102", f"from_logits is false, so these are probabilities, but index {where} "
                 f"holds {_value_at(array, where)} (outside [0, 1])"), field=key)
         if family == "softmax":
-            row = _find_first(array, lambda v: (v.sum(axis=-1) <= 0)[:, None])
+            row = _find_first(array, lambda v: (v.sum(axis=-1) <= 0)[:, None],
+                              whole_rows=True)
             if row is not None:
                 raise InputError(f"the probabilities of row {row[:-1] or [0]} sum to 0",
                                  field=key)
@@ -548,7 +554,8 @@ def _checked_labels(
         eps = float(np.finfo(np.float64).eps) if labels.dtype.itemsize >= 8 else (
             float(np.finfo(np.float32).eps) if labels.dtype.itemsize == 4 else 2.0**-7)
         limit = max(1e-6, classes * eps)
-        row = _find_first(labels, lambda v: (np.abs(v.sum(axis=-1) - 1.0) > limit)[:, None])
+        row = _find_first(labels, lambda v: (np.abs(v.sum(axis=-1) - 1.0) > limit)[:, None],
+                          whole_rows=True)
         if row is not None:
             total = float(np.asarray(labels[tuple(row[:-1])], dtype=np.float64).sum())
             raise InputError(tagged("XC202", f"one-hot or probability rows must sum to 1; row "

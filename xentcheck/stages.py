@@ -24,11 +24,12 @@ an ignored padding row is not reported.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .precision import FloatArray, Operand, Precision
 
 EVENT_KINDS = ("overflow", "nan", "underflow", "log_of_zero", "division_by_zero")
@@ -45,6 +46,39 @@ class StageEvent:
     index: tuple[int, ...]
 
 
+class PassComplete(Exception):
+    """Raised by the reduction a pass collects: this chunk's part of it is taken (``step``
+    folds it into the state of the chunks before, None at the first; ``finish`` turns the
+    state of all chunks into the whole-row result), the rest of the pass over this chunk
+    is not needed."""
+
+    def __init__(self, step: Callable[[Any], Any], finish: Callable[[Any], Any]) -> None:
+        super().__init__("a row reduction's part is taken")
+        self.step, self.finish = step, finish
+
+
+@dataclass
+class Replay:
+    """A row split across its classes, run chunk by chunk, in passes (see :class:`StageRunner`).
+
+    Pass ``k`` runs the pipeline over each chunk up to its ``k``-th row reduction, which
+    hands over the chunk's part (:class:`PassComplete`); the reductions before it return the
+    whole-row results of the earlier passes (``results``). When a pass runs to its end on
+    every chunk, every reduction is known and that pass computes (and watches) everything,
+    chunk by chunk. Chunks of one pass are independent: they may run on several threads.
+    """
+
+    results: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class ReplayCursor:
+    """One chunk's way through a pass: which of the row's reductions comes next."""
+
+    replay: Replay
+    counter: int = 0
+
+
 class StageRunner:
     """Evaluates one pipeline's steps in ``precision`` over a block of rows.
 
@@ -58,6 +92,12 @@ class StageRunner:
     :meth:`bind` sets, for each block of rows, which rows count (False for ``ignore_index``
     rows) and the block's first row in the whole input, so that reported indices are in the
     input's own coordinates when the input streams through in blocks.
+
+    :meth:`enter` points the runner at a column chunk ``[c0, c1)`` of a row split across its
+    classes (a :class:`Replay`): the row reductions (``max``, ``argmax``, ``sum``,
+    ``gather``) then fold chunk by chunk into whole-row results identical to the unsplit
+    row's (sums are defined chunk-wise, :mod:`xentcheck.chunking`), ``scatter`` writes the
+    chunk's part, and events at per-class positions get ``c0`` added to their column.
     """
 
     def __init__(self, precision: Precision, stages: Sequence[str],
@@ -76,6 +116,24 @@ class StageRunner:
         # critical positions by (critical, where) masks, for the current block only: a
         # pipeline passes the same masks to several steps
         self._critical: dict[tuple[int, int, tuple[int, ...]], tuple[Any, ...]] = {}
+        # a split row's chunk: its replay and columns (None: whole rows)
+        self.replay: ReplayCursor | None = None
+        self.columns: tuple[int, int] | None = None
+        self.watching = True
+        # which watch (in call order) found each event: a split row's chunks are merged by it
+        self.calls = 0
+        self.event_calls: dict[tuple[str, str], int] = {}
+
+    def enter(self, replay: ReplayCursor, columns: tuple[int, int]) -> StageRunner:
+        """Run over the columns ``columns`` of a row split across its classes."""
+        self.replay, self.columns = replay, columns
+        return self
+
+    def unwatched(self, stages: Sequence[str]) -> StageRunner:
+        """A runner for recomputing values: same precision, rows and chunk, no events."""
+        other = StageRunner(self.precision, stages).bind(self.valid_rows, self.row_offset)
+        other.replay, other.columns, other.watching = self.replay, self.columns, False
+        return other
 
     def bind(self, valid_rows: FloatArray, row_offset: int = 0) -> StageRunner:
         """Point the runner at the next block of rows; events found so far are kept."""
@@ -127,14 +185,20 @@ class StageRunner:
         if (stage, kind) in self._seen or not mask.any():
             return
         first = np.unravel_index(int(np.argmax(mask.ravel())), mask.shape)
-        self._record_index(stage, kind, tuple(int(i) for i in first))
+        self._record_index(stage, kind, tuple(int(i) for i in first), mask.shape)
 
-    def _record_index(self, stage: str, kind: str, position: tuple[int, ...]) -> None:
-        """Keep the first event of each (stage, kind); the row becomes a whole-input row."""
+    def _record_index(self, stage: str, kind: str, position: tuple[int, ...],
+                      shape: tuple[int, ...]) -> None:
+        """Keep the first event of each (stage, kind); the row becomes a whole-input row, and
+        in a split row's chunk a per-class position becomes a whole-row column."""
         if (stage, kind) in self._seen:
             return
         index = (position[0] + self.row_offset, *position[1:]) if position else ()
+        if (self.columns is not None and index
+                and shape[-1] == self.columns[1] - self.columns[0]):
+            index = (*index[:-1], index[-1] + self.columns[0])
         self._seen.add((stage, kind))
+        self.event_calls[(stage, kind)] = self.calls
         self.events.append(StageEvent(stage, kind, index))
 
     def _watch(
@@ -149,10 +213,16 @@ class StageRunner:
         pole_operand: Operand | None = None,
         reduced_axis: int | None = None,
         fresh_tiny: bool = False,
+        operand_flags: tuple[FloatArray, FloatArray] | None = None,
     ) -> None:
-        """Record what this step created. ``reduced_axis``: the operand axis a sum removed."""
+        """Record what this step created. ``reduced_axis``: the operand axis a sum removed;
+        ``operand_flags``: a split row's (any operand non-finite, any NaN) per output value,
+        merged over the chunks, in place of the operands."""
         if stage not in self.stages:
             raise ValueError(f"stage {stage!r} is not declared by the pipeline")
+        self.calls += 1
+        if not self.watching:
+            return
         watch_underflow = (critical is not None and not self._found(stage, "underflow")
                            and bool(np.any(critical)))
         all_finite = self.precision.all_finite(out)
@@ -174,6 +244,9 @@ class StageRunner:
             operand_nonfinite = np.zeros(out.shape, dtype=bool)
             operand_nan = np.zeros(out.shape, dtype=bool)
             precision = self.precision
+            if operand_flags is not None:
+                operand_nonfinite = np.broadcast_to(operand_flags[0], out.shape)
+                operand_nan = np.broadcast_to(operand_flags[1], out.shape)
             for operand in operands:
                 value = np.asarray(operand)
                 operand_nonfinite = operand_nonfinite | per_output(~precision.isfinite(value))
@@ -222,7 +295,8 @@ class StageRunner:
                 tiny &= value >= self.precision.tiny
         if tiny.any():
             first = int(np.argmax(tiny))  # np.nonzero lists positions in C order
-            self._record_index(stage, "underflow", tuple(int(p[first]) for p in positions))
+            self._record_index(stage, "underflow", tuple(int(p[first]) for p in positions),
+                               out.shape)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -270,6 +344,9 @@ class StageRunner:
         The result is rounded to D once (``round_result``), as a kernel stores its output,
         or kept in the compute dtype, as a kernel keeps a value in registers for its next
         step (a float32 ``exp`` summed before anything is stored). Watched like any step.
+        ``fn`` is elementwise (broadcasting allowed): a kernel's row reduction is a
+        :meth:`sum`, :meth:`accumulate` or :meth:`max` of the kept compute-dtype values, so
+        that a row split across its classes replays it (:class:`Replay`).
         """
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
             out = fn(*(self._to_compute(o) for o in operands))
@@ -316,45 +393,169 @@ class StageRunner:
     def abs(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.abs, x, **kw)
 
+    def _reduce(self, step: Callable[[Any], Any], finish: Callable[[Any], Any]) -> Any:
+        """A row reduction of a split row: the whole-row result once a pass has collected it;
+        in the pass collecting it, hand this chunk's part over (``step`` maps the state of
+        the chunks before, None at the first, to the next) and end the pass over the chunk."""
+        cursor = self.replay
+        assert cursor is not None
+        number = cursor.counter
+        cursor.counter += 1
+        if number < len(cursor.replay.results):
+            return cursor.replay.results[number]
+        raise PassComplete(step, finish)
+
+    def _chunk_columns(self, index: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """For class indices of the whole row: which lie in this chunk, and their columns in
+        it (clipped into range where they do not)."""
+        assert self.columns is not None
+        start, stop = self.columns
+        index = np.asarray(index)
+        inside = (index >= start) & (index < stop)
+        return inside, np.clip(index - start, 0, stop - start - 1)
+
     def max(self, stage: str, x: FloatArray, *, axis: int = -1) -> FloatArray:
         """Row maximum, kept as a trailing axis of length one. Exact in any dtype."""
-        return np.max(x, axis=axis, keepdims=True)
+        if self.replay is None:
+            return np.max(x, axis=axis, keepdims=True)
+        part = np.max(x, axis=-1, keepdims=True)
+        result: FloatArray = self._reduce(
+            lambda state: part if state is None else np.maximum(state, part), lambda s: s)
+        return result
+
+    def argmax(self, stage: str, x: FloatArray) -> FloatArray:
+        """``(N,)``: each row's first position of its maximum (of its first NaN, as
+        ``np.argmax``). Exact."""
+        if self.replay is None:
+            return np.argmax(np.asarray(x), axis=-1)
+        assert self.columns is not None
+        values = np.asarray(x)
+        at = np.argmax(values, axis=-1)
+        part = (np.take_along_axis(values, at[:, None], axis=-1)[:, 0], at + self.columns[0])
+
+        def step(state: Any) -> Any:
+            if state is None:
+                return part
+            # a later chunk wins only with a strictly larger value, or the first NaN
+            later = (part[0] > state[0]) | (np.isnan(part[0]) & ~np.isnan(state[0]))
+            return np.where(later, part[0], state[0]), np.where(later, part[1], state[1])
+
+        result: FloatArray = self._reduce(step, lambda s: s[1])
+        return result
 
     def gather(self, stage: str, x: FloatArray, index: FloatArray) -> FloatArray:
         """``x[i, index[i]]`` for each row i. Exact."""
-        return np.take_along_axis(x, np.asarray(index)[:, None], axis=-1)[:, 0]
+        if self.replay is None:
+            return np.take_along_axis(x, np.asarray(index)[:, None], axis=-1)[:, 0]
+        inside, column = self._chunk_columns(index)
+        values = np.take_along_axis(np.asarray(x), column[:, None], axis=-1)[:, 0]
+        result: FloatArray = self._reduce(
+            lambda state: np.where(inside, values, values if state is None else state),
+            lambda s: s)
+        return result
 
     def scatter(self, stage: str, shape: tuple[int, ...], index: FloatArray,
                 values: FloatArray) -> FloatArray:
         """Zeros of ``shape`` with ``values[i]`` at ``[i, index[i]]``: gather's backward."""
         out = np.zeros(shape, dtype=self.precision.storage_dtype)
-        np.put_along_axis(out, np.asarray(index)[:, None],
-                          self._round(np.asarray(values))[:, None], -1)
+        rounded = self._round(np.asarray(values))
+        if self.replay is None:
+            np.put_along_axis(out, np.asarray(index)[:, None], rounded[:, None], -1)
+            return out
+        inside, column = self._chunk_columns(index)
+        rows = np.flatnonzero(inside)
+        out[rows, column[rows]] = rounded[rows]
         return out
 
     def sum(self, stage: str, x: FloatArray, *, keepdims: bool = False,
             where: Mask = None) -> FloatArray:
-        """Sum along the last axis: accumulate per the precision, round the result to D."""
-        out = self._round(self.accumulate(x, axis=-1))
-        self._watch(stage, out, [x], where=where, reduced_axis=-1)
+        """Sum along the last axis: accumulate per the precision, round to D."""
+        if self.replay is None:
+            out = self._round(self.accumulate(x, axis=-1))
+            self._watch(stage, out, [x], where=where, reduced_axis=-1)
+        else:
+            out, nonfinite, nan = self._reduce(*self._split_sum(x))
+            self._watch(stage, out, [], where=where, operand_flags=(nonfinite, nan))
         return out[..., None] if keepdims else out
 
+    def _split_sum(self, x: FloatArray, rounded: bool = True) -> tuple[
+            Callable[[Any], Any], Callable[[Any], Any]]:
+        """The fold and finish of a split row's sum: the chunk sums (a running sum for a
+        sequential accumulation) and whether any term was non-finite or NaN, by row; the
+        total is rounded to D unless not ``rounded`` (:meth:`accumulate`)."""
+        values = np.asarray(x)
+        precision = self.precision
+        nonfinite = (~precision.isfinite(values)).any(axis=-1)
+        nan = precision.isnan(values).any(axis=-1)
+
+        sums = None
+        if not precision.sequential_sum:  # the chunk's part, taken where the chunk runs
+            with np.errstate(all="ignore"):
+                sums = chunk_sums(values.astype(precision.accumulate_dtype, copy=False))
+
+        def step(state: Any) -> Any:
+            if state is None:
+                state = (None, np.zeros_like(nonfinite), np.zeros_like(nan))
+            partial, seen_nonfinite, seen_nan = state
+            if sums is None:  # a running sum goes on from the chunks before: in order
+                total = self._sequential_sum(values, partial)
+            else:
+                total = sums if partial is None else np.concatenate([partial, sums], axis=-1)
+            return total, seen_nonfinite | nonfinite, seen_nan | nan
+
+        def finish(state: Any) -> Any:
+            partial, seen_nonfinite, seen_nan = state
+            if not precision.sequential_sum:
+                with np.errstate(all="ignore"):
+                    partial = combine_chunk_sums(partial)
+            return self._round(partial) if rounded else partial, seen_nonfinite, seen_nan
+
+        return step, finish
+
     def watch_reduction(self, stage: str, out: FloatArray, x: FloatArray) -> None:
-        """Watch a reduction over the last axis whose result the caller computed."""
-        self._watch(stage, out, [x], where=None, reduced_axis=-1)
+        """Watch a reduction over the last axis whose result the caller computed. In a split
+        row's chunk, whether any term of the whole row was non-finite or NaN is replayed."""
+        if self.replay is None:
+            self._watch(stage, out, [x], where=None, reduced_axis=-1)
+            return
+        values = np.asarray(x)
+        part = ((~self.precision.isfinite(values)).any(axis=-1),
+                self.precision.isnan(values).any(axis=-1))
+        nonfinite, nan = self._reduce(
+            lambda state: part if state is None else (state[0] | part[0], state[1] | part[1]),
+            lambda state: state)
+        shape = np.shape(out)
+        self._watch(stage, out, [], where=None,
+                    operand_flags=(np.reshape(nonfinite, shape), np.reshape(nan, shape)))
 
     def accumulate(self, x: FloatArray, *, axis: int = -1, keepdims: bool = False) -> FloatArray:
-        """The unrounded sum of ``x`` along ``axis`` as the precision accumulates it."""
+        """The unrounded sum of ``x`` along ``axis`` as the precision accumulates it.
+
+        Sums of more than :data:`~xentcheck.chunking.SUM_CHUNK` values are defined
+        chunk-wise (:mod:`xentcheck.chunking`), so a row split across blocks sums the same;
+        in a split row's chunk, a sum over the classes (the last axis) is replayed as
+        :meth:`sum`'s is.
+        """
+        if self.replay is not None and np.ndim(x) and axis in (-1, np.ndim(x) - 1):
+            total = self._reduce(*self._split_sum(x, rounded=False))[0]
+            return total[..., None] if keepdims else total
+        values = np.moveaxis(np.asarray(x), axis, -1)
         with np.errstate(all="ignore"):
             if not self.precision.sequential_sum:
                 acc = self.precision.accumulate_dtype
-                return np.sum(np.asarray(x).astype(acc, copy=False), axis=axis, keepdims=keepdims)
-            # A running sum in D: each partial sum rounds to D, as a loop accumulating in D does.
-            moved = np.moveaxis(np.asarray(x), axis, 0)
-            total = self._round(np.zeros(moved.shape[1:]))
-            for term in moved:
-                total = self._round(self._to_compute(total) + self._to_compute(term))
-            return np.expand_dims(total, axis) if keepdims else total
+                total = row_sum(values.astype(acc, copy=False))
+            else:
+                total = self._sequential_sum(values, None)
+        return np.expand_dims(total, axis) if keepdims else total
+
+    def _sequential_sum(self, values: FloatArray, start: FloatArray | None) -> FloatArray:
+        # A running sum in D over the last axis: each partial sum rounds to D, as a loop
+        # accumulating in D does; ``start`` carries the running sum of earlier chunks.
+        total = self._round(np.zeros(values.shape[:-1])) if start is None else start
+        with np.errstate(all="ignore"):
+            for k in range(values.shape[-1]):
+                total = self._round(self._to_compute(total) + self._to_compute(values[..., k]))
+        return total
 
     def select(self, stage: str, condition: FloatArray, a: Operand, b: Operand) -> FloatArray:
         """``where(condition, a, b)``; exact, used to zero out ignored positions."""

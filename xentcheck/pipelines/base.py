@@ -8,14 +8,15 @@ named steps on a :class:`~xentcheck.stages.StageRunner`, which rounds and watche
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 
-from ..case import Case, valid_elements, valid_rows
+from ..arrays import release_pages
+from ..case import Case, softmax_coefficients, valid_elements, valid_rows
 from ..precision import FloatArray, Precision
 from ..stages import StageRunner
 
@@ -31,6 +32,40 @@ class Block:
     logits: FloatArray
     labels: FloatArray
     start: int = 0
+    # a row split across its classes: the classes ``[c0, c1)`` these arrays hold
+    columns: tuple[int, int] | None = None
+    # a whole row too wide for one block: the width of its column chunks
+    split: int | None = None
+
+    def column_chunks(self) -> Iterator[Block]:
+        """The block (one row, :attr:`split` set) as consecutive column chunks: views of
+        ``split`` classes, the last one at least two wide (so that a per-class array is
+        never mistaken for a per-row one)."""
+        width = self.case.classes
+        step = self.split or width
+        starts = list(range(0, width, step))
+        if len(starts) > 1 and width - starts[-1] < 2:
+            starts.pop()
+        for start, stop in zip(starts, [*starts[1:], width], strict=True):
+            labels = self.labels if self.case.label_kind == "index" else self.labels[:, start:stop]
+            chunk = Block(self.case, self.logits[:, start:stop], labels, self.start, (start, stop))
+            yield chunk
+            # a memory-mapped row's pages need not stay resident once a chunk is done (a
+            # block of rounded copies holds no pages of the input)
+            for given, view in ((self.case.logits, chunk.logits), (self.case.labels, labels)):
+                if np.may_share_memory(given, view):
+                    release_pages(given, view)
+
+    def per_class(self, values: FloatArray) -> FloatArray:
+        """Per-class ``values`` (class weights, pos_weight) for this block's classes."""
+        values = np.asarray(values)
+        if self.columns is None or values.ndim == 0 or values.shape[-1] != self.case.classes:
+            return values
+        return values[..., self.columns[0]:self.columns[1]]
+
+    def softmax_coefficients(self) -> FloatArray:
+        """The block's coefficients a[i, c] (:func:`~xentcheck.case.softmax_coefficients`)."""
+        return softmax_coefficients(self.case, self.labels, self.columns)
 
     @cached_property
     def valid(self) -> FloatArray:
@@ -47,7 +82,9 @@ class Block:
         """``(N, C)``: True at each row's target class (integer labels). Built once per block:
         the textbook pipelines' forward and backward passes all ask for it."""
         mask = np.zeros(self.logits.shape, dtype=bool)
-        np.put_along_axis(mask, self.target[:, None], True, axis=-1)
+        start, stop = self.columns or (0, self.logits.shape[-1])
+        rows = np.flatnonzero((self.target >= start) & (self.target < stop))
+        mask[rows, self.target[rows] - start] = True
         return mask
 
     @cached_property
@@ -74,7 +111,33 @@ class Block:
 
 
 class Pipeline(ABC):
-    """One formulation of the loss."""
+    """One formulation of the loss.
+
+    A row wider than a block (:func:`xentcheck.execution.blocks`) is run in column chunks
+    (:meth:`Block.column_chunks`), in passes that replay the row's reductions
+    (:class:`~xentcheck.stages.Replay`), so that every loss, event and gradient entry is
+    the unsplit row's, bit for bit. That holds only if :meth:`per_example` and
+    :meth:`backward` keep these rules (``tests/test_wide_rows.py`` and
+    ``tests/test_wide_rows_masked.py`` run every registered pipeline split and whole):
+
+    - every reduction over a row's classes goes through the runner: ``run.sum``,
+      ``run.accumulate`` (an unrounded sum, watched with ``run.watch_reduction``),
+      ``run.max``, ``run.argmax``, ``run.gather`` (and ``run.scatter`` for gather's
+      backward), never ``np.sum``/``np.max``/``np.argmax``/``take_along_axis`` or a
+      reduction inside a :meth:`~xentcheck.stages.StageRunner.fused` step's function
+      (``tests/test_wide_rows_contract.py`` shows a fused kernel written this way);
+      several reductions in a row (a log-sum-exp's max, then its sum) are several runner
+      calls, made in the same order in every chunk, whatever the chunk's values;
+    - forward values recomputed in :meth:`backward` come from ``run.unwatched(...)`` (it
+      shares the chunk and the replayed reductions), never from a fresh ``StageRunner``;
+    - per-class arrays (class weights, ``pos_weight``) are taken through
+      ``block.per_class(...)`` and a softmax's coefficients through
+      ``block.softmax_coefficients()`` (a chunk holds classes ``block.columns`` only);
+      per-row values indexed by the target (``weights[block.target]``) use the whole
+      array, and ``block.target_mask`` is the chunk's;
+    - a step's branching may depend on per-row values (the same in every chunk) but not
+      on a chunk's own values.
+    """
 
     name: ClassVar[str]
     family: ClassVar[str]

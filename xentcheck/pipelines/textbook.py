@@ -30,11 +30,13 @@ def _softmax_nll(run: StageRunner, block: Block, logp: FloatArray) -> FloatArray
     smoothing = float(spec.label_smoothing)
     weights = None
     if spec.class_weights is not None:
-        weights = run.cast("cast", np.asarray(spec.class_weights)[None, :])
+        weights = run.cast("cast", block.per_class(spec.class_weights)[None, :])
     if block.case.label_kind == "index":
         loss = run.negate("gather", run.gather("gather", logp, block.target))
         if weights is not None:
-            loss = run.multiply("weight", loss, weights[0, block.target])
+            # the targets' weights, as cast above (a split row's chunk holds some classes)
+            target_weights = np.asarray(spec.class_weights)[block.target]
+            loss = run.multiply("weight", loss, run.precision.round(target_weights))
         if smoothing:
             # F.cross_entropy: (1 - e) * nll + e / C * (-sum_c w_c log p_c)
             terms = logp if weights is None else run.multiply("smooth", logp, weights)
@@ -172,10 +174,9 @@ _BINARY_STAGES = ("combine", "weight", "nll")
 
 def _binary_weights(run: StageRunner, block: Block) -> tuple[FloatArray | None, FloatArray | None]:
     spec = block.case.spec
-    pos = None if spec.pos_weight is None else run.cast("cast", np.asarray(spec.pos_weight))
-    weights = (
-        None if spec.class_weights is None else run.cast("cast", np.asarray(spec.class_weights))
-    )
+    pos = None if spec.pos_weight is None else run.cast("cast", block.per_class(spec.pos_weight))
+    weights = None if spec.class_weights is None else run.cast(
+        "cast", block.per_class(spec.class_weights))
     return pos, weights
 
 
