@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import InputError, UsageError
 from .findings import FLAGS, Finding, ScenarioResult
-from .pipelines import PIPELINES
+from .pipelines import ALL_PIPELINES
 from .precision import DTYPE_NAMES
 
 LOSS_STATES = ("finite", "nan", "inf", "not_finite")
@@ -46,7 +46,7 @@ CONDITIONS = ("loss", "flags", "no_flags", "first_bad_stage", *BOUNDS, *LIMITS)
 KEYS = ("pipeline", "dtype", "no_mismatch", *CONDITIONS)
 # Every registered pipeline name, whatever the family or input kind: a --fail-on rule applies
 # to every scenario, so a name is known if any scenario could run it.
-PIPELINE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in PIPELINES))
+PIPELINE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in ALL_PIPELINES))
 
 
 @dataclass(frozen=True)

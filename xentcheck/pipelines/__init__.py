@@ -22,10 +22,11 @@ from .textbook import (
     SoftmaxShifted,
     SoftmaxStable,
 )
+from .torch_eager import TorchBinary, TorchBinaryWithLogits, TorchCrossEntropy
 
 __all__ = [
-    "KERAS_EPSILON", "PIPELINES", "Block", "Pipeline", "Saved", "available", "reduce_losses",
-    "select",
+    "ALL_PIPELINES", "FRAMEWORK_PIPELINES", "KERAS_EPSILON", "PIPELINES", "Block", "Pipeline",
+    "Saved", "available", "reduce_losses", "select",
 ]
 
 PIPELINES: tuple[Pipeline, ...] = (
@@ -40,18 +41,27 @@ PIPELINES: tuple[Pipeline, ...] = (
     SigmoidProbabilitiesClipped(),
 )
 
+# Framework emulations: run when named (``--pipeline torch``, a scenario's ``pipelines:``),
+# not by default, until the default set and its layout are settled (issue 11).
+FRAMEWORK_PIPELINES: tuple[Pipeline, ...] = (
+    TorchCrossEntropy(), TorchBinaryWithLogits(), TorchBinary(),
+)
+ALL_PIPELINES: tuple[Pipeline, ...] = PIPELINES + FRAMEWORK_PIPELINES
 
-def available(family: str, from_logits: bool) -> tuple[Pipeline, ...]:
-    """The pipelines that apply to a loss family and input kind, in display order."""
-    return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits)
+
+def available(family: str, from_logits: bool, *,
+              frameworks: bool = False) -> tuple[Pipeline, ...]:
+    """The pipelines that apply to a loss family and input kind, in display order: the
+    default set, or (``frameworks``) every registered one."""
+    pool = ALL_PIPELINES if frameworks else PIPELINES
+    return tuple(p for p in pool if p.family == family and p.from_logits == from_logits)
 
 
 def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:
-    """The named pipelines (all applicable ones when ``names`` is empty or None)."""
-    choices = available(family, from_logits)
+    """The named pipelines (the default applicable ones when ``names`` is empty or None)."""
     if not names:
-        return choices
-    by_name = {p.name: p for p in choices}
+        return available(family, from_logits)
+    by_name = {p.name: p for p in available(family, from_logits, frameworks=True)}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         kind = "logits" if from_logits else "probabilities"
