@@ -437,16 +437,30 @@ def test_the_float32_float64_distances_are_as_measured(entry: dict[str, Any]) ->
 
 def test_two_threads_sum_in_float16_where_one_does_not() -> None:
     torch = require("torch")
-    ones = torch.ones(65519, dtype=torch.float16)
     before = torch.get_num_threads()
-    try:
+
+    def sums(values: Any) -> tuple[float, float]:
         torch.set_num_threads(1)
-        one = float(ones.sum())
+        one = float(values.sum())
         torch.set_num_threads(2)
-        two = float(ones.sum())
+        return one, float(values.sum())
+
+    try:
+        # the example: 65,519 float16 ones
+        assert sums(torch.ones(65519, dtype=torch.float16)) == (65504.0, float("inf"))
+        assert thread_dependent_sum(np.ones(65519), Precision("float16"))
+        # the detector's verdict is torch's, on sums of every size around the grain
+        rng = np.random.default_rng(5)
+        verdicts = []
+        for dtype in ("float16", "bfloat16"):
+            for n in (1000, 32768, 32769, 40000, 70001):
+                for _ in range(4):
+                    values = torch.tensor(rng.uniform(0, 2, n)).to(getattr(torch, dtype))
+                    one, two = sums(values)
+                    differs = one != two and not (np.isnan(one) and np.isnan(two))
+                    predicted = thread_dependent_sum(values.double().numpy(), Precision(dtype))
+                    assert predicted == differs, (dtype, n, one, two)
+                    verdicts.append(differs)
+        assert any(verdicts) and not all(verdicts)
     finally:
         torch.set_num_threads(before)
-    assert one == 65504.0
-    assert two == float("inf")
-    assert thread_dependent_sum(np.ones(65519), Precision("float16"))
-

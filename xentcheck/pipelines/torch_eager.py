@@ -74,6 +74,8 @@ PRIMITIVES = Primitives()
 
 # nll_loss_out_frame's cascade: eight levels of partial sums in D.
 CASCADE_LEVELS = 8
+# at::internal::GRAIN_SIZE: parallel_for splits no range shorter than this.
+GRAIN_SIZE = 32768
 # binary_cross_entropy clamps each log at this value.
 LOG_CLAMP = -100.0
 # Rows per chunk when a batch reduction recomputes per-row parts (label smoothing, dense
@@ -174,11 +176,13 @@ def torch_sum(values: FloatArray, precision: Precision) -> FloatArray:
 
 def thread_dependent_sum(values: FloatArray, precision: Precision, threads: int = 2) -> bool:
     """Whether ``Tensor.sum()`` of these values, which this module emulates on one thread,
-    gives another value on ``threads`` threads (which add their float32 partial sums after
-    rounding each to D): the float16 sum of 65,519 ones is 65504 on one thread and ``inf``
-    on two. A cheap model of the split (equal contiguous parts); for 16-bit D only."""
+    gives another value on ``threads`` threads, which add their float32 partial sums after
+    rounding each to D: the float16 sum of 65,519 ones is 65504 on one thread and ``inf``
+    on two. A model of the split: a sum of more than ``at::internal::GRAIN_SIZE`` (32768)
+    values is cut into ``threads`` equal contiguous parts. For 16-bit D only (float32 and
+    float64 partial sums are kept in D anyway, so only the order changes there)."""
     flat = np.asarray(values).reshape(-1)
-    if not precision.is_16bit or len(flat) < threads:
+    if not precision.is_16bit or len(flat) <= GRAIN_SIZE:
         return False
     one = torch_sum(flat, precision)
     parts = [torch_sum(part, precision) for part in np.array_split(flat, threads)]
@@ -282,6 +286,14 @@ def _smoothing_mix(run: StageRunner, nll: FloatArray, smooth: FloatArray,
                    run.multiply("smooth", smooth, smoothing / classes))
 
 
+class _Unwatched(StageRunner):
+    """A runner that computes and does not watch: for the per-row parts a batch reduction
+    recomputes (their events were found by the forward pass already)."""
+
+    def _watch(self, stage: str, out: FloatArray, operands: object, **kw: object) -> None:
+        return None
+
+
 def _chunks(case: Case) -> Iterator[Block]:
     step = max(1, _CHUNK_VALUES // max(1, case.classes))
     for start in range(0, case.rows, step):
@@ -342,7 +354,7 @@ class TorchCrossEntropy(Pipeline):
 
     def _smoothing_reduction(self, run: StageRunner, case: Case, reduction: str) -> FloatArray:
         precision = run.precision
-        quiet = StageRunner(precision, self.all_stages)
+        quiet = _Unwatched(precision, self.all_stages)
         nll_parts, smooth_parts = [], []
         for chunk in _chunks(case):
             quiet.bind(chunk.valid, chunk.start)
@@ -364,7 +376,7 @@ class TorchCrossEntropy(Pipeline):
 
     def _dense_reduction(self, run: StageRunner, case: Case, reduction: str) -> FloatArray:
         precision = run.precision
-        quiet = StageRunner(precision, self.all_stages)
+        quiet = _Unwatched(precision, self.all_stages)
         compute = precision.compute_dtype
         total = np.zeros((), dtype=compute)
         with np.errstate(all="ignore"):
