@@ -73,6 +73,12 @@ def _specs() -> list[Spec]:
         Spec("overflow_2000_sum", "index", 2000, 2, constant=(0.0, -40.0), reduction="sum"),
         Spec("divisor_257", "index", 257, 10, seed=12, scale=2.0),
         Spec("divisor_257_constant", "index", 257, 2, constant=(0.0, -6.0)),
+        # counts that bfloat16 (and float16) cannot hold: which divisors are rounded to D
+        Spec("smoothing_divisor_257", "index", 257, 10, seed=26, smoothing=0.2, ignored=0.0),
+        Spec("smoothing_divisor_2100", "index", 2100, 3, seed=27, smoothing=0.2, ignored=0.1),
+        Spec("dense_divisor_257", "dense", 257, 10, seed=28),
+        Spec("binary_divisor_771", "binary", 257, 3, seed=29),
+        Spec("binary_divisor_771_sum", "binary", 257, 3, seed=29, reduction="sum"),
         Spec("divisor_257_weights", "index", 257, 10, seed=13, scale=2.0, weights=True),
         Spec("narrow", "index", 128, 64, seed=14, scale=0.01),
         Spec("wide", "index", 128, 64, seed=15, scale=30.0, centre=100.0),

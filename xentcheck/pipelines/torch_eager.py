@@ -215,13 +215,15 @@ def nll_total_weight(case: Case, precision: Precision) -> FloatArray:
 
 
 def smoothing_total_weight(case: Case, precision: Precision) -> FloatArray:
-    """The divisor of label smoothing's ``mean`` term: ``weight.gather(targets).sum()`` in D
-    (float32 accumulation), or the count of counted rows cast to D."""
+    """The divisor of label smoothing's ``mean`` term: ``weight.gather(targets).sum()``, a
+    value of D (float32 accumulation, one rounding), or without weights ``true_mask.sum()``,
+    an int64 tensor that the division reads as a float32 number (``opmath``) without rounding
+    it to D: 257 stays 257 in bfloat16 here, where nll_loss's own divisor is 256."""
     labels = np.asarray(case.labels_rows()).astype(np.int64)
     valid = valid_rows(case, labels)
     weights = _weights_in_d(case, precision)
     if weights is None:
-        return _count_in_d(int(np.count_nonzero(valid)), precision)
+        return np.asarray(np.count_nonzero(valid), dtype=precision.compute_dtype)
     return torch_sum(weights[labels[valid]], precision)
 
 
