@@ -232,6 +232,9 @@ def smoothing_total_weight(case: Case, precision: Precision) -> FloatArray:
 
 def log_softmax(run: StageRunner, x: FloatArray) -> FloatArray:
     """``torch.log_softmax(x, -1)`` as the CPU kernel computes it, in D."""
+    # D's values held in the compute dtype, converted once (exact): every step below reads
+    # them there, and numpy's max of a float32 array is many times faster than of bfloat16's
+    x = np.asarray(x).astype(run.precision.compute_dtype, copy=False)
     top = run.max("shift", x)
     exps = run.fused("exp", lambda a, m: PRIMITIVES.exp(a - m), x, top, round_result=False)
     # summed in float32, stored in D (tmp_sum_scalar is an array of scalar_t)
