@@ -22,7 +22,8 @@ Op by op, from PyTorch 2.13's sources and checked bit for bit against the instal
 ``cross_entropy_loss_label_smoothing``
     ``(1 - e) * nll_loss(...) + smooth * (e / C)`` where ``smooth`` is ``-sum_c logp_c w_c``
     per row, reduced separately by ``torch.sum`` (float32 accumulation, one rounding) and, for
-    ``mean``, divided by the summed target weights (or the count of counted rows).
+    ``mean``, divided by the summed target weights in D (or the count of counted rows, read
+    as a float32 number: not rounded to D, unlike nll_loss's divisor).
 ``cross_entropy_loss_prob_target``
     ``-(logp * y' * w).sum()`` over the whole batch in one float32 accumulation (``sum``,
     ``mean`` then divided by the number of rows); ``y' = y (1 - e) + e / C``.
@@ -45,7 +46,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..case import Case, valid_elements, valid_rows
+from ..case import Case, valid_rows
 from ..precision import FloatArray, Precision
 from ..stages import StageRunner
 from .base import Block, Pipeline, Saved
@@ -487,8 +488,3 @@ class TorchBinary(Pipeline):
         if weights is not None:
             loss = run.multiply("weight", loss, weights)
         return run.select("nll", block.valid_elements, loss, 0.0)
-
-
-def sigmoid_valid(case: Case) -> FloatArray:
-    """The sigmoid targets that count, over the whole case."""
-    return valid_elements(case, case.labels_rows())
