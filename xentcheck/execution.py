@@ -294,7 +294,7 @@ class PipelineRun:
             weights = self.precision.round(weights).astype(np.float64)
         loss = self.pipeline.reduce(
             self.runner, per_example, case.spec.reduction,
-            denominators.mean_denominator(case, weights),
+            denominators.mean_denominator(case, weights), case=case,
         )
         return loss, per_example
 

@@ -24,12 +24,16 @@ from .textbook import (
     SoftmaxShifted,
     SoftmaxStable,
 )
+from .torch_eager import TorchBinary, TorchBinaryWithLogits, TorchCrossEntropy
 
 __all__ = [
     "KERAS_EPSILON", "PIPELINES", "Block", "Pipeline", "Saved", "available", "reduce_losses",
     "select",
 ]
 
+# Display order. Framework emulations (``framework = True``) follow the textbook formulations;
+# those with ``default = False`` run only when named (``--pipeline``, a scenario's
+# ``pipelines:``).
 PIPELINES: tuple[Pipeline, ...] = (
     SoftmaxNaive(),
     SoftmaxShifted(),
@@ -40,6 +44,9 @@ PIPELINES: tuple[Pipeline, ...] = (
     SigmoidStable(),
     SigmoidProbabilitiesNaive(),
     SigmoidProbabilitiesClipped(),
+    TorchCrossEntropy(),
+    TorchBinaryWithLogits(),
+    TorchBinary(),
     SoftmaxFused(),
     KerasSoftmax(),
     KerasSoftmaxProbabilities(),
@@ -55,7 +62,7 @@ def available(family: str, from_logits: bool, *, every: bool = False) -> tuple[P
 
 
 def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:
-    """The named pipelines (all applicable ones when ``names`` is empty or None)."""
+    """The named pipelines (the default applicable ones when ``names`` is empty or None)."""
     if not names:
         return available(family, from_logits)
     by_name = {p.name: p for p in available(family, from_logits, every=True)}

@@ -167,9 +167,11 @@ class Pipeline(ABC):
         return None
 
     def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
-               denominator: float) -> FloatArray:
+               denominator: float, case: Case | None = None) -> FloatArray:
         """The batch reduction of the per-example losses (the shared one by default; a
-        framework pipeline overrides it with its library's own, e.g. a sum in D)."""
+        framework pipeline overrides it with its library's own, e.g. a sum in D, which may
+        need the whole ``case``: its labels, weights, or per-row parts the loss reduces
+        separately)."""
         return reduce_losses(run, per_example, reduction, denominator)
 
     def reduction_gradient(self, precision: Precision, reduction: str,

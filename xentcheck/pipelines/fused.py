@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..case import Case
 from ..precision import FloatArray, Precision
 from ..stages import StageRunner
 from .base import Block, Pipeline, Saved
@@ -115,7 +116,7 @@ class SoftmaxFused(Pipeline):
                          reduced_axis=-1)
 
     def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
-               denominator: float) -> FloatArray:
+               denominator: float, case: Case | None = None) -> FloatArray:
         """The float32 sum of the float32 losses, stored in D; ``mean`` divides by the
         denominator (stored in D for integer labels) and rounds again."""
         if reduction == "none":

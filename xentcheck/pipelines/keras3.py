@@ -37,6 +37,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..case import Case
 from ..precision import FloatArray, Precision
 from ..stages import StageRunner
 from .base import Block, Pipeline, Saved
@@ -151,7 +152,7 @@ class KerasSoftmax(Pipeline):
         return self._inner.per_example(_in_floatx(run), keras_block)
 
     def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
-               denominator: float) -> FloatArray:
+               denominator: float, case: Case | None = None) -> FloatArray:
         return _keras_reduce(run, per_example, reduction, denominator)
 
     def reduction_gradient(self, precision: Precision, reduction: str,
@@ -182,7 +183,7 @@ class KerasSoftmaxProbabilities(Pipeline):
         return self._inner.per_example(_in_floatx(run), keras_block)
 
     def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
-               denominator: float) -> FloatArray:
+               denominator: float, case: Case | None = None) -> FloatArray:
         return _keras_reduce(run, per_example, reduction, denominator)
 
 
@@ -220,7 +221,7 @@ class KerasSigmoid(Pipeline):
         return inner.select("nll", keras_block.valid_elements, loss, 0.0)
 
     def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
-               denominator: float) -> FloatArray:
+               denominator: float, case: Case | None = None) -> FloatArray:
         return _keras_reduce(run, per_example, reduction, denominator)
 
     def reduction_gradient(self, precision: Precision, reduction: str,
