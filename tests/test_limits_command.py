@@ -134,3 +134,24 @@ def test_agreement_means_within_a_unit_of_d_at_the_edge() -> None:
     assert two is not None and two.largest_safe_logit is not None
     assert two.largest_safe_logit == pytest.approx(
         math.log(np.finfo(np.float64).max) - math.log(2), abs=1e-12)
+
+
+def test_limits_of_framework_pipelines_by_name() -> None:
+    # 70,000 float16 ones sum to inf once stored in float16 (65,520 rounds up): PyTorch's
+    # log_softmax stores its float32 sum in D, so no logit is safe; torch.compile's fused
+    # kernel keeps the sum in float32 and has no edge before float16's own range
+    result = CliRunner().invoke(cli, ["limits", "--classes", "70000", "--loss", "softmax",
+                                      "--pipeline", "torch,fused", "--dtype", "float16",
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["pipeline"]: row for row in json.loads(result.stdout)["limits"]}
+    assert list(rows) == ["torch", "fused"]
+    assert rows["torch"]["no_safe_logit"] is True and rows["torch"]["largest_safe_logit"] is None
+    assert rows["fused"]["largest_safe_logit"] == 65504.0
+    assert rows["torch"]["closed_form"] is None  # found on the pipeline alone
+
+
+def test_limits_refuses_an_unknown_pipeline() -> None:
+    result = CliRunner().invoke(cli, ["limits", "--pipeline", "tourch"])
+    assert result.exit_code == 2
+    assert "unknown pipeline 'tourch'" in result.stderr and "torch" in result.stderr

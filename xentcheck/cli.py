@@ -24,14 +24,14 @@ from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import Case
 from .discovery import find_scenarios
-from .errors import XentcheckError
+from .errors import UsageError, XentcheckError
 from .evaluator import Progress, evaluate
 from .expectations import Checked, parse_fail_on
 from .expectations import check as check_expectations
 from .findings import ScenarioResult, Tolerance
 from .limits import limit_rows
 from .misuse import explain as explain_rule
-from .pipelines import select
+from .pipelines import Pipeline, available, select
 from .plot import plot_format, write_sweep_plot
 from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
 from .report_github import render_annotations, render_step_summary
@@ -486,6 +486,22 @@ def _write(output: str, text: str) -> None:
         raise InputFailure(f"{output}: cannot write the report ({exc.strerror})") from None
 
 
+def _limit_pipelines(families: Sequence[str], names: list[str]) -> list[Pipeline]:
+    """The pipelines on logits named (those run by default when none is), in each family
+    that has them; a name no family has is an error."""
+    if not names:
+        return [p for family in families for p in select(family, True, None)]
+    chosen = [p for family in families for p in available(family, True, every=True)
+              if p.name in names]
+    unknown = [n for n in names if n not in {p.name for p in chosen}]
+    if unknown:
+        known = sorted({p.name for f in families for p in available(f, True, every=True)})
+        raise UsageError(f"unknown pipeline {unknown[0]!r} on logits; choose from "
+                         f"{', '.join(known)}")
+    order = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    return sorted(chosen, key=lambda p: (families.index(p.family), order[p.name]))
+
+
 @cli.command()
 @click.option("--classes", "-C", type=click.IntRange(min=1), default=3, show_default=True,
               help="Number of classes C (the sum of C exponentials is what overflows).")
@@ -495,9 +511,11 @@ def _write(output: str, text: str) -> None:
               help=f"Storage dtype(s): {', '.join(DTYPE_NAMES)} (default: all).")
 @click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
               show_default=True, help="Reduction accumulate dtype.")
+@click.option("--pipeline", "pipeline_names", multiple=True, metavar="NAME",
+              help="Formulation(s), e.g. torch (default: those run by default).")
 @output_options(FORMATS)
 def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
-           output_format: str, output: str | None) -> None:
+           pipeline_names: tuple[str, ...], output_format: str, output: str | None) -> None:
     """Print where each formulation breaks, per precision, for C classes.
 
     The largest safe logit (all C logits equal) and the largest safe spread (a target that
@@ -508,12 +526,13 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
     Examples:
       xentcheck limits
       xentcheck limits --classes 50257 --dtype float16,bfloat16
+      xentcheck limits --classes 128256 --loss softmax --pipeline stable,torch
     """
     try:
         precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
         families = ("softmax", "sigmoid") if loss == "all" else (loss,)
-        pipelines = [p for family in families for p in select(family, True, None)]
-        rows = limit_rows(pipelines, precisions, classes)
+        rows = limit_rows(_limit_pipelines(families, _names(pipeline_names)), precisions,
+                          classes)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
     _emit(output_format, output, lambda: render_limits_json(rows),

@@ -479,10 +479,12 @@ def closed_form_limit(
     (log_softmax = 0 - log(inf)). naive sigmoid:
     ``1 + e^-x`` rounds to 1 once ``e^-x <= 2^-(p+1)``, so ``x < (p + 1) ln 2``; from below,
     ``exp(-x)`` overflows at ``x = -ln(max + ulp/2)``. stable sigmoid: none. Returns None
-    for probability pipelines. Accurate to the rounding of exp, i.e. to within a unit or
-    two in the last place of D at the edge.
+    for probability and framework pipelines. Accurate to the rounding of exp, i.e. to
+    within a unit or two in the last place of D at the edge.
     """
-    if not pipeline.from_logits:
+    if not pipeline.from_logits or pipeline.framework:
+        # a framework's own arithmetic (sums stored in D or kept in float32, inputs cast
+        # up first) has no closed form here: its edges are found on the pipeline alone
         return None
     top = precision.max
     if pipeline.family == "sigmoid":
