@@ -10,7 +10,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
@@ -174,8 +174,19 @@ class PipelineRun:
 
         ``on_gradient`` is handed the gradient (a split row's chunk by chunk, which are then
         not kept); without it the block's gradient is returned whole."""
-        if block.split is not None:
+        if block.split is not None and self.pipeline.splittable:
             return self._run_split(case, block, denominators, on_gradient)
+        if block.split is not None:
+            # a pipeline that cannot replay over column chunks runs the row whole (right,
+            # but the row's temporaries are not bounded); its gradient is handed over in
+            # the same chunks a split run would use
+            outcome = self.run_block(case, replace(block, split=None), denominators)
+            if on_gradient is not None and outcome.gradient is not None:
+                for chunk in block.column_chunks():
+                    start, stop = chunk.columns or (0, block.logits.shape[-1])
+                    on_gradient(chunk, outcome.gradient[:, start:stop])
+                outcome.gradient = None
+            return outcome
         forward = StageRunner(self.precision, self.runner.stages, self._known)
         forward.bind(_watched_rows(case, block), block.start)
         outcome = BlockRun(self.pipeline.per_example(forward, block), forward.events)

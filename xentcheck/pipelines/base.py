@@ -149,6 +149,9 @@ class Pipeline(ABC):
     framework: ClassVar[bool] = False
     # run when no pipeline is named; the others run when named (--pipeline, pipelines:)
     default: ClassVar[bool] = True
+    # whether it keeps the replay contract below, so that a row wider than a block runs in
+    # column chunks; one that does not runs such a row whole (right, memory not bounded)
+    splittable: ClassVar[bool] = True
 
     @abstractmethod
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:

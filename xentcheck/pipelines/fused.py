@@ -50,6 +50,7 @@ class SoftmaxFused(Pipeline):
     name = "fused"
     default = False
     framework = True
+    splittable = False  # not yet written to the replay contract
     family = "softmax"
     from_logits = True
     formula = ("float32: z = x - max x; log_softmax = z - log(sum(exp(z))); "

@@ -140,6 +140,7 @@ class KerasSoftmax(Pipeline):
     name = "keras"
     default = False
     framework = True
+    splittable = False  # not yet written to the replay contract
     family = "softmax"
     from_logits = True
     formula = ("float32: x = float32(x); loss = -sum(y * log_softmax(x))  "
@@ -171,6 +172,7 @@ class KerasSoftmaxProbabilities(Pipeline):
     name = "keras"
     default = False
     framework = True
+    splittable = False  # not yet written to the replay contract
     family = "softmax"
     from_logits = False
     formula = ("float32: p = clip(p / sum(p), 1e-7, 1 - 1e-7); loss = -sum(y * log(p))  "
@@ -191,6 +193,7 @@ class KerasSigmoid(Pipeline):
     name = "keras"
     default = False
     framework = True
+    splittable = False  # not yet written to the replay contract
     family = "sigmoid"
     from_logits = True
     formula = ("float32: loss = (1 - z) x - log_sigmoid(x), log_sigmoid(x) = min(x, 0) - "

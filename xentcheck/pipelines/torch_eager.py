@@ -310,6 +310,7 @@ def _chunks(case: Case) -> Iterator[Block]:
 class TorchCrossEntropy(Pipeline):
     name = "torch"
     framework = True
+    splittable = False  # not yet written to the replay contract
     default = False
     family = "softmax"
     from_logits = True
@@ -431,6 +432,7 @@ def _sigmoid_constants(run: StageRunner, block: Block) -> tuple[
 class TorchBinaryWithLogits(Pipeline):
     name = "torch"
     framework = True
+    splittable = False  # not yet written to the replay contract
     default = False
     family = "sigmoid"
     from_logits = True
@@ -469,6 +471,7 @@ class TorchBinaryWithLogits(Pipeline):
 class TorchBinary(Pipeline):
     name = "torch"
     framework = True
+    splittable = False  # not yet written to the replay contract
     default = False
     family = "sigmoid"
     from_logits = False
