@@ -150,7 +150,7 @@ def test_memory_mapped_input_gives_the_in_memory_findings(
 ) -> None:
     from xentcheck import execution
     from xentcheck.evaluator import evaluate
-    from xentcheck.pipelines import available
+    from xentcheck.pipelines import textbook
     from xentcheck.precision import precisions_for
     from xentcheck.scenario import make_case
 
@@ -163,8 +163,8 @@ def test_memory_mapped_input_gives_the_in_memory_findings(
     assert isinstance(mapped.logits, np.memmap)
     in_memory = make_case(name="m", logits=x.copy(), labels=y)
     dtypes = precisions_for(["float16", "float32"])
-    a = evaluate(mapped, dtypes, available("softmax", True))
-    b = evaluate(in_memory, dtypes, available("softmax", True))
+    a = evaluate(mapped, dtypes, textbook("softmax", True))
+    b = evaluate(in_memory, dtypes, textbook("softmax", True))
     assert a.reference.loss == b.reference.loss
     for fa, fb in zip(a.findings, b.findings, strict=True):
         assert (fa.loss, fa.flags, fa.first_bad) == (fb.loss, fb.flags, fb.first_bad) or (

@@ -12,7 +12,7 @@ from xentcheck import execution
 from xentcheck.case import Case, LossSpec
 from xentcheck.evaluator import evaluate
 from xentcheck.findings import Finding, ScenarioResult
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision, precisions_for
 
 mpmath.mp.dps = 50
@@ -40,7 +40,7 @@ def test_ignore_index_rows_count_nowhere_in_the_mean() -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(0, 3, (2, 5, 7))
     y = np.array([[1, 2, -100, 4, -100], [0, -100, 6, 6, 3]])
-    result = evaluate(softmax_case(x, y, ignore_index=-100), ALL[3:], available("softmax", True))
+    result = evaluate(softmax_case(x, y, ignore_index=-100), ALL[3:], textbook("softmax", True))
     counted = [(b, s) for b in range(2) for s in range(5) if y[b, s] != -100]
     expected = mpmath.fsum(mp_nll(list(x[b, s]), int(y[b, s])) for b, s in counted) / len(counted)
     assert result.reference.loss == pytest.approx(float(expected), rel=4e-16)
@@ -52,7 +52,7 @@ def test_weighted_mean_divides_by_the_sum_of_target_weights() -> None:
     x = np.array([[3.2, -0.4, 0.1, -1.5], [0.2, 2.5, -0.3, -1.1], [-0.5, 0.1, 1.8, 0.4]])
     y = np.array([0, 1, 3])
     w = np.array([0.25, 1.0, 2.0, 4.0])
-    result = evaluate(softmax_case(x, y, class_weights=w), ALL[3:], available("softmax", True))
+    result = evaluate(softmax_case(x, y, class_weights=w), ALL[3:], textbook("softmax", True))
     numerator = mpmath.fsum(mpmath.mpf(w[t]) * mp_nll(list(x[i]), int(t)) for i, t in enumerate(y))
     expected = numerator / mpmath.fsum(mpmath.mpf(w[t]) for t in y)
     assert result.reference.loss == pytest.approx(float(expected), rel=4e-16)
@@ -63,7 +63,7 @@ def test_label_smoothing_follows_pytorch() -> None:
     x = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
     y = np.array([0, 2])
     e = 0.1
-    result = evaluate(softmax_case(x, y, label_smoothing=e), ALL[3:], available("softmax", True))
+    result = evaluate(softmax_case(x, y, label_smoothing=e), ALL[3:], textbook("softmax", True))
     per_row = []
     for i, t in enumerate(y):
         smooth = mpmath.fsum(mp_nll(list(x[i]), c) for c in range(3))
@@ -75,7 +75,7 @@ def test_label_smoothing_follows_pytorch() -> None:
 def test_soft_labels_equal_the_weighted_sum_of_sparse_losses() -> None:
     x = np.array([[1.0, 2.0, 3.0]])
     y = np.array([[0.2, 0.3, 0.5]])
-    result = evaluate(softmax_case(x, y), ALL[3:], available("softmax", True))
+    result = evaluate(softmax_case(x, y), ALL[3:], textbook("softmax", True))
     expected = mpmath.fsum(mpmath.mpf(y[0, c]) * mp_nll([1.0, 2.0, 3.0], c) for c in range(3))
     assert result.reference.loss == pytest.approx(float(expected), rel=4e-16)
 
@@ -84,7 +84,7 @@ def test_input_rounding_is_told_apart_from_arithmetic_error() -> None:
     # bfloat16 has spacing 2 at 256: 257.5 is stored as 258, so the loss of the stored inputs
     # is softplus(2) rather than softplus(1.5), a 25% change, while stable's arithmetic on
     # the stored inputs is good to a few bfloat16 ulps.
-    result = evaluate(softmax_case([256.0, 257.5], 0), ALL[1:2], available("softmax", True))
+    result = evaluate(softmax_case([256.0, 257.5], 0), ALL[1:2], textbook("softmax", True))
     assert result.reference.loss == pytest.approx(math.log1p(math.exp(1.5)), rel=1e-15)
     assert result.reference.rounded["bfloat16"] == pytest.approx(math.log1p(math.exp(2.0)))
     stable = finding(result, "stable", "bfloat16")
@@ -96,7 +96,7 @@ def test_input_rounding_is_told_apart_from_arithmetic_error() -> None:
 
 
 def test_tiny_loss_is_flagged_as_precision_loss_in_float64() -> None:
-    result = evaluate(softmax_case([0.0, -40.0], 0), ALL[3:], available("softmax", True))
+    result = evaluate(softmax_case([0.0, -40.0], 0), ALL[3:], textbook("softmax", True))
     assert result.reference.loss == pytest.approx(4.2483542552915889e-18, rel=4e-16)
     stable = finding(result, "stable", "float64")
     assert stable.loss == 0.0
@@ -108,7 +108,7 @@ def test_tiny_loss_is_flagged_as_precision_loss_in_float64() -> None:
 
 def test_mismatches_name_the_disagreeing_pipelines() -> None:
     result = evaluate(softmax_case([1000.0, 2000.0, 2500.0], 1), ALL[2:3],
-                      available("softmax", True))
+                      textbook("softmax", True))
     pairs = {(m.pipelines, m.kind) for m in result.mismatches}
     # naive (NaN) and shifted (inf) are both broken: no finite value to compare, no mismatch.
     assert pairs == {(("naive", "stable"), "finiteness"), (("shifted", "stable"), "finiteness")}
@@ -118,7 +118,7 @@ def test_first_bad_index_is_in_the_inputs_own_coordinates() -> None:
     x = np.zeros((2, 3, 4))
     x[1, 2, 3] = 100.0  # exp(100) overflows float32 in the naive pipeline
     y = np.zeros((2, 3), dtype=np.int64)
-    result = evaluate(softmax_case(x, y), ALL[2:3], available("softmax", True))
+    result = evaluate(softmax_case(x, y), ALL[2:3], textbook("softmax", True))
     naive = finding(result, "naive", "float32")
     assert naive.first_bad_stage == "exp"
     assert naive.first_bad is not None and naive.first_bad.kind == "overflow"
@@ -128,7 +128,7 @@ def test_first_bad_index_is_in_the_inputs_own_coordinates() -> None:
 def test_reduction_none_reports_every_example_and_the_worst() -> None:
     x = np.array([[0.0, -40.0], [1.0, 2.0]])
     result = evaluate(softmax_case(x, [0, 1], reduction="none"), ALL[3:],
-                      available("softmax", True))
+                      textbook("softmax", True))
     assert result.reference.loss is None
     assert result.reference.per_example is not None
     assert result.reference.per_example[0] == pytest.approx(4.2483542552915889e-18, rel=4e-16)
@@ -147,9 +147,9 @@ def test_streaming_in_small_blocks_gives_identical_findings(
     y = rng.integers(0, 9, 64)
     y[5] = -100
     case = Case("s", x, y, "index", LossSpec(ignore_index=-100))
-    whole = evaluate(case, ALL, available("softmax", True))
+    whole = evaluate(case, ALL, textbook("softmax", True))
     monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 9 * 5)  # 13 blocks of 5 rows
-    streamed = evaluate(case, ALL, available("softmax", True))
+    streamed = evaluate(case, ALL, textbook("softmax", True))
     assert streamed.reference == whole.reference
     _assert_same_findings(whole, streamed)
 
@@ -176,9 +176,9 @@ def test_blocks_on_several_threads_give_the_one_thread_findings(
     case = Case("t", x, y, "index", LossSpec())
     monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 7 * 4)  # 23 blocks, merged in order
     monkeypatch.setattr(evaluator, "worker_count", lambda: 2)
-    threaded = evaluate(case, ALL, available("softmax", True))
+    threaded = evaluate(case, ALL, textbook("softmax", True))
     monkeypatch.setattr(evaluator, "worker_count", lambda: workers)
-    other = evaluate(case, ALL, available("softmax", True))
+    other = evaluate(case, ALL, textbook("softmax", True))
     assert threaded.reference == other.reference
     _assert_same_findings(threaded, other)
     assert any(f.first_bad is not None for f in threaded.findings)  # events to merge
@@ -190,12 +190,12 @@ def test_float16_sum_reduction_overflows_at_the_reduce_stage() -> None:
     x = np.zeros((100_000, 2))
     y = np.zeros(100_000, dtype=np.int64)
     p = [Precision("float16")]
-    summed = evaluate(softmax_case(x, y, reduction="sum"), p, available("softmax", True)[2:])
+    summed = evaluate(softmax_case(x, y, reduction="sum"), p, textbook("softmax", True)[2:])
     assert summed.findings[0].loss == math.inf
     assert summed.findings[0].first_bad_stage == "reduce"
     assert summed.findings[0].first_bad_index == []
     assert summed.reference.loss == pytest.approx(100_000 * math.log(2), rel=4e-16)
-    mean = evaluate(softmax_case(x, y), p, available("softmax", True)[2:])
+    mean = evaluate(softmax_case(x, y), p, textbook("softmax", True)[2:])
     assert mean.findings[0].loss == float(np.float16(math.log(2)))
 
 
@@ -203,7 +203,7 @@ def test_value_mismatch_reports_the_difference() -> None:
     # Keras' clip raises the target probability 1e-9 / 1.200000001 to 1e-7.
     p = np.array([[1e-9, 0.9, 0.3]])
     case = Case("p", p, np.array([0]), "index", LossSpec(from_logits=False))
-    result = evaluate(case, ALL[3:], available("softmax", False))
+    result = evaluate(case, ALL[3:], textbook("softmax", False))
     (mismatch,) = result.mismatches
     naive = -math.log(1e-9 / (1e-9 + 0.9 + 0.3))
     clipped = -math.log(1e-7)
@@ -215,7 +215,7 @@ def test_value_mismatch_reports_the_difference() -> None:
 
 def test_headroom_is_limit_minus_the_inputs_largest_logit() -> None:
     result = evaluate(softmax_case([1000.0, 2000.0, 2500.0], 1), ALL[2:3],
-                      available("softmax", True))
+                      textbook("softmax", True))
     naive = finding(result, "naive", "float32")
     assert naive.limit.largest_safe_logit is not None
     assert naive.logit_headroom == naive.limit.largest_safe_logit - 2500.0
@@ -226,14 +226,14 @@ def test_five_dimensional_input_and_sigmoid_pos_weight() -> None:
     rng = np.random.default_rng(5)
     x = rng.normal(0, 2, (2, 13, 13, 3, 20))
     y = rng.integers(0, 20, (2, 13, 13, 3))
-    result = evaluate(softmax_case(x, y), ALL[3:], available("softmax", True))
+    result = evaluate(softmax_case(x, y), ALL[3:], textbook("softmax", True))
     assert result.shape == (2, 13, 13, 3, 20) and result.classes == 20
     assert finding(result, "stable", "float64").flags == ()
     z = (rng.random((4, 3)) < 0.5).astype(np.float64)
     logits = rng.normal(0, 5, (4, 3))
     pw = np.array([1.0, 2.0, 0.5])
     case = Case("b", logits, z, "binary", LossSpec(family="sigmoid", pos_weight=pw))
-    sig = evaluate(case, ALL[3:], available("sigmoid", True))
+    sig = evaluate(case, ALL[3:], textbook("sigmoid", True))
     s = 1 / (1 + np.exp(-logits))
     expected = np.mean(-(pw * z * np.log(s) + (1 - z) * np.log1p(-s)))
     assert sig.reference.loss == pytest.approx(float(expected), rel=1e-13)
@@ -249,7 +249,7 @@ def test_flags_are_judged_value_by_value() -> None:
     z = np.array([[1.0, 0.0]])
     case = Case("s", p, z, "binary", LossSpec(family="sigmoid", from_logits=False,
                                               reduction="none"))
-    result = evaluate(case, ALL[2:3], available("sigmoid", False))
+    result = evaluate(case, ALL[2:3], textbook("sigmoid", False))
     clipped = finding(result, "clipped", "float32")
     assert clipped.flags == ("precision_loss", "input_rounding")
     assert clipped.per_example is not None
@@ -262,7 +262,7 @@ def test_progress_is_reported_block_by_block(monkeypatch: pytest.MonkeyPatch) ->
     x = np.zeros((25, 4))
     seen: list[tuple[int, int]] = []
     evaluate(softmax_case(x, np.zeros(25, dtype=np.int64)), ALL[3:],
-             available("softmax", True), progress=lambda done, total: seen.append((done, total)))
+             textbook("softmax", True), progress=lambda done, total: seen.append((done, total)))
     assert seen == [(10, 25), (20, 25), (25, 25)]
 
 

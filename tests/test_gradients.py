@@ -13,7 +13,7 @@ from xentcheck import reference as ref
 from xentcheck.case import Case, LossSpec
 from xentcheck.evaluator import evaluate
 from xentcheck.execution import Denominators, PipelineRun, blocks
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision, precisions_for
 from xentcheck.report_json import render_json
 
@@ -59,7 +59,7 @@ def test_sigmoid_reference_gradient_against_mpmath() -> None:
 
 
 def pipeline_gradient(name: str, family: str, dtype: str, case: Case) -> np.ndarray:
-    pipeline = next(p for p in available(family, True) if p.name == name)
+    pipeline = next(p for p in textbook(family, True) if p.name == name)
     den = Denominators(np.zeros(case.classes))
     for block in blocks(case):
         den.add(case, block)
@@ -94,7 +94,7 @@ def test_sigmoid_backward_is_sigmoid_minus_target(name: str) -> None:
 
 def test_naive_gradient_is_nan_from_log_while_stable_is_exact() -> None:
     case = Case("o", np.array([[1000.0, 2000.0, 2500.0]]), np.array([1]), "index", LossSpec())
-    result = evaluate(case, precisions_for(["float32"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["float32"]), textbook("softmax", True))
     naive, shifted, stable = result.findings
     assert naive.grad_flags == ("nan",) and naive.grad_first_bad is not None
     assert (naive.grad_first_bad.stage, naive.grad_first_bad.kind) == ("log", "nan")
@@ -113,7 +113,7 @@ def test_zeroed_gradient_entries_are_flagged() -> None:
     # float32 rounds sigmoid(20) to 1 and the gradient to 0.
     case = Case("z", np.array([20.0, -1.0]), np.array([1.0, 0.0]), "binary",
                 LossSpec(family="sigmoid"))
-    result = evaluate(case, precisions_for(["float32", "float64"]), available("sigmoid", True))
+    result = evaluate(case, precisions_for(["float32", "float64"]), textbook("sigmoid", True))
     stable32 = next(f for f in result.findings if f.pipeline == "stable" and f.dtype == "float32")
     stable64 = next(f for f in result.findings if f.pipeline == "stable" and f.dtype == "float64")
     assert "zeroed" in stable32.grad_flags and "zeroed" not in stable64.grad_flags
@@ -122,7 +122,7 @@ def test_zeroed_gradient_entries_are_flagged() -> None:
 def test_probability_inputs_have_no_gradient_check() -> None:
     case = Case("p", np.array([[0.2, 0.8]]), np.array([1]), "index",
                 LossSpec(from_logits=False))
-    result = evaluate(case, precisions_for(["float32"]), available("softmax", False))
+    result = evaluate(case, precisions_for(["float32"]), textbook("softmax", False))
     assert all(f.grad_error is None and f.grad_flags == () for f in result.findings)
 
 
@@ -162,7 +162,7 @@ def test_float32_reference_gradient_against_mpmath(x: list[float], target: int) 
 
 def _gradient_and_events(pipeline_name: str, family: str, dtype: str, case: Case,
                          fed: bool) -> tuple[np.ndarray, list[object]]:
-    pipeline = next(p for p in available(family, True) if p.name == pipeline_name)
+    pipeline = next(p for p in textbook(family, True) if p.name == pipeline_name)
     den = Denominators(np.zeros(case.classes))
     for block in blocks(case):
         den.add(case, block)
@@ -266,7 +266,7 @@ def _sweep_cases() -> list[Case]:
 @pytest.mark.parametrize("case", _sweep_cases(), ids=lambda c: c.name)
 def test_gradient_flags_errors_and_stages_agree(case: Case) -> None:
     result = evaluate(case, precisions_for(["float16", "bfloat16", "float32", "float64"]),
-                      available(case.spec.family, True))
+                      textbook(case.spec.family, True))
     labels = np.asarray(case.labels)
     zero_reference = case.spec.family == "softmax" and (
         case.classes == 1 or bool(np.all(labels == case.spec.ignore_index)))
@@ -293,7 +293,7 @@ def test_one_class_gradient_error_is_absolute(dtype: str) -> None:
     # The true gradient of a one-class softmax is 0: the error is max |g|, not 0/0 or inf
     case = Case("c1", np.array([[3.0], [-2.5], [700.0]]), np.array([0, 0, 0]), "index",
                 LossSpec())
-    result = evaluate(case, precisions_for([dtype]), available("softmax", True))
+    result = evaluate(case, precisions_for([dtype]), textbook("softmax", True))
     for f in result.findings:
         computed = pipeline_gradient(f.pipeline, "softmax", dtype, case)
         finite = computed[np.isfinite(computed)]
@@ -312,14 +312,14 @@ def test_zeroed_entries_are_traced_to_the_step_that_flushed_them() -> None:
     # (sigmoid * 1 - 1) rounds it to 0
     case = Case("z", np.array([20.0, -1.0]), np.array([1.0, 0.0]), "binary",
                 LossSpec(family="sigmoid"))
-    result = evaluate(case, precisions_for(["float32"]), available("sigmoid", True))
+    result = evaluate(case, precisions_for(["float32"]), textbook("sigmoid", True))
     stable = next(f for f in result.findings if f.pipeline == "stable")
     assert stable.grad_flags == ("zeroed",)  # normwise, -2e-9 against 0.13 is no loss
     assert stable.grad_first_bad is not None
     assert (stable.grad_first_bad.stage, stable.grad_first_bad.index) == ("combine", (0,))
     # softmax, float16: exp(-20) * g underflows in the exp step's backward at class 1
     case = Case("s", np.array([[0.0, -12.0, 3.0]]), np.array([2]), "index", LossSpec())
-    result = evaluate(case, precisions_for(["float16"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["float16"]), textbook("softmax", True))
     for f in result.findings:
         if "zeroed" in f.grad_flags and not {"nan", "inf"} & set(f.grad_flags):
             assert f.grad_first_bad is not None and f.grad_first_bad.index == (0, 1), f
@@ -330,7 +330,7 @@ def test_a_mean_over_no_counted_row_is_nan_and_its_gradient_exactly_zero() -> No
     # entry is 0 (this raised ZeroDivisionError)
     case = Case("a", np.array([[1.0, 2.0], [3.0, -4.0]]), np.array([-100, -100]), "index",
                 LossSpec(ignore_index=-100))
-    result = evaluate(case, precisions_for(["float16", "float32"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["float16", "float32"]), textbook("softmax", True))
     assert result.reference.loss is not None and np.isnan(result.reference.loss)
     for f in result.findings:
         assert f.grad_error == 0.0 and f.grad_flags == (), f
@@ -342,7 +342,7 @@ def test_a_gradient_zeroed_through_the_row_sum_is_traced_to_the_division() -> No
     # (PyTorch's autograd of the same code gives [0, -1], against the true [1, -1]). The
     # zero reaches entry 0 through the row sum; the flush happened at class 1.
     case = Case("z", np.array([[40.0, -40.0]]), np.array([1]), "index", LossSpec())
-    result = evaluate(case, precisions_for(["float32"]), available("softmax", True)[:1])
+    result = evaluate(case, precisions_for(["float32"]), textbook("softmax", True)[:1])
     [naive] = result.findings
     computed = pipeline_gradient("naive", "softmax", "float32", case)
     assert computed.tolist() == [[0.0, -1.0]]
@@ -362,7 +362,7 @@ def test_every_gradient_flag_has_its_stage_along_a_spread(dtype: str, classes: i
     x[:, 0], x[:, -1] = magnitudes, -magnitudes
     for row in range(len(magnitudes)):
         case = Case("m", x[row:row + 1], np.array([classes - 1]), "index", LossSpec())
-        result = evaluate(case, precisions_for([dtype]), available("softmax", True))
+        result = evaluate(case, precisions_for([dtype]), textbook("softmax", True))
         for f in result.findings:
             if {"nan", "inf", "zeroed"} & set(f.grad_flags):
                 assert f.grad_first_bad is not None, (f.pipeline, magnitudes[row], f.grad_flags)
@@ -376,7 +376,7 @@ def test_an_ignored_row_whose_gradient_is_nan_is_reported() -> None:
     # nowhere, its gradient does. F.cross_entropy (stable) gives exactly 0 in that row.
     case = Case("i", np.array([[0.0, -200.0, 5.0], [1.0, 2.0, 3.0]]), np.array([-100, 0]),
                 "index", LossSpec(ignore_index=-100))
-    result = evaluate(case, precisions_for(["float32"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["float32"]), textbook("softmax", True))
     for f in result.findings:
         assert f.flags == (), f.pipeline
         if f.pipeline == "stable":

@@ -11,7 +11,7 @@ import pytest
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_pipeline
 from xentcheck.limits import find_limit, pipeline_limit
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision
 
 # (largest finite, smallest subnormal, stored significand bits), from the IEEE formats
@@ -27,7 +27,7 @@ DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.f
 
 
 def pipeline(family: str, name: str):  # type: ignore[no-untyped-def]
-    return next(p for p in available(family, True) if p.name == name)
+    return next(p for p in textbook(family, True) if p.name == name)
 
 
 def next_up(value: float, dtype: str) -> float:
@@ -292,7 +292,7 @@ def test_naive_sigmoid_lower_edge(dtype: str) -> None:
 def test_search_from_the_closed_form_finds_what_full_bisection_finds(
         dtype: str, classes: int) -> None:
     for family in ("softmax", "sigmoid"):
-        for p in available(family, True):
+        for p in textbook(family, True):
             bracketed = find_limit(p, Precision(dtype), classes)
             full = find_limit(p, Precision(dtype), classes, from_closed_form=False)
             assert bracketed == full, (p.family, p.name)

@@ -19,7 +19,7 @@ from xentcheck.case import Case, LossSpec
 from xentcheck.cli import cli
 from xentcheck.evaluator import evaluate
 from xentcheck.findings import Finding, ScenarioResult
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import precisions_for
 
 ALL = precisions_for(["float16", "bfloat16", "float32", "float64"])
@@ -35,7 +35,7 @@ def softmax(logits: object, labels: object, dtypes: list[str], **spec: object) -
     y = np.asarray(labels)
     kind = "index" if y.shape == x.shape[:-1] else "dense"
     case = Case("t", x, y, kind, LossSpec(reduction="none", **spec))  # type: ignore[arg-type]
-    return evaluate(case, precisions_for(dtypes), available("softmax", True))
+    return evaluate(case, precisions_for(dtypes), textbook("softmax", True))
 
 
 def explained(f: Finding) -> bool:
@@ -149,7 +149,7 @@ def test_sigmoid_edges_from_above_and_below() -> None:
     x = np.array([[-10.0, -12.0, 8.0]])
     case = Case("s", x, np.array([[1.0, 0.0, 0.0]]), "binary",
                 LossSpec(family="sigmoid", reduction="none"))
-    result = evaluate(case, precisions_for(["float16"]), available("sigmoid", True))
+    result = evaluate(case, precisions_for(["float16"]), textbook("sigmoid", True))
     naive = finding(result, "naive", "float16")
     assert naive.per_example is not None
     assert np.isfinite(naive.per_example).tolist() == [[True, False, False]]
@@ -159,7 +159,7 @@ def test_sigmoid_edges_from_above_and_below() -> None:
     assert naive.logit_headroom == high - 8.0 < 0
     alone = Case("s", np.array([[-10.0]]), np.array([[1.0]]), "binary",
                  LossSpec(family="sigmoid", reduction="none"))
-    fine = finding(evaluate(alone, precisions_for(["float16"]), available("sigmoid", True)),
+    fine = finding(evaluate(alone, precisions_for(["float16"]), textbook("sigmoid", True)),
                    "naive", "float16")
     assert fine.lower_logit_headroom is not None and fine.lower_logit_headroom >= 0
     assert fine.logit_headroom is not None and fine.logit_headroom >= 0
@@ -219,6 +219,6 @@ def cases(draw: st.DrawFn) -> Case:
 @settings(max_examples=150, derandomize=True, deadline=None)
 @given(cases())
 def test_a_loss_that_is_not_finite_has_a_negative_headroom_or_no_limit(case: Case) -> None:
-    result = evaluate(case, ALL, available(case.spec.family, True))
+    result = evaluate(case, ALL, textbook(case.spec.family, True))
     unexplained = [(f.pipeline, f.dtype) for f in result.findings if not explained(f)]
     assert not unexplained

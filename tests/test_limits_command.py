@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from xentcheck.cli import cli
 from xentcheck.findings import Limit
 from xentcheck.limits import closed_form_limit, limit_rows, limits_agree, pipeline_limit
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision, precisions_for
 
 ALL = precisions_for(["float16", "bfloat16", "float32", "float64"])
@@ -22,7 +22,7 @@ ALL = precisions_for(["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("classes", [1, 2, 3, 10, 255, 256, 257, 1000, 2049, 50_000, 65519,
                                      65520, 65521, 128256, 262144])
 def test_closed_forms_agree_with_bisection_in_every_precision(classes: int) -> None:
-    rows = limit_rows(available("softmax", True) + available("sigmoid", True), ALL, classes)
+    rows = limit_rows(textbook("softmax", True) + textbook("sigmoid", True), ALL, classes)
     assert len(rows) == 4 * 5
     assert all(row.agrees for row in rows), [(r.pipeline, r.dtype) for r in rows if not r.agrees]
 
@@ -32,7 +32,7 @@ def test_closed_forms_follow_a_sum_accumulated_in_d(classes: int) -> None:
     # accumulate "same": a bfloat16 running sum stalls (a sum of ones at 256), so the
     # closed forms must use the sum as the pipeline rounds it, not C times the term
     same = precisions_for(["float16", "bfloat16", "float32", "float64"], "same")
-    rows = limit_rows(available("softmax", True), same, classes)
+    rows = limit_rows(textbook("softmax", True), same, classes)
     assert all(row.agrees for row in rows), [(r.pipeline, r.dtype) for r in rows if not r.agrees]
     naive = next(r for r in rows if r.pipeline == "naive" and r.dtype == "bfloat16")
     assert naive.closed_form is not None and naive.closed_form.largest_safe_logit is not None
@@ -75,7 +75,7 @@ def test_limits_at_an_llm_vocabulary_say_where_no_value_is_safe() -> None:
 
 def test_published_float_edges() -> None:
     # ln(FLT_MAX) = 88.72, ln(65504) = 11.09, ln(DBL_MAX) = 709.78 (C = 1: no sum to overflow)
-    naive = available("softmax", True)[0]
+    naive = textbook("softmax", True)[0]
     edges = {p.name: closed_form_limit(naive, p, 1) for p in ALL}
     assert edges["float32"] is not None and edges["float16"] is not None
     assert round(edges["float32"].largest_safe_logit or 0, 2) == 88.72
@@ -93,7 +93,7 @@ def test_published_float_edges() -> None:
 
 def test_spread_without_subnormals_is_the_normal_range() -> None:
     # flush-to-zero float32: p_t = e^-S / 2 must stay >= 2^-126
-    rows = limit_rows(available("softmax", True)[:1], precisions_for(["float32"]), 3)
+    rows = limit_rows(textbook("softmax", True)[:1], precisions_for(["float32"]), 3)
     assert rows[0].spread_without_subnormals == pytest.approx(126 * math.log(2) - math.log(2))
 
 
@@ -109,7 +109,7 @@ def test_limits_command_table_and_json() -> None:
                                  "--loss", "sigmoid"])
     doc = json.loads(result.stdout)
     naive_sigmoid = next(r for r in doc["limits"] if r["pipeline"] == "naive")
-    bisected = pipeline_limit(available("sigmoid", True)[0], Precision("float16"), 3)
+    bisected = pipeline_limit(textbook("sigmoid", True)[0], Precision("float16"), 3)
     assert naive_sigmoid["largest_safe_logit"] == bisected.largest_safe_logit
     assert naive_sigmoid["closed_form"]["largest_safe_logit"] == pytest.approx(11 * math.log(2))
     assert naive_sigmoid["agrees"] is True
@@ -129,7 +129,7 @@ def test_agreement_means_within_a_unit_of_d_at_the_edge() -> None:
     assert not limits_agree(found, Limit(math.inf, None, -103.96875), f32)
     assert not limits_agree(found, Limit(None, None, None, no_safe_logit=True), f32)
     # near float64's maximum the closed form stays finite: ln(DBL_MAX) - ln 2
-    naive = available("softmax", True)[0]
+    naive = textbook("softmax", True)[0]
     two = closed_form_limit(naive, Precision("float64"), 2)
     assert two is not None and two.largest_safe_logit is not None
     assert two.largest_safe_logit == pytest.approx(

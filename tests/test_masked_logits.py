@@ -26,7 +26,7 @@ from xentcheck.evaluator import evaluate
 from xentcheck.execution import Denominators, PipelineRun, blocks
 from xentcheck.findings import ScenarioResult
 from xentcheck.misuse import RULES, explain
-from xentcheck.pipelines import available, select
+from xentcheck.pipelines import select, textbook
 from xentcheck.precision import Precision, precisions_for
 from xentcheck.scenario import make_case
 from xentcheck.stages import StageRunner
@@ -232,7 +232,7 @@ def evaluate_softmax(x: list[list[float]], y: Any, dtypes: list[str] | None = No
     kind = "index" if labels.shape == logits.shape[:-1] else "dense"
     case = Case("t", logits, labels, kind, LossSpec(**spec))
     precisions = precisions_for(dtypes or ["float16", "bfloat16", "float32", "float64"])
-    return evaluate(case, precisions, available("softmax", True))
+    return evaluate(case, precisions, textbook("softmax", True))
 
 
 def test_masked_entries_change_nothing_else() -> None:
@@ -318,7 +318,7 @@ def test_sigmoid_at_minus_inf() -> None:
     x = np.array([-INF, -INF, 0.5])
     z = np.array([0.0, 1.0, 1.0])
     case = Case("t", x, z, "binary", LossSpec(family="sigmoid", reduction="none"))
-    result = evaluate(case, precisions_for(["float32"]), available("sigmoid", True))
+    result = evaluate(case, precisions_for(["float32"]), textbook("sigmoid", True))
     assert result.reference.per_example is not None
     assert result.reference.per_example[:2].tolist() == [0.0, INF]
     naive = next(f for f in result.findings if f.pipeline == "naive")
@@ -472,7 +472,7 @@ def test_masked_statistics_are_the_same_in_blocks(monkeypatch: pytest.MonkeyPatc
     case = Case("t", x, labels, "index", LossSpec(ignore_index=-100))
 
     def run() -> ScenarioResult:
-        return evaluate(case, precisions_for(["float32"]), available("softmax", True))
+        return evaluate(case, precisions_for(["float32"]), textbook("softmax", True))
 
     whole = run()
     monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 6 * 3)  # 14 blocks of 3 rows

@@ -13,7 +13,7 @@ from xentcheck.cli import cli
 from xentcheck.errors import InputError
 from xentcheck.evaluator import evaluate
 from xentcheck.misuse import RULES
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import precisions_for
 from xentcheck.scenario import make_case
 
@@ -24,7 +24,7 @@ def warnings_for(logits: object, labels: object, **options: object) -> list[str]
     case = make_case(name="m", logits=np.asarray(logits, dtype=np.float64),
                      labels=np.asarray(labels), **options)  # type: ignore[arg-type]
     result = evaluate(case, precisions_for(["float64"]),
-                      available(case.spec.family, case.spec.from_logits))
+                      textbook(case.spec.family, case.spec.from_logits))
     return [w.rule for w in result.warnings]
 
 
@@ -77,7 +77,7 @@ def test_one_hot_large_vocabulary_says_how_much() -> None:
     labels = np.zeros((4, classes))
     labels[np.arange(4), [1, 2, 3, 4]] = 1.0
     case = make_case(name="m", logits=np.zeros((4, classes)), labels=labels)
-    result = evaluate(case, precisions_for(["float64"]), available("softmax", True)[2:])
+    result = evaluate(case, precisions_for(["float64"]), textbook("softmax", True)[2:])
     (warning,) = result.warnings
     assert warning.rule == "XC401"
     # 4 x 2048 float64 labels = 64 KiB against 4 int64 ids = 32 bytes

@@ -18,7 +18,7 @@ import pytest
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_pipeline
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision
 
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32,
@@ -48,7 +48,7 @@ class D:
 
 def per_example(pipeline_name: str, family: str, dtype: str, logits: Array, labels: Array,
                 kind: str = "index", from_logits: bool = True) -> Array:
-    pipeline = next(p for p in available(family, from_logits) if p.name == pipeline_name)
+    pipeline = next(p for p in textbook(family, from_logits) if p.name == pipeline_name)
     case = Case("t", logits, labels, kind,  # type: ignore[arg-type]
                 LossSpec(family=family, from_logits=from_logits, reduction="none"))  # type: ignore[arg-type]
     loss, _, _ = run_pipeline(pipeline, Precision(dtype), case)

@@ -9,7 +9,7 @@ import numpy as np
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.evaluator import evaluate
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import precisions_for
 from xentcheck.report_json import number, render_json
 
@@ -25,7 +25,7 @@ Number = (int, float)
 def report(reduction: str) -> dict:  # type: ignore[type-arg]
     case = Case("r", np.array([[1000.0, 2000.0, 2500.0], [0.0, -40.0, 1.0]]),
                 np.array([1, 0]), "index", LossSpec(reduction=reduction))  # type: ignore[arg-type]
-    result = evaluate(case, precisions_for(["bfloat16", "float64"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["bfloat16", "float64"]), textbook("softmax", True))
     return json.loads(render_json([result]))  # type: ignore[no-any-return]
 
 
@@ -78,7 +78,7 @@ def test_reduction_none_has_per_example_and_null_loss() -> None:
 def test_floats_round_trip_exactly() -> None:
     case = Case("r", np.array([[0.0, -40.0], [0.1, 0.7]]), np.array([0, 1]), "index",
                 LossSpec(reduction="none"))
-    result = evaluate(case, precisions_for(["float32"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["float32"]), textbook("softmax", True))
     doc = json.loads(render_json([result]))
     assert result.reference.per_example is not None
     assert doc["scenarios"][0]["reference"]["per_example"] == result.reference.per_example.tolist()

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from xentcheck.cli import cli
 from xentcheck.errors import UsageError
-from xentcheck.pipelines import available
+from xentcheck.pipelines import select, textbook
 from xentcheck.plot import write_sweep_plot
 from xentcheck.precision import precisions_for
 from xentcheck.sweep import PATTERNS, SweepSpec, run_sweep, sweep_case
@@ -32,7 +32,7 @@ def test_shifted_breaks_where_the_target_probability_underflows() -> None:
     # C = 2, pattern bottom: logits [m, -m], target -m. p_t = round(e^-2m) is 0 once
     # e^-2m <= 2^-150 (half float32's smallest subnormal): 2m > 150 ln 2.
     spec = SweepSpec(classes=2, pattern="bottom", start=10, stop=100, points=500)
-    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True))
+    result = run_sweep(spec, precisions_for(["float32"]), textbook("softmax", True))
     edge = 150 * math.log(2) / 2
     assert curve(result, "shifted", "float32").first_nonfinite == first_above(
         result.magnitudes, edge)
@@ -43,7 +43,7 @@ def test_naive_overflows_at_ln_flt_max_with_a_fixed_spread() -> None:
     # pattern spread: logits [m, m - 10]; exp(m) overflows float32 once m > ln(FLT_MAX + ulp/2)
     spec = SweepSpec(classes=2, pattern="spread", spread=10.0, start=50, stop=120, points=700,
                      log_scale=False)
-    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True))
+    result = run_sweep(spec, precisions_for(["float32"]), textbook("softmax", True))
     edge = math.log(2 - 2.0**-24) + 127 * math.log(2)
     naive = curve(result, "naive", "float32")
     assert naive.first_nonfinite == first_above(result.magnitudes, edge)
@@ -57,7 +57,7 @@ def test_bits_are_log2_of_one_plus_ulps() -> None:
     # 2m > 53 ln 2 shifted rounds p_t = 1 / (1 + e^-2m) to 1 and returns log(1) = 0, so its
     # error is the whole loss: loss / spacing(loss) ulps.
     spec = SweepSpec(classes=2, pattern="top", start=20, stop=25, points=3, log_scale=False)
-    result = run_sweep(spec, precisions_for(["float64"]), available("softmax", True))
+    result = run_sweep(spec, precisions_for(["float64"]), textbook("softmax", True))
     shifted = curve(result, "shifted", "float64")
     truth = np.log1p(np.exp(-2 * result.magnitudes))
     ulps = truth / np.spacing(truth)
@@ -88,7 +88,7 @@ def test_cli_table_json_and_plot(tmp_path: Path) -> None:
     doc = json.loads(runner.invoke(cli, ["sweep", "--dtype", "float16", "--format",
                                          "json"]).stdout)
     curves = doc["sweep"]["curves"]
-    assert {c["pipeline"] for c in curves} == {"naive", "shifted", "stable"}
+    assert {c["pipeline"] for c in curves} == {p.name for p in select("softmax", True, None)}
     assert len(curves[0]["bits"]) == doc["sweep"]["points"] == 200
     png = tmp_path / "sweep.png"
     result = runner.invoke(cli, ["sweep", "--points", "50", "--plot", str(png)])
@@ -106,7 +106,7 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
         return real_import(name, *args, **kwargs)
 
     spec = SweepSpec(points=5)
-    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True))
+    result = run_sweep(spec, precisions_for(["float32"]), textbook("softmax", True))
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(UsageError, match=r"pip install 'xentcheck\[plot\]'"):
         write_sweep_plot(result, tmp_path / "x.png")
@@ -124,7 +124,7 @@ def test_the_naive_gradient_breaks_before_the_loss() -> None:
     # 2m > 149 ln 2 - ln(2^21 - 1/2), m > 44.36, while the loss lasts until m > 51.99.
     spec = SweepSpec(classes=2, pattern="bottom", start=44.0, stop=53.0, points=9001,
                      log_scale=False)
-    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True)[:1])
+    result = run_sweep(spec, precisions_for(["float32"]), textbook("softmax", True)[:1])
     naive = curve(result, "naive", "float32")
     edge = (149 * math.log(2) - math.log(2**21 - 0.5)) / 2
     assert naive.grad_first_nonfinite == first_above(result.magnitudes, edge)
@@ -203,7 +203,7 @@ def test_a_gradient_that_is_not_finite_is_also_inaccurate() -> None:
     # m > 44.36 where 1 / p_t = e^2m overflows. "Inaccurate" was None past that edge once.
     spec = SweepSpec(classes=2, pattern="bottom", start=25.0, stop=53.0, points=2801,
                      log_scale=False)
-    result = run_sweep(spec, precisions_for(["float32"]), available("softmax", True)[:1])
+    result = run_sweep(spec, precisions_for(["float32"]), textbook("softmax", True)[:1])
     naive = curve(result, "naive", "float32")
     edge = (149 * math.log(2) - math.log(2**21 - 0.5)) / 2
     assert naive.grad_first_nonfinite == first_above(result.magnitudes, edge)
@@ -219,7 +219,7 @@ def test_the_gradient_is_never_inaccurate_only_after_it_stopped_being_finite() -
         # (float64 is left out: pattern top there trips an overflow warning in the
         # evaluator's relative gradient error, a separate matter)
         result = run_sweep(spec, precisions_for(["float16", "bfloat16", "float32"]),
-                           available("softmax", True))
+                           textbook("softmax", True))
         broken += [c for c in result.curves if c.grad_first_nonfinite is not None]
     assert len(broken) > 10  # many gradients break in this range
     for c in broken:

@@ -28,7 +28,7 @@ from torch_fixture import bits, from_hex, make_case, recorded, ulp_distance, xen
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.evaluator import evaluate
-from xentcheck.pipelines import available
+from xentcheck.pipelines import textbook
 from xentcheck.precision import precisions_for
 from xentcheck.stages import StageRunner
 
@@ -139,7 +139,7 @@ def test_the_issue_examples_now_agree_with_torch() -> None:
     # [6, 0, 0], label 1, naive float16: the sum 403.4 squared overflowed and zeroed the
     # gradient; PyTorch's (a / b) / b gives [0.9951, -0.9976, 0.0025]
     case = Case("i", np.array([[6.0, 0.0, 0.0]]), np.array([1]), "index", LossSpec())
-    result = evaluate(case, precisions_for(["float16"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["float16"]), textbook("softmax", True))
     naive = next(f for f in result.findings if f.pipeline == "naive")
     assert naive.grad_flags == () and naive.grad_error is not None
     p = np.exp([6.0, 0.0, 0.0]) / np.exp([6.0, 0.0, 0.0]).sum()
@@ -150,7 +150,7 @@ def test_the_issue_examples_now_agree_with_torch() -> None:
     # [-6, -7.5], target 1, sigmoid naive float16: d * d overflowed; -g * (s * s) does not
     case = Case("s", np.array([-6.0, -7.5]), np.array([1.0, 1.0]), "binary",
                 LossSpec(family="sigmoid"))
-    result = evaluate(case, precisions_for(["float16"]), available("sigmoid", True))
+    result = evaluate(case, precisions_for(["float16"]), textbook("sigmoid", True))
     naive = next(f for f in result.findings if f.pipeline == "naive")
     # torch's gradient, [-0.501, -0.4875], against the true (sigmoid(x) - 1) / 2: the
     # float16 sigmoid's own rounding costs 2.4 %, a precision loss, no longer a flush
@@ -161,7 +161,7 @@ def test_the_issue_examples_now_agree_with_torch() -> None:
                                              rel=1e-12)
     # [0, -100, 5], label 1, naive float32: p_1 is 0; torch's gradient is NaN everywhere
     case = Case("n", np.array([[0.0, -100.0, 5.0]]), np.array([1]), "index", LossSpec())
-    result = evaluate(case, precisions_for(["float32"]), available("softmax", True))
+    result = evaluate(case, precisions_for(["float32"]), textbook("softmax", True))
     naive = next(f for f in result.findings if f.pipeline == "naive")
     assert naive.grad_flags == ("nan",) and naive.grad_first_bad is not None
     # the log's backward divides by p_1 = 0 first (-1 / 0 = -inf); the division's backward

@@ -28,7 +28,7 @@ from .torch_eager import TorchBinary, TorchBinaryWithLogits, TorchCrossEntropy
 
 __all__ = [
     "KERAS_EPSILON", "PIPELINES", "Block", "Pipeline", "Saved", "available", "reduce_losses",
-    "select",
+    "select", "textbook",
 ]
 
 # Display order. Framework emulations (``framework = True``) follow the textbook formulations;
@@ -59,6 +59,11 @@ def available(family: str, from_logits: bool, *, every: bool = False) -> tuple[P
     by default, or (``every``) also those run only when named."""
     return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits
                  and (every or p.default))
+
+
+def textbook(family: str, from_logits: bool) -> tuple[Pipeline, ...]:
+    """The textbook formulations that apply (no framework emulation), in display order."""
+    return tuple(p for p in available(family, from_logits, every=True) if not p.framework)
 
 
 def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:

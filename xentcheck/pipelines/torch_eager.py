@@ -311,7 +311,6 @@ class TorchCrossEntropy(Pipeline):
     name = "torch"
     framework = True
     splittable = False  # not yet written to the replay contract
-    default = False
     family = "softmax"
     from_logits = True
     formula = ("F.cross_entropy (PyTorch CPU): log_softmax's sum and log stored in D, "
@@ -433,7 +432,6 @@ class TorchBinaryWithLogits(Pipeline):
     name = "torch"
     framework = True
     splittable = False  # not yet written to the replay contract
-    default = False
     family = "sigmoid"
     from_logits = True
     formula = ("F.binary_cross_entropy_with_logits (PyTorch CPU): "
@@ -472,7 +470,6 @@ class TorchBinary(Pipeline):
     name = "torch"
     framework = True
     splittable = False  # not yet written to the replay contract
-    default = False
     family = "sigmoid"
     from_logits = False
     formula = ("F.binary_cross_entropy (PyTorch CPU): "
