@@ -19,7 +19,8 @@ import pytest
 
 from xentcheck import chunking, execution
 from xentcheck.case import Case, LossSpec, target_coefficients
-from xentcheck.evaluator import _block_stats, evaluate, reference_block
+from xentcheck.evaluator import evaluate, reference_block
+from xentcheck.input_stats import block_stats as _block_stats
 from xentcheck.pipelines import Block, available
 from xentcheck.precision import Precision, precisions_for
 from xentcheck.reference_split import split_row_reference

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import combinations
 
 import numpy as np
 
 from . import reference as ref
 from .case import Case, softmax_coefficients, target_coefficients, valid_elements
-from .chunking import chunk_sums, combine_chunk_sums, row_sum
+from .comparison import (
+    errors,
+    framework_comparisons,
+    loss_flags,
+    mismatches,
+)
 from .execution import (
     BlockRun,
     Denominators,
@@ -29,13 +33,9 @@ from .execution import (
     worker_count,
 )
 from .findings import (
-    FLAGS,
     Finding,
-    FrameworkAnswer,
-    FrameworkComparison,
     InputStats,
     MaskedInputs,
-    Mismatch,
     ReferenceValue,
     ScenarioResult,
     Tolerance,
@@ -43,12 +43,13 @@ from .findings import (
 from .gradients import GradientStats as _GradientStats
 from .gradients import gradient_first_bad as _gradient_first_bad
 from .gradients import gradient_flags as _gradient_flags
+from .input_stats import BlockStats, Extremes, block_stats
 from .limits import pipeline_limit, prefetch_limits
-from .misuse import SUM_TOLERANCE, check_case, masked_inputs, merge_masked
+from .misuse import check_case, merge_masked
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
 from .reference_split import split_row_reference
-from .stages import StageEvent, StageRunner
+from .stages import StageEvent
 
 # Called with (rows done, rows in all) after each block.
 Progress = Callable[[int, int], None]
@@ -165,362 +166,6 @@ def _reduce_reference(case: Case, per_example: FloatArray, denominator: float) -
     return ref.reduce(per_example, case.spec.reduction, denominator)
 
 
-# -- measuring -------------------------------------------------------------------------------
-
-
-def elementwise_errors(
-    computed: FloatArray, truth: FloatArray, precision: Precision
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Absolute, relative and ulp errors (ulps of D at the truth), value by value.
-
-    Equal infinities count as exact, and so does a NaN where the truth is NaN (a row whose
-    every logit is masked: softmax is 0/0 in exact arithmetic too); NaN where either side
-    alone makes the error undefined.
-    """
-    c = np.asarray(computed, dtype=np.float64).ravel()
-    t = np.asarray(truth, dtype=np.float64).ravel()
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        same = (c == t) | (np.isnan(c) & np.isnan(t))  # covers equal infinities
-        abs_err = np.where(same, 0.0, np.abs(c - t))
-        rel_err = np.where(same, 0.0, abs_err / np.abs(t))
-        ulp_err = np.where(same, 0.0, abs_err / precision.ulp(t))
-    return abs_err, rel_err, ulp_err
-
-
-def _errors(
-    computed: FloatArray, truth: FloatArray, precision: Precision
-) -> tuple[float, float, float, int | None]:
-    """Largest absolute, relative and ulp errors over the values, and where the worst is.
-
-    A NaN anywhere makes every error NaN (and marks where it is).
-    """
-    abs_err, rel_err, ulp_err = elementwise_errors(computed, truth, precision)
-    if abs_err.size == 0:
-        return 0.0, 0.0, 0.0, None
-    if np.isnan(abs_err).any():
-        worst = int(np.argmax(np.isnan(abs_err)))
-        return float("nan"), float("nan"), float("nan"), worst
-    worst = int(np.argmax(ulp_err))
-    return float(abs_err.max()), float(rel_err.max()), float(ulp_err.max()), worst
-
-
-def _beyond(computed: FloatArray, truth: FloatArray, tolerance: Tolerance) -> FloatArray:
-    """Element-wise: farther from the truth than the tolerance allows (NaN is beyond)."""
-    c = np.asarray(computed, dtype=np.float64)
-    t = np.asarray(truth, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        ok = (c == t) | (np.abs(c - t) <= tolerance.abs + tolerance.rel * np.abs(t))
-    return ~ok
-
-
-def _flags(
-    computed: FloatArray,
-    target: FloatArray,
-    rounded: FloatArray,
-    runner: StageRunner,
-    tolerance: Tolerance,
-) -> tuple[str, ...]:
-    """The flags of one finding (docs/json-report.md), judged value by value.
-
-    ``precision_loss`` compares with the loss of the inputs rounded to D (the arithmetic's
-    own error) wherever that is finite; ``input_rounding`` compares that loss with the
-    reference of the inputs as given.
-    """
-    values = np.asarray(computed, dtype=np.float64)
-    kinds = {e.kind for e in runner.events}
-    rounded_finite = np.isfinite(rounded)
-    raised = {
-        "nan": bool(np.isnan(values).any()),
-        "inf": bool(np.isinf(values).any()),
-        "overflow": "overflow" in kinds,
-        "underflow": "underflow" in kinds,
-        "precision_loss": bool(
-            (rounded_finite & np.isfinite(values) & _beyond(values, rounded, tolerance)).any()
-        ),
-        "input_rounding": bool(
-            (np.isfinite(target) & (~rounded_finite | _beyond(rounded, target, tolerance))).any()
-        ),
-    }
-    return tuple(flag for flag in FLAGS if raised[flag])
-
-
-def _mismatches(findings: Sequence[Finding], tolerances: Mapping[str, Tolerance]) -> list[Mismatch]:
-    """Pipelines of one precision that disagree: finiteness, or values beyond tolerance."""
-    out: list[Mismatch] = []
-    by_dtype: dict[str, list[Finding]] = {}
-    for f in findings:
-        by_dtype.setdefault(f.dtype, []).append(f)
-    for dtype, group in by_dtype.items():
-        tol = tolerances[dtype]
-        for a, b in combinations(group, 2):
-            va, vb = _values(a), _values(b)
-            fa, fb = np.isfinite(va), np.isfinite(vb)
-            if (fa != fb).any():
-                i = int(np.argmax(fa != fb))
-                out.append(Mismatch(dtype, (a.pipeline, b.pipeline), "finiteness",
-                                    (float(va[i]), float(vb[i])), float("inf"),
-                                    _flat_example(a, i)))
-                continue
-            with np.errstate(invalid="ignore"):
-                both = fa & fb
-                diff = np.where(both, np.abs(va - vb), 0.0)
-                allowed = tol.abs + tol.rel * np.maximum(np.abs(va), np.abs(vb))
-            bad = both & (diff > allowed)
-            if bad.any():
-                i = int(np.argmax(np.where(bad, diff, -1.0)))
-                out.append(Mismatch(dtype, (a.pipeline, b.pipeline), "value",
-                                    (float(va[i]), float(vb[i])), float(diff[i]),
-                                    _flat_example(a, i)))
-    return out
-
-
-def _framework_comparisons(findings: Sequence[Finding], mismatches: Sequence[Mismatch],
-                           reference: float | None,
-                           focus: tuple[int, ...] | None) -> list[FrameworkComparison]:
-    """Per dtype, each framework pipeline's answer: whether it agrees with the reference
-    (finite where the reference is, no flag of a wrong loss), and which other frameworks it
-    has a mismatch with (the pairwise mismatches above, restricted to frameworks)."""
-    out = []
-    dtypes = list(dict.fromkeys(f.dtype for f in findings if f.framework))
-    for dtype in dtypes:
-        group = [f for f in findings if f.framework and f.dtype == dtype]
-        apart = {frozenset(m.pipelines) for m in mismatches if m.dtype == dtype}
-        answers = tuple(
-            FrameworkAnswer(
-                pipeline=f.pipeline,
-                loss=_answer(f, focus),
-                agrees_with_reference=_within(f),
-                differs_from=tuple(g.pipeline for g in group
-                                   if frozenset((f.pipeline, g.pipeline)) in apart),
-            )
-            for f in group
-        )
-        out.append(FrameworkComparison(dtype, reference, answers))
-    return out
-
-
-def _within(finding: Finding) -> bool:
-    """Whether a finding's loss is the reference's within its tolerance (equal infinities,
-    and NaN where the reference is NaN, count as equal: their error is 0)."""
-    error, tol = finding.abs_error, finding.tolerance
-    return bool(np.isfinite(error)) and (error <= tol.abs or finding.rel_error <= tol.rel)
-
-
-def _answer(finding: Finding, focus: tuple[int, ...] | None) -> float:
-    if finding.loss is not None:
-        return finding.loss
-    assert finding.per_example is not None
-    values = np.asarray(finding.per_example, dtype=np.float64)
-    return float(values[focus] if focus is not None else values.ravel()[0])
-
-
-def _flat_example(finding: Finding, flat: int) -> tuple[int, ...] | None:
-    """Where a mismatch is, in the per-example losses' own shape (None: one reduced loss),
-    so that a report can name the example whose values it quotes."""
-    if finding.per_example is None:
-        return None
-    shape = np.shape(finding.per_example)
-    return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
-
-
-def _focus_example(case: Case, findings: Sequence[Finding],
-                   truth: _Truth) -> tuple[int, ...] | None:
-    """For ``reduction: none``: the counted example where the pipelines are farthest from the
-    reference (largest relative error over every finding; NaN, and a finite value where the
-    reference is 0 or infinite, count as infinitely far), the first of equals. A table shows
-    every pipeline's loss at this one example, so that its rows can be compared."""
-    if truth.counted is None or not truth.counted.any():
-        return None
-    target = truth.values
-    farthest = np.zeros(target.size)
-    for finding in findings:
-        computed = np.asarray(finding.per_example, dtype=np.float64).ravel()[truth.counted]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            relative = np.where(computed == target, 0.0,
-                                np.abs(computed - target) / np.abs(target))
-        farthest = np.maximum(farthest, np.where(np.isnan(relative), np.inf, relative))
-    return _example_index(case, int(np.flatnonzero(truth.counted)[int(np.argmax(farthest))]))
-
-
-def _values(finding: Finding) -> FloatArray:
-    if finding.loss is not None:
-        return np.array([finding.loss])
-    assert finding.per_example is not None
-    return np.asarray(finding.per_example, dtype=np.float64).ravel()
-
-
-# -- input statistics ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Extremes:
-    """The input's extremes as a pipeline in D sees them (rounded to D, which is monotone:
-    the rounded row maximum is the maximum of the rounded row), for the headrooms."""
-
-    largest: float
-    smallest: float
-    spread: float | None  # row max minus a logged class's logit, largest over the rows
-    # the smallest logit whose probability the formulation logs (softmax from logits)
-    smallest_logged: float | None
-
-    def merge(self, later: _Extremes) -> _Extremes:
-        def most(a: float | None, b: float | None, pick: Callable[..., float]) -> float | None:
-            return b if a is None else a if b is None else pick(a, b)
-
-        return _Extremes(max(self.largest, later.largest), min(self.smallest, later.smallest),
-                         most(self.spread, later.spread, max),
-                         most(self.smallest_logged, later.smallest_logged, min))
-
-
-@dataclass(frozen=True)
-class _BlockStats:
-    largest: float  # -inf where every entry is masked
-    smallest: float  # the smallest unmasked entry; inf where every entry is masked
-    spread: float | None  # row max minus a logged class's logit, largest over the block
-    rows_sum_to_one: bool  # every value in [0, 1], every row summing to 1
-    rounded: dict[str, _Extremes] = field(default_factory=dict)  # per dtype name
-    masked: MaskedInputs = field(default_factory=MaskedInputs)
-
-
-def _block_stats(block: Block, dtype_names: Sequence[str] = ()) -> _BlockStats:
-    """What the block's inputs look like: extremes, the largest spread, whether its rows
-    look like probability distributions, its masked entries; and the extremes rounded to
-    each named dtype.
-
-    The spread and the smallest logged logit are over the classes whose log-probability a
-    formulation takes: the target's with integer labels, every class's with one-hot or
-    probability labels or label smoothing (``-sum(y * log p)`` logs every class, and
-    ``0 * log 0`` is NaN). Masked entries (``-inf`` logits) are left out of all of them:
-    their exp is an exact 0, so they bring a formulation no closer to its limits.
-    """
-    if block.split is not None:
-        return _split_stats(block, dtype_names)
-    x = np.asarray(block.logits)
-    masked = block.masked
-    top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
-    bottom = np.asarray(x.min(axis=-1) if masked is None
-                        else np.min(x, axis=-1, where=~masked, initial=np.inf),
-                        dtype=np.float64)
-    largest, smallest = float(top.max()), float(bottom.min())
-    distributions = masked is None and smallest >= 0 and largest <= 1 and bool(
-        (np.abs(row_sum(x, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
-    case = block.case
-    lowest: FloatArray | None = None  # per counted row: the smallest logged logit
-    counted = block.valid
-    if case.spec.family == "softmax" and case.spec.from_logits:
-        if case.label_kind == "index" and not case.spec.label_smoothing:
-            target = x[np.arange(len(x)), block.target].astype(np.float64)
-            if masked is not None:  # a masked target's loss is inf whatever the spread
-                counted = counted & (target > -np.inf)
-            lowest = target[counted]
-        else:
-            lowest = bottom[counted]
-    spread = _extremes(top, bottom, lowest, counted, None).spread
-    rounded = {name: _extremes(top, bottom, lowest, counted, Precision(name))
-               for name in dtype_names}
-    return _BlockStats(largest, smallest, spread, distributions, rounded, masked_inputs(block))
-
-
-def _extremes(top: FloatArray, bottom: FloatArray, lowest: FloatArray | None,
-              valid: FloatArray, precision: Precision | None) -> _Extremes:
-    """Row maxima and minima, and the logged logits of the counted rows, reduced (rounded
-    to D first, given a precision). A spread past float64's range (``[1e308, -1e308]``) is
-    inf."""
-    def rnd(values: FloatArray) -> FloatArray:
-        if precision is None:
-            return values
-        return np.asarray(precision.round(values), dtype=np.float64)
-
-    spread = logged = None
-    if lowest is not None and lowest.size:
-        top_r, lowest_r = rnd(top[valid]), rnd(lowest)
-        with np.errstate(invalid="ignore", over="ignore"):
-            gaps = top_r - lowest_r
-        # inf - inf: both rounded past D's range; the pipeline's x - max is NaN there
-        spread = float(np.where(np.isnan(gaps), np.inf, gaps).max())
-        logged = float(lowest_r.min())
-    return _Extremes(float(rnd(top).max()), float(rnd(bottom).min()), spread, logged)
-
-
-def _split_stats(block: Block, dtype_names: Sequence[str]) -> _BlockStats:
-    """:func:`_block_stats` of a row run in column chunks: the same values, from the row's
-    maximum, smallest unmasked logit and target logit merged chunk by chunk (maxima and
-    minima merge exactly), reduced by the same :func:`_extremes`."""
-    case = block.case
-    spec = case.spec
-    top, bottom, target_value = -np.inf, np.inf, np.nan
-    any_masked = False
-    for chunk in block.column_chunks():
-        x = np.asarray(chunk.logits)
-        masked = chunk.masked
-        any_masked |= masked is not None
-        top = max(top, float(x.max()))
-        bottom = min(bottom, float(x.min() if masked is None
-                                   else np.min(x, where=~masked, initial=np.inf)))
-        if case.label_kind == "index" and spec.family == "softmax":
-            inside, column = _chunk_column(chunk, int(block.target[0]))
-            if inside:
-                target_value = float(x[0, column])
-    distributions = not any_masked and bottom >= 0 and top <= 1 and bool(
-        abs(float(_split_row_sum(block)) - 1.0) <= SUM_TOLERANCE)
-    tops, bottoms = np.array([top]), np.array([bottom])
-    lowest: FloatArray | None = None
-    counted = block.valid
-    if spec.family == "softmax" and spec.from_logits:
-        if case.label_kind == "index" and not spec.label_smoothing:
-            counted = counted & (target_value > -np.inf)  # a masked target: inf loss anyway
-            lowest = np.array([target_value])[counted]
-        else:
-            lowest = bottoms[counted]
-    spread = _extremes(tops, bottoms, lowest, counted, None).spread
-    rounded = {name: _extremes(tops, bottoms, lowest, counted, Precision(name))
-               for name in dtype_names}
-    return _BlockStats(top, bottom, spread, distributions, rounded, _split_masked(block))
-
-
-def _chunk_column(chunk: Block, column: int) -> tuple[bool, int]:
-    """Whether a class of the whole row lies in the chunk, and its column there."""
-    start, stop = chunk.columns or (0, chunk.logits.shape[-1])
-    return start <= column < stop, column - start
-
-
-def _split_masked(block: Block) -> MaskedInputs:
-    """:func:`~xentcheck.misuse.masked_inputs` of a row run in column chunks (a softmax
-    row's decisions need the whole row: whether every entry is masked)."""
-    if block.case.spec.family == "sigmoid":
-        found = MaskedInputs()
-        for chunk in block.column_chunks():
-            found = merge_masked(found, masked_inputs(chunk))  # positions in the row's columns
-        return found
-    entries, every, first_hit = 0, True, None
-    for chunk in block.column_chunks():
-        masked = chunk.masked
-        if masked is None:
-            every = False
-            continue
-        entries += int(np.count_nonzero(masked))
-        every &= bool(masked.all())
-        if first_hit is None:
-            weighs = (chunk.target_mask if block.case.label_kind == "index"
-                      and not block.case.spec.label_smoothing
-                      else chunk.softmax_coefficients() > 0)
-            hit = np.flatnonzero(masked[0] & weighs[0])
-            if hit.size:
-                first_hit = (block.start, (chunk.columns or (0, 0))[0] + int(hit[0]))
-    if not entries:
-        return MaskedInputs()
-    valid = bool(block.valid[0])
-    weighted = valid and not every and first_hit is not None
-    whole = every and valid
-    return MaskedInputs(entries, int(weighted), first_hit if weighted else None, int(whole),
-                        block.start if whole else None, int(every and not valid))
-
-
-def _split_row_sum(block: Block) -> float:
-    parts = [chunk_sums(chunk.logits, np.float64) for chunk in block.column_chunks()]
-    return float(combine_chunk_sums(np.concatenate(parts, axis=-1))[0])
-
-
 # -- the whole evaluation --------------------------------------------------------------------
 
 
@@ -537,7 +182,7 @@ class _Pass:
     max_spread: float | None = None
     rows_sum_to_one: bool = True
     masked: MaskedInputs = field(default_factory=MaskedInputs)
-    extremes: dict[str, _Extremes] = field(default_factory=dict)  # per dtype, for headrooms
+    extremes: dict[str, Extremes] = field(default_factory=dict)  # per dtype, for headrooms
     gradients: list[_GradientStats] = field(default_factory=list)
 
 
@@ -549,7 +194,7 @@ class _BlockOutcome:
     rounded: dict[str, FloatArray]
     runs: list[BlockRun]
     gradients: list[_GradientStats]
-    stats: _BlockStats
+    stats: BlockStats
     rows_done: int
 
 
@@ -569,7 +214,7 @@ def _measure_block(case: Case, block: Block, runs: Sequence[PipelineRun],
         outcome.gradient = None  # measured: a block's gradients are not kept
         outcomes.append(outcome)
         gradients.append(measured)
-    stats = _block_stats(block, tuple(rounded_cases))
+    stats = block_stats(block, tuple(rounded_cases))
     release_block(block)
     return _BlockOutcome(given, rounded, outcomes, gradients, stats,
                          block.start + len(block.labels))
@@ -606,7 +251,7 @@ def _measure_split(case: Case, block: Block, runs: Sequence[PipelineRun],
         outcomes.append(run.run_block(case, block, denominators, on_gradient=take))
         measured.close_rows()
         gradients.append(measured)
-    stats = _block_stats(block, tuple(rounded_cases))
+    stats = block_stats(block, tuple(rounded_cases))
     release_block(block)
     return _BlockOutcome(given, rounded, outcomes, gradients, stats,
                          block.start + len(block.labels))
@@ -728,8 +373,8 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     computed = _scalar_or_counted(None if truth.loss is None else float(loss), per_example,
                                   truth.counted)
     target, rounded = truth.values, truth.rounded_values[name]
-    abs_e, rel_e, ulp_e, worst = _errors(computed, target, run.precision)
-    arith_rel = _errors(computed, rounded, run.precision)[1]
+    abs_e, rel_e, ulp_e, worst = errors(computed, target, run.precision)
+    arith_rel = errors(computed, rounded, run.precision)[1]
     limit = pipeline_limit(run.pipeline, run.precision, case.classes,
                            float(case.spec.label_smoothing))
     # The input as D holds it: the largest logit against the upper edge; from below,
@@ -751,7 +396,7 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
         rel_error=rel_e,
         ulp_error=ulp_e,
         arithmetic_rel_error=arith_rel,
-        flags=_flags(computed, target, rounded, run.runner, tol),
+        flags=loss_flags(computed, target, rounded, run.runner, tol),
         first_bad=_located(case, run.runner.first_event()),
         events=tuple(e for e in (_located(case, e) for e in run.runner.ordered_events()) if e),
         limit=limit,
@@ -828,7 +473,7 @@ def evaluate(
         rows_sum_to_one=collected.rows_sum_to_one and case.classes > 1,
         masked=collected.masked,
     )
-    mismatches = _mismatches(findings, tolerances)
+    found = mismatches(findings, tolerances)
     focus = _focus_example(case, findings, truth)
     return ScenarioResult(
         name=case.name,
@@ -843,9 +488,9 @@ def evaluate(
         stats=stats,
         reference=reference,
         findings=tuple(findings),
-        mismatches=tuple(mismatches),
+        mismatches=tuple(found),
         focus_index=focus,
-        frameworks=tuple(_framework_comparisons(findings, mismatches, _reference_answer(
+        frameworks=tuple(framework_comparisons(findings, found, _reference_answer(
             reference, focus), focus)),
         warnings=check_case(case, stats),
         class_weights=None if case.spec.class_weights is None
@@ -860,6 +505,25 @@ def _reference_answer(reference: ReferenceValue,
     if reference.loss is not None or reference.per_example is None or focus is None:
         return reference.loss
     return float(np.asarray(reference.per_example, dtype=np.float64)[focus])
+
+
+def _focus_example(case: Case, findings: Sequence[Finding],
+                   truth: _Truth) -> tuple[int, ...] | None:
+    """For ``reduction: none``: the counted example where the pipelines are farthest from the
+    reference (largest relative error over every finding; NaN, and a finite value where the
+    reference is 0 or infinite, count as infinitely far), the first of equals. A table shows
+    every pipeline's loss at this one example, so that its rows can be compared."""
+    if truth.counted is None or not truth.counted.any():
+        return None
+    target = truth.values
+    farthest = np.zeros(target.size)
+    for finding in findings:
+        computed = np.asarray(finding.per_example, dtype=np.float64).ravel()[truth.counted]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            relative = np.where(computed == target, 0.0,
+                                np.abs(computed - target) / np.abs(target))
+        farthest = np.maximum(farthest, np.where(np.isnan(relative), np.inf, relative))
+    return _example_index(case, int(np.flatnonzero(truth.counted)[int(np.argmax(farthest))]))
 
 
 def _counted_mask(case: Case, per_example: FloatArray) -> FloatArray:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .case import Case, LossSpec
+from .comparison import elementwise_errors
 from .errors import UsageError
-from .evaluator import elementwise_errors, evaluate
+from .evaluator import evaluate
 from .findings import Tolerance
 from .pipelines import Pipeline
 from .precision import FloatArray, Precision
