@@ -35,6 +35,31 @@ EVENT_KINDS = ("overflow", "nan", "underflow", "log_of_zero", "division_by_zero"
 
 Mask = Any  # boolean array broadcastable to a stage's output, or None for "everywhere"
 
+# (bit-pattern view, exponent field) of the formats whose subnormals a flushing runner zeroes
+_EXPONENT_FIELDS: dict[str, tuple[Any, int]] = {
+    "bfloat16": (np.uint16, 0x7F80),
+    "float32": (np.uint32, 0x7F800000),
+    "float64": (np.uint64, 0x7FF0000000000000),
+}
+
+
+def flush_subnormals(values: FloatArray) -> FloatArray:
+    """``values`` with every subnormal replaced by a zero of its sign, as a CPU computes with
+    flush-to-zero and denormals-are-zero set (XLA's CPU code does). float16 arrays are left
+    alone: their subnormals are normal float32 numbers, where float16 arithmetic happens."""
+    array = np.asarray(values)
+    field = _EXPONENT_FIELDS.get(array.dtype.name)
+    if field is None or not array.size:
+        return values
+    view, exponent = field
+    sign = view(1) << view(8 * array.dtype.itemsize - 1)
+    magnitude = array.view(view) & ~sign
+    magnitude -= view(1)  # zeros wrap around to the top: only subnormals stay below
+    subnormal = magnitude < view(exponent & -exponent) - view(1)  # the smallest normal
+    if not subnormal.any():
+        return values
+    return np.where(subnormal, array.view(view) & sign, array.view(view)).view(array.dtype)
+
 
 @dataclass(frozen=True)
 class StageEvent:
@@ -76,6 +101,9 @@ class StageRunner:
         # critical positions by (critical, where) masks, for the current block only: a
         # pipeline passes the same masks to several steps
         self._critical: dict[tuple[int, int, tuple[int, ...]], tuple[Any, ...]] = {}
+        # results flushed to zero where subnormal in the compute dtype (a pipeline emulating a
+        # library that computes with flush-to-zero sets this; see :func:`flush_subnormals`)
+        self.flush_subnormals = False
 
     def bind(self, valid_rows: FloatArray, row_offset: int = 0) -> StageRunner:
         """Point the runner at the next block of rows; events found so far are kept."""
@@ -103,6 +131,12 @@ class StageRunner:
         return np.asarray(x).astype(self.precision.compute_dtype, copy=False)
 
     def _round(self, x: FloatArray) -> FloatArray:
+        if self.flush_subnormals and self.precision.name != "float16":
+            # the result is flushed where it is subnormal in the compute dtype, before it is
+            # rounded to D (bfloat16 has float32's range: no other source of its subnormals).
+            # float16's subnormals are normal float32 numbers and stay; a float32 subnormal
+            # rounds to a float16 zero anyway.
+            return self.precision.round(flush_subnormals(np.asarray(x)))
         return self.precision.round(x)
 
     # -- watching ---------------------------------------------------------------------------
@@ -275,6 +309,8 @@ class StageRunner:
             out = fn(*(self._to_compute(o) for o in operands))
             out = self._round(out) if round_result else np.asarray(
                 out, dtype=self.precision.compute_dtype)
+            if self.flush_subnormals and not round_result:
+                out = flush_subnormals(out)
         blame = kw.pop("blame", None)
         self._watch(stage, out, operands if blame is None else blame, **{"where": None, **kw})
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .base import Block, Pipeline, Saved, reduce_losses
+from .jax_optax import SigmoidJax, SoftmaxJax
 from .textbook import (
     KERAS_EPSILON,
     SigmoidNaive,
@@ -38,19 +39,29 @@ PIPELINES: tuple[Pipeline, ...] = (
     SigmoidStable(),
     SigmoidProbabilitiesNaive(),
     SigmoidProbabilitiesClipped(),
+    SoftmaxJax(),
+    SigmoidJax(),
 )
 
 
-def available(family: str, from_logits: bool) -> tuple[Pipeline, ...]:
-    """The pipelines that apply to a loss family and input kind, in display order."""
-    return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits)
+# Pipelines named after the framework they emulate: run when named (``--pipeline jax``), not
+# by default, so the default set stays the textbook one until the default layout is chosen.
+FRAMEWORKS = frozenset({"torch", "fused", "jax", "keras"})
+
+
+def available(family: str, from_logits: bool, *,
+              frameworks: bool = False) -> tuple[Pipeline, ...]:
+    """The pipelines that apply to a loss family and input kind, in display order (the
+    framework pipelines too with ``frameworks``)."""
+    return tuple(p for p in PIPELINES if p.family == family and p.from_logits == from_logits
+                 and (frameworks or p.name not in FRAMEWORKS))
 
 
 def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:
     """The named pipelines (all applicable ones when ``names`` is empty or None)."""
-    choices = available(family, from_logits)
     if not names:
-        return choices
+        return available(family, from_logits)
+    choices = available(family, from_logits, frameworks=True)
     by_name = {p.name: p for p in choices}
     unknown = [n for n in names if n not in by_name]
     if unknown:
