@@ -54,11 +54,19 @@ def flush_subnormals(values: FloatArray) -> FloatArray:
     view, exponent = field
     sign = view(1) << view(8 * array.dtype.itemsize - 1)
     magnitude = array.view(view) & ~sign
+    smallest_normal = view(exponent & -exponent)
+    if magnitude.min() >= smallest_normal:  # the common case: no zero, no subnormal
+        return values
     magnitude -= view(1)  # zeros wrap around to the top: only subnormals stay below
-    subnormal = magnitude < view(exponent & -exponent) - view(1)  # the smallest normal
+    subnormal = magnitude < smallest_normal - view(1)
     if not subnormal.any():
         return values
     return np.where(subnormal, array.view(view) & sign, array.view(view)).view(array.dtype)
+
+
+# Steps whose result is subnormal only where an operand is (flushed already, when flushing):
+# no flush needed after them. log of a normal number is at least 2**-24 in magnitude.
+_NO_NEW_SUBNORMALS = frozenset({np.negative, np.abs, np.maximum, np.log})
 
 
 @dataclass(frozen=True)
@@ -130,8 +138,8 @@ class StageRunner:
     def _to_compute(self, x: Operand) -> FloatArray:
         return np.asarray(x).astype(self.precision.compute_dtype, copy=False)
 
-    def _round(self, x: FloatArray) -> FloatArray:
-        if self.flush_subnormals and self.precision.name != "float16":
+    def _round(self, x: FloatArray, *, can_be_subnormal: bool = True) -> FloatArray:
+        if self.flush_subnormals and can_be_subnormal and self.precision.name != "float16":
             # the result is flushed where it is subnormal in the compute dtype, before it is
             # rounded to D (bfloat16 has float32's range: no other source of its subnormals).
             # float16's subnormals are normal float32 numbers and stay; a float32 subnormal
@@ -289,7 +297,8 @@ class StageRunner:
         backward step names only the incoming gradient, so a NaN that a forward value brings
         into the gradient is reported at the step where it enters."""
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
-            out = self._round(fn(*(self._to_compute(o) for o in operands)))
+            out = self._round(fn(*(self._to_compute(o) for o in operands)),
+                              can_be_subnormal=fn not in _NO_NEW_SUBNORMALS)
         self._watch(
             stage, out, operands if blame is None else blame, where=where, critical=critical,
             pole=pole, pole_operand=pole_operand,

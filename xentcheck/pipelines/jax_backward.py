@@ -148,14 +148,18 @@ def _sum_in_d(run: StageRunner, values: FloatArray) -> FloatArray:
 def _logaddexp_factor(fwd: StageRunner, a: FloatArray, out: FloatArray) -> FloatArray:
     """``exp(a - logaddexp(a, 0))``, the custom JVP's factor, +inf operands replaced by 0."""
     def no_inf(v: FloatArray) -> FloatArray:
-        return np.where(np.asarray(v, dtype=np.float64) == np.inf, v.dtype.type(0), v)
+        at_inf = np.isposinf(np.asarray(v))
+        return np.where(at_inf, v.dtype.type(0), v) if at_inf.any() else v
 
     return fwd.exp("exp", fwd.subtract("exp", no_inf(a), no_inf(out)))
 
 
 def sigmoid_backward(pipeline: Pipeline, run: StageRunner, block: Block, upstream: float,
                      saved: Saved) -> FloatArray:
-    """``jax.grad`` of :class:`~xentcheck.pipelines.jax_optax.SigmoidJax`'s user code."""
+    """``jax.grad`` of :class:`~xentcheck.pipelines.jax_optax.SigmoidJax`'s user code.
+
+    Negations are exact and rounding is symmetric, so the cotangents' signs are folded into
+    the products: ``-(-a * b)`` is ``a * b`` bit for bit."""
     spec = block.case.spec
     if not all(k in saved for k in ("cast", "log_p", "log_q")):
         fwd_run = _quiet(run, pipeline)
@@ -169,21 +173,21 @@ def sigmoid_backward(pipeline: Pipeline, run: StageRunner, block: Block, upstrea
     if spec.class_weights is not None:
         w = precision.round(np.asarray(spec.class_weights, dtype=np.float64))
         grad = run.multiply("weight", grad, w, blame=[grad])
-    positive = fwd.negate("combine", z)
+    # loss = positive * log_p - (1 - z) * log_q, positive = -z or -(pw z)
+    positive = z
     if spec.pos_weight is not None:
         pw = precision.round(np.asarray(spec.pos_weight, dtype=np.float64))
-        positive = fwd.negate("combine", fwd.multiply("combine", pw, z))
-    # loss = positive * log_p - (1 - z) * log_q
-    ct_log_p = run.multiply("combine", grad, positive, blame=[grad])
-    ct_log_q = run.multiply("combine", run.negate("combine", grad),
-                            fwd.subtract("combine", 1.0, z), blame=[grad])
-    # log_p = -logaddexp(-x, 0); log_q = -logaddexp(x, 0)
-    minus_x = fwd.negate("softplus", x)
-    ct_minus_x = run.multiply("softplus", run.negate("softplus", ct_log_p),
-                              _logaddexp_factor(fwd, minus_x, fwd.negate("softplus", log_p)),
-                              blame=[ct_log_p])
-    ct_x = run.multiply("softplus", run.negate("softplus", ct_log_q),
-                        _logaddexp_factor(fwd, x, fwd.negate("softplus", log_q)),
-                        blame=[ct_log_q])
-    return run.add("softplus", run.negate("softplus", ct_minus_x), ct_x,
-                   blame=[ct_minus_x, ct_x])
+        positive = fwd.multiply("combine", pw, z)
+    # log_p's cotangent is -(grad * positive'); log_p = -logaddexp(-x, 0) passes it negated,
+    # times exp(-x - logaddexp(-x, 0)) to -x, and x takes it negated again: +g pz f1 ... with
+    # the two negations cancelling: x gets (grad * positive') * f1 from log_p
+    ct_p = run.multiply("combine", grad, positive, blame=[grad])
+    f1 = _logaddexp_factor(fwd, fwd.negate("softplus", x), fwd.negate("softplus", log_p))
+    from_p = run.multiply("softplus", ct_p, f1, blame=[ct_p])
+    # log_q's cotangent is -(grad * (1 - z)); log_q = -logaddexp(x, 0): x gets
+    # (grad * (1 - z)) * f2
+    ct_q = run.multiply("combine", grad, fwd.subtract("combine", 1.0, z), blame=[grad])
+    f2 = _logaddexp_factor(fwd, x, fwd.negate("softplus", log_q))
+    from_q = run.multiply("softplus", ct_q, f2, blame=[ct_q])
+    # x's cotangent: -(ct of -x) + ct of x = from_p... with signs: -from_p + from_q
+    return run.subtract("softplus", from_q, from_p, blame=[from_p, from_q])

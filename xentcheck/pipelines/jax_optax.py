@@ -227,18 +227,19 @@ class SigmoidJax(_JaxPipeline):
         spec = block.case.spec
         x = run.save("cast", run.cast("cast", block.logits))
         z = run.cast("cast", block.labels)
-        tail = run.log1p("log1p", run.exp("exp", run.negate("exp", run.abs("exp", x))))
+        # negation, abs and max are exact in D and cannot create inf, NaN or a subnormal:
+        # they are taken directly, without a rounding or a watch (half this pipeline's steps)
+        tail = run.log1p("log1p", run.exp("exp", -np.abs(x)))
         # log_sigmoid(x) = -(max(-x, 0) + tail); log_sigmoid(-x) = -(max(x, 0) + tail)
-        log_p = run.negate("softplus", run.add(
-            "softplus", run.maximum("softplus", run.negate("softplus", x), 0.0), tail))
-        log_q = run.negate("softplus", run.add(
-            "softplus", run.maximum("softplus", x, 0.0), tail))
+        zero = x.dtype.type(0)
+        log_p = -run.add("softplus", np.maximum(-x, zero), tail)
+        log_q = -run.add("softplus", np.maximum(x, zero), tail)
         run.save("log_p", log_p)
         run.save("log_q", log_q)
-        positive = run.negate("combine", z)
+        positive = -z
         if spec.pos_weight is not None:
             pos_weight = run.cast("cast", np.asarray(spec.pos_weight))
-            positive = run.negate("combine", run.multiply("combine", pos_weight, z))
+            positive = -run.multiply("combine", pos_weight, z)
         if run.precision.name == "float16":
             # one float16 XLA fusion whose LLVM code keeps the products in float32
             loss = run.fused("combine", lambda p, lp, c, lq: p * lp - c * lq, positive, log_p,
