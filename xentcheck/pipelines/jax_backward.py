@@ -145,13 +145,17 @@ def _sum_in_d(run: StageRunner, values: FloatArray) -> FloatArray:
     return total[:, None]
 
 
-def _logaddexp_factor(fwd: StageRunner, a: FloatArray, out: FloatArray) -> FloatArray:
-    """``exp(a - logaddexp(a, 0))``, the custom JVP's factor, +inf operands replaced by 0."""
+def _logaddexp_factor(fwd: StageRunner, a: FloatArray, out: FloatArray,
+                      finite: bool) -> FloatArray:
+    """``exp(a - logaddexp(a, 0))``, the custom JVP's factor, +inf operands replaced by 0
+    (``finite``: the logits have no infinity, so neither operand does)."""
     def no_inf(v: FloatArray) -> FloatArray:
         at_inf = np.isposinf(np.asarray(v))
         return np.where(at_inf, v.dtype.type(0), v) if at_inf.any() else v
 
-    return fwd.exp("exp", fwd.subtract("exp", no_inf(a), no_inf(out)))
+    if not finite:
+        a, out = no_inf(a), no_inf(out)
+    return fwd.exp("exp", fwd.subtract("exp", a, out))
 
 
 def sigmoid_backward(pipeline: Pipeline, run: StageRunner, block: Block, upstream: float,
@@ -182,12 +186,14 @@ def sigmoid_backward(pipeline: Pipeline, run: StageRunner, block: Block, upstrea
     # times exp(-x - logaddexp(-x, 0)) to -x, and x takes it negated again: +g pz f1 ... with
     # the two negations cancelling: x gets (grad * positive') * f1 from log_p
     ct_p = run.multiply("combine", grad, positive, blame=[grad])
-    f1 = _logaddexp_factor(fwd, fwd.negate("softplus", x), fwd.negate("softplus", log_p))
+    # (negations are exact: taken directly; logaddexp(a, 0) is +inf only where a is)
+    finite = run.precision.all_finite(x)
+    f1 = _logaddexp_factor(fwd, -x, -log_p, finite)
     from_p = run.multiply("softplus", ct_p, f1, blame=[ct_p])
     # log_q's cotangent is -(grad * (1 - z)); log_q = -logaddexp(x, 0): x gets
     # (grad * (1 - z)) * f2
     ct_q = run.multiply("combine", grad, fwd.subtract("combine", 1.0, z), blame=[grad])
-    f2 = _logaddexp_factor(fwd, x, fwd.negate("softplus", log_q))
+    f2 = _logaddexp_factor(fwd, x, -log_q, finite)
     from_q = run.multiply("softplus", ct_q, f2, blame=[ct_q])
     # x's cotangent: -(ct of -x) + ct of x = from_p... with signs: -from_p + from_q
     return run.subtract("softplus", from_q, from_p, blame=[from_p, from_q])
