@@ -20,8 +20,9 @@ forward op                   cotangent(s) of the operand(s)
 So the softmax gradient with integer labels is ``exp(z) * (g / s) - g`` at the target,
 ``exp(z) * (g / s)`` elsewhere, each product and the final sum rounded to D; the softmax is
 never formed as such. With dense labels the log-softmax's cotangent ``c = -g t`` gives
-``c + exp(z) * ((-sum c) / s)``. ``jax.jit`` does not change any of these roundings (the
-float32 exp it keeps feeds only the forward sum; the backward multiplies by exp stored in D).
+``c + exp(z) * ((-sum c) / s)``, where ``sum c`` is a sum in D in XLA's order (windows of
+32) and, in float16, ``c + product`` is one fused float32 step. The float32 exp jit keeps
+feeds only the forward sum: the backward multiplies by the exp stored in D.
 """
 
 from __future__ import annotations
