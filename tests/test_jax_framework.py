@@ -278,3 +278,19 @@ def test_live_jax_agrees_with_xentcheck_and_the_fixture(entry: dict[str, Any],
     if dtype in ("float16", "bfloat16"):  # the fixture is what this jax computes
         for k in KEYS:
             assert matches(entry["jax"][dtype][k], live[k], dtype), k
+
+
+def test_a_scenario_can_run_and_expect_the_jax_pipeline(tmp_path: Any) -> None:
+    """``pipelines: [jax]`` runs it; an expectation may name it (it applies to the loss)."""
+    from click.testing import CliRunner
+
+    from xentcheck.cli import cli
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "logits: [[0, -40], [0, -40]]\nlabels: [1, 1]\npipelines: [stable, jax]\n"
+        "dtypes: float16\nreduction: sum\nexpect:\n  - pipeline: jax\n    loss: finite\n"
+        "    max_ulp_error: 0\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["check", str(scenario)])
+    assert result.exit_code == 0, result.output
+    assert "2 checks hold" in result.output

@@ -23,7 +23,7 @@ from .errors import InputError, UsageError, XentcheckError
 from .expectations import Expectation, parse_expectations
 from .findings import Tolerance
 from .misuse import tagged
-from .pipelines import select
+from .pipelines import available, select
 from .precision import DTYPE_NAMES, FloatArray
 
 KEYS: tuple[str, ...] = (
@@ -222,7 +222,9 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
         tolerance = parse_tolerance(data.get("tolerance"))
         expectations: tuple[Expectation, ...] = ()
         if "expect" in data:
-            names = [p.name for p in select(case.spec.family, case.spec.from_logits, None)]
+            # any pipeline that applies, the framework ones (run when named) included
+            names = [p.name for p in available(case.spec.family, case.spec.from_logits,
+                                               frameworks=True)]
             expectations = parse_expectations(data["expect"], _item_lines(node, "expect"), names)
     except InputError as exc:
         raise exc.located(source) from None
