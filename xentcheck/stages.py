@@ -36,6 +36,40 @@ EVENT_KINDS = ("overflow", "nan", "underflow", "log_of_zero", "division_by_zero"
 
 Mask = Any  # boolean array broadcastable to a stage's output, or None for "everywhere"
 
+# (bit-pattern view, exponent field) of the formats whose subnormals a flushing runner zeroes
+_EXPONENT_FIELDS: dict[str, tuple[Any, int]] = {
+    "bfloat16": (np.uint16, 0x7F80),
+    "float32": (np.uint32, 0x7F800000),
+    "float64": (np.uint64, 0x7FF0000000000000),
+}
+
+
+def flush_subnormals(values: FloatArray) -> FloatArray:
+    """``values`` with every subnormal replaced by a zero of its sign, as a CPU computes with
+    flush-to-zero and denormals-are-zero set (XLA's CPU code does). float16 arrays are left
+    alone: their subnormals are normal float32 numbers, where float16 arithmetic happens."""
+    array = np.asarray(values)
+    field = _EXPONENT_FIELDS.get(array.dtype.name)
+    if field is None or not array.size:
+        return values
+    view, exponent = field
+    sign = view(1) << view(8 * array.dtype.itemsize - 1)
+    magnitude = array.view(view) & ~sign
+    smallest_normal = view(exponent & -exponent)
+    if magnitude.min() >= smallest_normal:  # the common case: no zero, no subnormal
+        return values
+    with np.errstate(over="ignore"):  # a scalar's wrap-around warns where an array's is silent
+        magnitude = magnitude - view(1)  # zeros wrap around to the top: only subnormals stay below
+    subnormal = magnitude < smallest_normal - view(1)
+    if not subnormal.any():
+        return values
+    return np.where(subnormal, array.view(view) & sign, array.view(view)).view(array.dtype)
+
+
+# Steps whose result is subnormal only where an operand is (flushed already, when flushing):
+# no flush needed after them. log of a normal number is at least 2**-24 in magnitude.
+_NO_NEW_SUBNORMALS = frozenset({np.negative, np.abs, np.maximum, np.log})
+
 
 @dataclass(frozen=True)
 class StageEvent:
@@ -123,6 +157,9 @@ class StageRunner:
         # which watch (in call order) found each event: a split row's chunks are merged by it
         self.calls = 0
         self.event_calls: dict[tuple[str, str], int] = {}
+        # results flushed to zero where subnormal in the compute dtype (a pipeline emulating a
+        # library that computes with flush-to-zero sets this; see :func:`flush_subnormals`)
+        self.flush_subnormals = False
 
     def enter(self, replay: ReplayCursor, columns: tuple[int, int]) -> StageRunner:
         """Run over the columns ``columns`` of a row split across its classes."""
@@ -133,6 +170,7 @@ class StageRunner:
         """A runner for recomputing values: same precision, rows and chunk, no events."""
         other = StageRunner(self.precision, stages).bind(self.valid_rows, self.row_offset)
         other.replay, other.columns, other.watching = self.replay, self.columns, False
+        other.flush_subnormals = self.flush_subnormals
         return other
 
     def bind(self, valid_rows: FloatArray, row_offset: int = 0) -> StageRunner:
@@ -160,7 +198,13 @@ class StageRunner:
     def _to_compute(self, x: Operand) -> FloatArray:
         return np.asarray(x).astype(self.precision.compute_dtype, copy=False)
 
-    def _round(self, x: FloatArray) -> FloatArray:
+    def _round(self, x: FloatArray, *, can_be_subnormal: bool = True) -> FloatArray:
+        if self.flush_subnormals and can_be_subnormal and self.precision.name != "float16":
+            # the result is flushed where it is subnormal in the compute dtype, before it is
+            # rounded to D (bfloat16 has float32's range: no other source of its subnormals).
+            # float16's subnormals are normal float32 numbers and stay; a float32 subnormal
+            # rounds to a float16 zero anyway.
+            return self.precision.round(flush_subnormals(np.asarray(x)))
         return self.precision.round(x)
 
     # -- watching ---------------------------------------------------------------------------
@@ -329,7 +373,8 @@ class StageRunner:
         backward step names only the incoming gradient, so a NaN that a forward value brings
         into the gradient is reported at the step where it enters."""
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
-            out = self._round(fn(*(self._to_compute(o) for o in operands)))
+            out = self._round(fn(*(self._to_compute(o) for o in operands)),
+                              can_be_subnormal=fn not in _NO_NEW_SUBNORMALS)
         self._watch(
             stage, out, operands if blame is None else blame, where=where, critical=critical,
             pole=pole, pole_operand=pole_operand,
@@ -352,6 +397,8 @@ class StageRunner:
             out = fn(*(self._to_compute(o) for o in operands))
             out = self._round(out) if round_result else np.asarray(
                 out, dtype=self.precision.compute_dtype)
+            if self.flush_subnormals and not round_result:
+                out = flush_subnormals(out)
         blame = kw.pop("blame", None)
         self._watch(stage, out, operands if blame is None else blame, **{"where": None, **kw})
         return out

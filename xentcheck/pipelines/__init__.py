@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..errors import UsageError
 from .base import Block, Pipeline, Saved, reduce_losses
 from .fused import SoftmaxFused
+from .jax_optax import SigmoidJax, SoftmaxJax
 from .keras3 import KerasSigmoid, KerasSoftmax, KerasSoftmaxProbabilities
 from .textbook import (
     KERAS_EPSILON,
@@ -47,6 +48,8 @@ PIPELINES: tuple[Pipeline, ...] = (
     TorchCrossEntropy(),
     TorchBinaryWithLogits(),
     TorchBinary(),
+    SoftmaxJax(),
+    SigmoidJax(),
     SoftmaxFused(),
     KerasSoftmax(),
     KerasSoftmaxProbabilities(),
