@@ -115,7 +115,8 @@ def evaluation_options(function: F) -> F:
                      help=f"Storage dtype(s) to evaluate in: {', '.join(DTYPE_NAMES)} "
                           "(repeat or comma-separate; default: all)."),
         click.option("--pipeline", "pipelines", multiple=True, metavar="NAME",
-                     help="Formulation(s) to run (default: all that apply)."),
+                     help="Formulation(s) to run (default: the textbook ones and torch, "
+                          "those that apply; jax, fused and keras run when named)."),
         click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
                      show_default=True,
                      help="Reduction accumulate dtype; 'same' is a running sum in the storage "
