@@ -136,21 +136,14 @@ def _row_upstream(block: Block, upstream: float) -> np.float32:
     return f32(upstream)
 
 
-class KerasSoftmax(Pipeline):
+class _KerasPipeline(Pipeline):
+    """What every Keras loss shares: the name, its float32 batch reduction and upstream
+    gradient; run when named, on a float32 copy of the inputs."""
+
     name = "keras"
     default = False
     framework = True
     splittable = False  # not yet written to the replay contract
-    family = "softmax"
-    from_logits = True
-    formula = ("float32: x = float32(x); loss = -sum(y * log_softmax(x))  "
-               "(Keras (Sparse)CategoricalCrossentropy(from_logits=True))")
-    stages = SoftmaxStable.stages
-    _inner = SoftmaxStable()
-
-    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
-        keras_block = _keras_block(run, block)
-        return self._inner.per_example(_in_floatx(run), keras_block)
 
     def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
                denominator: float, case: Case | None = None) -> FloatArray:
@@ -160,6 +153,25 @@ class KerasSoftmax(Pipeline):
                            denominator: float) -> float:
         return _keras_upstream(reduction, denominator)
 
+
+class _KerasWrapping(_KerasPipeline):
+    """A textbook formulation (``_inner``) evaluated in Keras' float32."""
+
+    _inner: Pipeline
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        keras_block = _keras_block(run, block)
+        return self._inner.per_example(_in_floatx(run), keras_block)
+
+
+class KerasSoftmax(_KerasWrapping):
+    family = "softmax"
+    from_logits = True
+    formula = ("float32: x = float32(x); loss = -sum(y * log_softmax(x))  "
+               "(Keras (Sparse)CategoricalCrossentropy(from_logits=True))")
+    stages = SoftmaxStable.stages
+    _inner = SoftmaxStable()
+
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
         quiet = StageRunner(run.precision, self.all_stages).bind(run.valid_rows, run.row_offset)
@@ -168,11 +180,7 @@ class KerasSoftmax(Pipeline):
                                     float(_row_upstream(block, upstream)), saved)
 
 
-class KerasSoftmaxProbabilities(Pipeline):
-    name = "keras"
-    default = False
-    framework = True
-    splittable = False  # not yet written to the replay contract
+class KerasSoftmaxProbabilities(_KerasWrapping):
     family = "softmax"
     from_logits = False
     formula = ("float32: p = clip(p / sum(p), 1e-7, 1 - 1e-7); loss = -sum(y * log(p))  "
@@ -180,20 +188,8 @@ class KerasSoftmaxProbabilities(Pipeline):
     stages = SoftmaxProbabilitiesClipped.stages
     _inner = SoftmaxProbabilitiesClipped()
 
-    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
-        keras_block = _keras_block(run, block)
-        return self._inner.per_example(_in_floatx(run), keras_block)
 
-    def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
-               denominator: float, case: Case | None = None) -> FloatArray:
-        return _keras_reduce(run, per_example, reduction, denominator)
-
-
-class KerasSigmoid(Pipeline):
-    name = "keras"
-    default = False
-    framework = True
-    splittable = False  # not yet written to the replay contract
+class KerasSigmoid(_KerasPipeline):
     family = "sigmoid"
     from_logits = True
     formula = ("float32: loss = (1 - z) x - log_sigmoid(x), log_sigmoid(x) = min(x, 0) - "
@@ -222,14 +218,6 @@ class KerasSigmoid(Pipeline):
             loss = inner.multiply("weight", loss,
                                   inner.cast("cast", np.asarray(spec.class_weights)))
         return inner.select("nll", keras_block.valid_elements, loss, 0.0)
-
-    def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
-               denominator: float, case: Case | None = None) -> FloatArray:
-        return _keras_reduce(run, per_example, reduction, denominator)
-
-    def reduction_gradient(self, precision: Precision, reduction: str,
-                           denominator: float) -> float:
-        return _keras_upstream(reduction, denominator)
 
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
