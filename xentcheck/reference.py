@@ -297,6 +297,22 @@ def softmax_index_losses(logits: FloatArray, target: FloatArray, weight: FloatAr
         return np.where(w > 0, w * gap_hi + (w * gap_lo + w * parts.log_t), 0.0)
 
 
+
+def log1p_ratio(remainder: FloatArray, p: FloatArray) -> FloatArray:
+    """``log1p(remainder / p)``, also where the ratio overflows: there p is far below the
+    remainder, so both are split into significand and exponent and the logarithm of the
+    ratio is formed without overflow and without cancellation."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        ratio = remainder / p
+        terms = np.log1p(ratio)
+        huge = np.isinf(ratio) & (p > 0) & np.isfinite(remainder)
+        if huge.any():
+            r_frac, r_exp = np.frexp(remainder[huge])
+            p_frac, p_exp = np.frexp(p[huge])
+            k = (r_exp - p_exp).astype(np.float64)
+            terms[huge] = k * _LN2_HI + (k * _LN2_LO + np.log(r_frac / p_frac))
+    return np.asarray(terms)
+
 def softmax_probability_losses(probabilities: FloatArray, coefficients: FloatArray) -> FloatArray:
     """Per-row ``-sum_c a_c log(p_c / sum(p))`` for probability inputs (rows renormalised).
 
@@ -320,16 +336,7 @@ def softmax_probability_losses(probabilities: FloatArray, coefficients: FloatArr
         r_hi, r_lo = _two_sum(total_hi[:, None], -p)
         remainder = r_hi + (r_lo + total_lo[:, None])
         remainder[rows, top] = rest_hi + rest_lo
-        ratio = remainder / p
-        terms = np.log1p(ratio)
-        # Where R/p overflows, p is far below R: split both into significand and exponent
-        # so the logarithm of the ratio is formed without overflow and without cancellation.
-        huge = np.isinf(ratio) & (p > 0) & np.isfinite(remainder)
-        if huge.any():
-            r_frac, r_exp = np.frexp(remainder[huge])
-            p_frac, p_exp = np.frexp(p[huge])
-            k = (r_exp - p_exp).astype(np.float64)
-            terms[huge] = k * _LN2_HI + (k * _LN2_LO + np.log(r_frac / p_frac))
+        terms = log1p_ratio(remainder, p)
         weighted = np.where(a > 0, a * terms, 0.0)
     hi, lo = _dd_sum(weighted)
     return hi + lo

@@ -25,8 +25,6 @@ from .pipelines import Block
 from .precision import FloatArray
 from .reference import (
     _EXACT_BINADE_GAP,
-    _LN2_HI,
-    _LN2_LO,
     _NARROW_SIGNIFICAND,
     _dd_chunk_pairs,
     _dd_combine,
@@ -36,6 +34,7 @@ from .reference import (
     _nonnegative_total,
     _significand_bits,
     _two_sum,
+    log1p_ratio,
     sigmoid_gradients,
     sigmoid_losses,
     sigmoid_probability_losses,
@@ -231,14 +230,7 @@ def split_probability_losses(chunks: Chunks) -> FloatArray:
             remainder = r_hi + (r_lo + total_lo[:, None])
             if start <= top < start + p.shape[1]:
                 remainder[0, top - start] = (rest_hi + rest_lo)[0]
-            ratio = remainder / p
-            terms = np.log1p(ratio)
-            huge = np.isinf(ratio) & (p > 0) & np.isfinite(remainder)
-            if huge.any():
-                r_frac, r_exp = np.frexp(remainder[huge])
-                p_frac, p_exp = np.frexp(p[huge])
-                k = (r_exp - p_exp).astype(np.float64)
-                terms[huge] = k * _LN2_HI + (k * _LN2_LO + np.log(r_frac / p_frac))
+            terms = log1p_ratio(remainder, p)
             weighted.append(_dd_chunk_pairs(
                 np.where(coefficients > 0, coefficients * terms, 0.0), None))
     hi, lo = _dd_combine(_concat([w[0] for w in weighted]), _concat([w[1] for w in weighted]))
