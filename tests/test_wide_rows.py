@@ -8,6 +8,7 @@ independent computations (math.fsum, mpmath at 50 digits, closed forms).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from itertools import pairwise
@@ -275,3 +276,28 @@ def test_validation_scans_a_wide_row_in_pieces(monkeypatch: pytest.MonkeyPatch) 
     probabilities[1, -1] = 0.0
     assert scenario._find_first(probabilities, lambda v: (v.sum(axis=-1) <= 0)[:, None],
                                 whole_rows=True) == [1, 0]
+
+
+def test_a_default_run_on_rows_too_wide_for_a_block_leaves_out_whole_row_pipelines(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # torch runs by default but does not replay over column chunks: on rows wider than a
+    # block it would hold the whole row, so the default run leaves it out (with a note) and
+    # memory stays bounded; named, it runs (whole)
+    from click.testing import CliRunner
+
+    from xentcheck.cli import cli
+
+    monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 256)
+    np.save(tmp_path / "x.npy", np.linspace(-3, 3, 600).reshape(1, 600))
+    np.save(tmp_path / "y.npy", np.array([7]))
+    args = ["run", "--logits", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+            "--dtype", "float32", "--format", "json"]
+    default = CliRunner().invoke(cli, args)
+    assert default.exit_code == 0, default.output
+    ran = [r["pipeline"] for r in json.loads(default.stdout)["scenarios"][0]["results"]]
+    assert ran == ["naive", "shifted", "stable"]
+    assert "torch left out of the default set for rows of 600 classes" in default.stderr
+    named = CliRunner().invoke(cli, [*args, "--pipeline", "stable,torch"])
+    assert named.exit_code == 0 and "left out" not in named.stderr
+    ran = [r["pipeline"] for r in json.loads(named.stdout)["scenarios"][0]["results"]]
+    assert ran == ["stable", "torch"]

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
-from . import __version__
+from . import __version__, execution
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import Case
@@ -417,8 +417,17 @@ def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accum
               override: ToleranceSpec | None) -> ScenarioResult:
     case = scenario.case
     precisions = _precisions(dtypes, scenario.dtypes or DTYPE_NAMES, accumulate)
-    chosen = select(case.spec.family, case.spec.from_logits,
-                    pipelines or list(scenario.pipelines or ()))
+    named = pipelines or list(scenario.pipelines or ())
+    chosen = select(case.spec.family, case.spec.from_logits, named)
+    if not named and case.classes > execution.BLOCK_ELEMENTS:
+        # a row this wide runs in column chunks, bounded in memory; a default pipeline that
+        # cannot replay over chunks would hold the whole row: it runs only when named
+        whole = [p.name for p in chosen if not p.splittable]
+        chosen = tuple(p for p in chosen if p.splittable)
+        if whole:
+            click.echo(f"xentcheck: note: {case.source}: {', '.join(whole)} left out of the "
+                       f"default set for rows of {case.classes} classes (it would hold a whole "
+                       f"row in memory); name it with --pipeline to run it", err=True)
     spec = override or scenario.tolerance
     tolerances = None
     if spec is not None:
