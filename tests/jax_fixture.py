@@ -145,20 +145,11 @@ def xentcheck_result(case: Case, dtype: str) -> dict[str, np.ndarray]:
     """The ``jax`` pipeline's loss, per-example losses and gradient for a case, computed as the
     evaluator computes them (forward, then backward from the forward's own values, block by
     block), in float64."""
-    from xentcheck.execution import Denominators, PipelineRun, blocks
+    from xentcheck.execution import run_with_gradient
     from xentcheck.pipelines import select
 
     [pipeline] = select(case.spec.family, True, ["jax"])
-    denominators = Denominators(np.zeros(case.classes))
-    for block in blocks(case):
-        denominators.add(case, block)
-    run = PipelineRun(pipeline, Precision(dtype))
-    parts = []
-    for block in blocks(case):
-        outcome = run.run_block(case, block, denominators)
-        run.absorb(outcome)
-        parts.append(np.asarray(outcome.gradient, dtype=np.float64))
-    loss, per_example = run.finish(case, denominators)
+    loss, per_example, gradient = run_with_gradient(pipeline, Precision(dtype), case)
+    assert gradient is not None
     return {"loss": np.asarray(loss, dtype=np.float64),
-            "per_example": np.asarray(per_example, dtype=np.float64),
-            "grad": np.concatenate(parts)}
+            "per_example": np.asarray(per_example, dtype=np.float64), "grad": gradient}

@@ -41,7 +41,7 @@ from torch_framework_cases import (
 )
 
 from xentcheck.case import Case
-from xentcheck.execution import Denominators, PipelineRun, blocks
+from xentcheck.execution import run_with_gradient
 from xentcheck.pipelines import available
 from xentcheck.pipelines.torch_eager import PRIMITIVES, nll_cascade, thread_dependent_sum
 from xentcheck.precision import Precision
@@ -88,20 +88,9 @@ def torch_pipeline(case: Case) -> Any:
 def xentcheck_result(case: Case, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The torch pipeline's loss (per-example array for ``none``) and gradient, as the
     evaluator computes them (forward, then backward from the forward's values, by blocks)."""
-    pipeline = torch_pipeline(case)
-    denominators = Denominators(np.zeros(case.classes))
-    for block in blocks(case):
-        denominators.add(case, block)
-    run = PipelineRun(pipeline, Precision(dtype))
-    parts = []
-    for block in blocks(case):
-        outcome = run.run_block(case, block, denominators)
-        run.absorb(outcome)
-        if outcome.gradient is not None:
-            parts.append(np.asarray(outcome.gradient, dtype=np.float64))
-    loss, _ = run.finish(case, denominators)
+    loss, _, gradient = run_with_gradient(torch_pipeline(case), Precision(dtype), case)
     return (np.asarray(loss, dtype=np.float64).reshape(-1),
-            np.concatenate(parts).reshape(-1) if parts else None)
+            None if gradient is None else gradient.reshape(-1))
 
 
 def _sha(values: np.ndarray) -> str:

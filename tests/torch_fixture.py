@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from xentcheck.case import Case, LossSpec
-from xentcheck.execution import Denominators, PipelineRun, blocks
+from xentcheck.execution import run_with_gradient
 from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision
 
@@ -46,17 +46,9 @@ def xentcheck_result(case: Case, pipeline_name: str, dtype: str,
                      block_elements: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """xentcheck's loss (the per-example array for ``none``) and gradient, in float64."""
     pipeline = next(p for p in textbook(case.spec.family, True) if p.name == pipeline_name)
-    denominators = Denominators(np.zeros(case.classes))
-    for block in blocks(case):
-        denominators.add(case, block)
-    run = PipelineRun(pipeline, Precision(dtype))
-    parts = []
-    for block in blocks(case, block_elements):
-        outcome = run.run_block(case, block, denominators)
-        run.absorb(outcome)
-        parts.append(np.asarray(outcome.gradient, dtype=np.float64))
-    loss, _ = run.finish(case, denominators)
-    return np.asarray(loss, dtype=np.float64), np.concatenate(parts)
+    loss, _, gradient = run_with_gradient(pipeline, Precision(dtype), case, block_elements)
+    assert gradient is not None
+    return np.asarray(loss, dtype=np.float64), gradient
 
 
 def bits(values: np.ndarray) -> np.ndarray:

@@ -381,3 +381,25 @@ def run_pipeline(
         denominators.add(case, block)
     loss, per_example = run.finish(case, denominators)
     return loss, per_example, run.runner
+
+
+def run_with_gradient(
+    pipeline: Pipeline, precision: Precision, case: Case, block_elements: int | None = None
+) -> tuple[FloatArray, FloatArray, FloatArray | None]:
+    """Run one pipeline in one precision over a whole case, forward and backward as the
+    evaluator does (the backward pass from the forward's own values, block by block):
+    (loss, per-example losses, gradient with respect to the logits in float64, or None
+    where the pipeline has none)."""
+    denominators = Denominators(np.zeros(case.classes))
+    for block in blocks(case):
+        denominators.add(case, block)
+    run = PipelineRun(pipeline, precision)
+    parts = []
+    for block in blocks(case, block_elements):
+        outcome = run.run_block(case, block, denominators)
+        run.absorb(outcome)
+        if outcome.gradient is not None:
+            parts.append(np.asarray(outcome.gradient, dtype=np.float64))
+    loss, per_example = run.finish(case, denominators)
+    return loss, per_example, np.concatenate(parts) if parts else None
+
