@@ -272,8 +272,10 @@ WIDE_DIFFERENCES: dict[tuple[str, str, str], float] = {
     ('vocab_32000_smoothing', 'float32', 'grad'): 9.40625,
     ('vocab_32000_smoothing', 'float64', 'grad'): 17.75,
     ('flat_70000', 'float32', 'grad'): 3.0517578125e-05,
-    ('flat_70000', 'float64', 'loss'): 1.0,
-    ('flat_70000', 'float64', 'grad'): 0.000244140625,
+    # rows of 70,000 classes, past SUM_CHUNK: their row sums are chunk-defined (so that a row
+    # wider than a block replays them), in another order than numpy's whole-row pairwise sum
+    # -- the loss is now torch's bit for bit (it was 1), the gradient's distance 0.000244 before
+    ('flat_70000', 'float64', 'grad'): 0.000457763671875,
     ('dense_wide', 'float32', 'loss'): 1.0,
     ('dense_wide', 'float32', 'grad'): 2.0,
     ('dense_wide', 'float64', 'grad'): 2.0,

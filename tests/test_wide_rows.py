@@ -108,6 +108,9 @@ def _cases() -> list[tuple[str, Case]]:
             class_weights=weights, label_smoothing=0.1, reduction="none"))),
         ("ignore_index", Case("t", x, np.array([-100, 500]), "index",
                               LossSpec(ignore_index=-100, class_weights=weights))),
+        # torch's mean of label smoothing reduces per-row parts the per-example losses mix
+        ("weights smoothing mean", Case("t", x, np.array([450, 31]), "index", LossSpec(
+            class_weights=weights, label_smoothing=0.1))),
         ("one-hot", Case("t", x, onehot, "dense", LossSpec(reduction="sum"))),
         ("soft float64 wide range", Case("t", wide, soft, "dense", LossSpec())),
         ("soft weights", Case("t", x, soft, "dense", LossSpec(class_weights=weights))),
@@ -206,10 +209,38 @@ def test_no_step_holds_more_than_a_chunk(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(StageRunner, "_elementwise", spy_step)
     monkeypatch.setattr(_GradientStats, "add", spy_gradient)
-    # the pipelines that keep the replay contract (the others run a wide row whole)
-    _evaluate(dict(CASES)["soft weights"], 128, monkeypatch, [Precision("float32")],
-              splittable_only=True)
+    # the pipelines that keep the replay contract (the others run a wide row whole), torch
+    # among them: its batch reductions of dense targets and of label smoothing recompute
+    # per-row parts, in column chunks too
+    smoothing = dict(CASES)["weights smoothing none"]
+    cases = [dict(CASES)["soft weights"], dict(CASES)["sigmoid"],
+             Case("t", smoothing.logits, smoothing.labels, "index",
+                  LossSpec(class_weights=smoothing.spec.class_weights, label_smoothing=0.1))]
+    for case in cases:
+        result = _evaluate(case, 128, monkeypatch, [Precision("float32")],
+                           splittable_only=True)
+        assert "torch" in {f.pipeline for f in result.findings}
     assert 2 <= widest[0] <= 128 + 1
+
+
+def test_a_sum_may_accumulate_as_a_library_does_whatever_the_precision_asks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 600 ones in bfloat16: a running sum in D stalls at 256 (256 + 1 rounds to 256); a
+    # float32 sum is 600, which bfloat16 holds exactly. torch's log-softmax sums in float32
+    # whatever --accumulate says, and so does its row sum replayed over column chunks.
+    ones = np.ones((1, CLASSES), dtype=np.float32)
+    runner = StageRunner(Precision("bfloat16", "same"), ["sum"])
+    assert float(runner.sum("sum", ones)[0]) == 256.0
+    assert float(runner.sum("sum", ones, accumulate="default")[0]) == 600.0
+    assert float(runner.accumulate(ones, accumulate="default")[0]) == 600.0
+    case = Case("t", np.zeros((1, CLASSES)), np.array([3]), "index", LossSpec(reduction="sum"))
+    torch = next(p for p in available("softmax", True, every=True) if p.name == "torch")
+    for size in (1 << 20, 128):
+        result = _evaluate(case, size, monkeypatch, [Precision("bfloat16", "same")])
+        [finding] = [f for f in result.findings if f.pipeline == torch.name]
+        # log(600) rounded to bfloat16 (6.40625), where a sum stalled at 256 gives 5.53125
+        assert finding.loss == float(Precision("bfloat16").round(np.log(np.float32(600.0))))
+        assert finding.loss == 6.40625
 
 
 # -- the reference of a wide row against mpmath ----------------------------------------------
@@ -280,23 +311,30 @@ def test_validation_scans_a_wide_row_in_pieces(monkeypatch: pytest.MonkeyPatch) 
 
 def test_a_default_run_on_rows_too_wide_for_a_block_leaves_out_whole_row_pipelines(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # torch runs by default but does not replay over column chunks: on rows wider than a
-    # block it would hold the whole row, so the default run leaves it out (with a note) and
-    # memory stays bounded; named, it runs (whole)
+    # a default pipeline that could not replay over column chunks would be left out on rows
+    # wider than a block (with a note), so that memory stays bounded; every default one
+    # (torch included) replays, so the default set runs whole and nothing is left out
     from click.testing import CliRunner
 
     from xentcheck.cli import cli
 
     monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 256)
+    assert all(p.splittable for p in available("softmax", True))
     np.save(tmp_path / "x.npy", np.linspace(-3, 3, 600).reshape(1, 600))
     np.save(tmp_path / "y.npy", np.array([7]))
     args = ["run", "--logits", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
             "--dtype", "float32", "--format", "json"]
     default = CliRunner().invoke(cli, args)
     assert default.exit_code == 0, default.output
-    ran = [r["pipeline"] for r in json.loads(default.stdout)["scenarios"][0]["results"]]
-    assert ran == ["naive", "shifted", "stable"]
-    assert "torch left out of the default set for rows of 600 classes" in default.stderr
+    results = json.loads(default.stdout)["scenarios"][0]["results"]
+    assert [r["pipeline"] for r in results] == ["naive", "shifted", "stable", "torch"]
+    assert "left out" not in default.stderr
+    # torch's loss on the wide row, run in column chunks, is the row's: -log softmax(x)[7]
+    # (float32, a few ulp of the float64 value)
+    x = np.linspace(-3, 3, 600)
+    exact = float(np.log(np.sum(np.exp(x - x.max()))) - (x[7] - x.max()))
+    torch_loss = next(r["loss"] for r in results if r["pipeline"] == "torch")
+    assert abs(torch_loss - exact) <= 16 * 2.0**-24 * exact
     named = CliRunner().invoke(cli, [*args, "--pipeline", "stable,torch"])
     assert named.exit_code == 0 and "left out" not in named.stderr
     ran = [r["pipeline"] for r in json.loads(named.stdout)["scenarios"][0]["results"]]

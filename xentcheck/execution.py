@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -353,6 +354,37 @@ def _replayed(chunks: list[Block], replay: Replay,
         if final:
             raise RuntimeError("a pipeline's reductions differ between a row's chunks")
         replay.results.append(finish(state))
+
+
+def row_values(case: Case, precision: Precision, stages: tuple[str, ...],
+               body: Callable[[StageRunner, Block], Outcome],
+               block_elements: int | None = None) -> Iterator[Outcome]:
+    """``body`` (per-row values of a block) over the case's blocks in order, recomputed on
+    runners that do not watch: for a batch reduction that needs per-row parts the per-example
+    losses do not keep. A row wider than a block runs in column chunks, replayed
+    (:class:`Replay`): its values are the whole row's, and no step holds more than a chunk."""
+    def runner_for(chunk: Block, replay: Replay | None = None) -> StageRunner:
+        runner = StageRunner(precision, stages).bind(chunk.valid, chunk.start)
+        runner.watching = False
+        if replay is not None:
+            runner.enter(ReplayCursor(replay), chunk.columns or (0, 0))
+        return runner
+
+    for block in blocks(case, block_elements):
+        if block.split is None:
+            yield body(runner_for(block), block)
+            continue
+        outputs: list[Outcome] = []
+        replay = Replay()
+        _replayed(list(block.column_chunks()), replay,
+                  partial(runner_for, replay=replay), body,
+                  partial(_keep, outputs), 1)
+        yield outputs[0]  # per-row values: every chunk's final pass computes them
+
+
+def _keep(kept: list[Outcome], chunk: Block, output: Outcome) -> None:
+    # a split row's final pass, chunk by chunk: its outputs, in order
+    kept.append(output)
 
 
 def _watched_rows(case: Case, block: Block) -> FloatArray:

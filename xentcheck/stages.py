@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .chunking import chunk_sums, combine_chunk_sums, row_sum
-from .precision import FloatArray, Operand, Precision
+from .precision import AccumulateName, FloatArray, Operand, Precision
 
 EVENT_KINDS = ("overflow", "nan", "underflow", "log_of_zero", "division_by_zero")
 
@@ -515,23 +515,32 @@ class StageRunner:
         return out
 
     def sum(self, stage: str, x: FloatArray, *, keepdims: bool = False,
-            where: Mask = None) -> FloatArray:
-        """Sum along the last axis: accumulate per the precision, round to D."""
+            where: Mask = None, accumulate: AccumulateName | None = None) -> FloatArray:
+        """Sum along the last axis: accumulate per the precision (or per ``accumulate``, for
+        a library that always accumulates one way, whatever the precision asks), round to D."""
         if self.replay is None:
-            out = self._round(self.accumulate(x, axis=-1))
+            # the precision's own policy through the plain call (a test may substitute it)
+            out = self._round(self.accumulate(x, axis=-1) if accumulate is None
+                              else self.accumulate(x, axis=-1, accumulate=accumulate))
             self._watch(stage, out, [x], where=where, reduced_axis=-1)
         else:
-            out, nonfinite, nan = self._reduce(*self._split_sum(x))
+            out, nonfinite, nan = self._reduce(*self._split_sum(x, accumulate=accumulate))
             self._watch(stage, out, [], where=where, operand_flags=(nonfinite, nan))
         return out[..., None] if keepdims else out
 
-    def _split_sum(self, x: FloatArray, rounded: bool = True) -> tuple[
+    def _policy(self, accumulate: AccumulateName | None) -> Precision:
+        # the precision whose accumulation a sum follows: the runner's, or D with another
+        return self.precision if accumulate is None else Precision(self.precision.name,
+                                                                   accumulate)
+
+    def _split_sum(self, x: FloatArray, rounded: bool = True,
+                   accumulate: AccumulateName | None = None) -> tuple[
             Callable[[Any], Any], Callable[[Any], Any]]:
         """The fold and finish of a split row's sum: the chunk sums (a running sum for a
         sequential accumulation) and whether any term was non-finite or NaN, by row; the
         total is rounded to D unless not ``rounded`` (:meth:`accumulate`)."""
         values = np.asarray(x)
-        precision = self.precision
+        precision = self._policy(accumulate)
         nonfinite = (~precision.isfinite(values)).any(axis=-1)
         nan = precision.isnan(values).any(axis=-1)
 
@@ -575,8 +584,10 @@ class StageRunner:
         self._watch(stage, out, [], where=None,
                     operand_flags=(np.reshape(nonfinite, shape), np.reshape(nan, shape)))
 
-    def accumulate(self, x: FloatArray, *, axis: int = -1, keepdims: bool = False) -> FloatArray:
-        """The unrounded sum of ``x`` along ``axis`` as the precision accumulates it.
+    def accumulate(self, x: FloatArray, *, axis: int = -1, keepdims: bool = False,
+                   accumulate: AccumulateName | None = None) -> FloatArray:
+        """The unrounded sum of ``x`` along ``axis`` as the precision accumulates it (or as
+        ``accumulate`` says, in place of the precision's policy).
 
         Sums of more than :data:`~xentcheck.chunking.SUM_CHUNK` values are defined
         chunk-wise (:mod:`xentcheck.chunking`), so a row split across blocks sums the same;
@@ -584,12 +595,13 @@ class StageRunner:
         :meth:`sum`'s is.
         """
         if self.replay is not None and np.ndim(x) and axis in (-1, np.ndim(x) - 1):
-            total = self._reduce(*self._split_sum(x, rounded=False))[0]
+            total = self._reduce(*self._split_sum(x, rounded=False, accumulate=accumulate))[0]
             return total[..., None] if keepdims else total
         values = np.moveaxis(np.asarray(x), axis, -1)
+        policy = self._policy(accumulate)
         with np.errstate(all="ignore"):
-            if not self.precision.sequential_sum:
-                acc = self.precision.accumulate_dtype
+            if not policy.sequential_sum:
+                acc = policy.accumulate_dtype
                 total = row_sum(values.astype(acc, copy=False))
             else:
                 total = self._sequential_sum(values, None)

@@ -42,10 +42,9 @@ with one, 65504). These pipelines emulate one thread (``torch.set_num_threads(1)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
+from .. import chunking
 from ..case import Case, valid_rows
 from ..precision import FloatArray, Precision
 from ..stages import StageRunner
@@ -55,16 +54,15 @@ from .base import Block, Pipeline, Saved
 class Primitives:
     """The elementary functions these pipelines evaluate in the compute dtype: numpy's. They
     are looked up here at each call, so that a test can put torch's own (SLEEF's ``exp`` and
-    ``log``, torch's summation order) in their place and show that what differs from torch
-    in float32 and float64 is these functions and nothing else."""
+    ``log``, a whole tensor's summation order) in their place and show that what differs
+    from torch in float32 and float64 is these functions and nothing else. A row's sum over
+    its classes is the runner's (a float32 pairwise sum, defined chunk-wise past
+    :data:`~xentcheck.chunking.SUM_CHUNK` values), so that a row wider than a block replays
+    it over column chunks."""
 
     exp = staticmethod(np.exp)
     log = staticmethod(np.log)
     log1p = staticmethod(np.log1p)
-
-    @staticmethod
-    def row_sum(x: FloatArray) -> FloatArray:
-        return np.sum(x, axis=-1)
 
     @staticmethod
     def total(x: FloatArray) -> FloatArray:
@@ -79,8 +77,8 @@ CASCADE_LEVELS = 8
 GRAIN_SIZE = 32768
 # binary_cross_entropy clamps each log at this value.
 LOG_CLAMP = -100.0
-# Rows per chunk when a batch reduction recomputes per-row parts (label smoothing, dense
-# targets): about a million values a chunk, as the evaluator's blocks.
+# Values per group of rows whose products the dense-target reduction sums at once (rows of
+# at most SUM_CHUNK classes): about a million, as the evaluator's blocks.
 _CHUNK_VALUES = 1 << 20
 
 
@@ -238,8 +236,9 @@ def log_softmax(run: StageRunner, x: FloatArray) -> FloatArray:
     x = np.asarray(x).astype(run.precision.compute_dtype, copy=False)
     top = run.max("shift", x)
     exps = run.fused("exp", lambda a, m: PRIMITIVES.exp(a - m), x, top, round_result=False)
-    # summed in float32, stored in D (tmp_sum_scalar is an array of scalar_t)
-    total = run.fused("sum", PRIMITIVES.row_sum, exps, reduced_axis=-1)
+    # summed in float32 (whatever --accumulate says: the kernel's sum), stored in D
+    # (tmp_sum_scalar is an array of scalar_t)
+    total = run.sum("sum", exps, accumulate="default")
     log_sum = run.log("log", total[:, None])
     return run.fused("log_softmax", lambda a, m, s: (a - m) - s, x, top, log_sum)
 
@@ -263,7 +262,7 @@ def dense_products(run: StageRunner, block: Block, logp: FloatArray) -> FloatArr
     terms = run.multiply("nll", logp, target)
     weights = _weights_in_d(block.case, run.precision)
     if weights is not None:
-        terms = run.multiply("weight", terms, weights[None, :])
+        terms = run.multiply("weight", terms, block.per_class(weights)[None, :])
     return terms
 
 
@@ -279,7 +278,8 @@ def index_parts(run: StageRunner, block: Block,
     nll = run.select("nll", block.valid, nll, 0.0)
     if not spec.label_smoothing:
         return nll, None
-    terms = logp if weights is None else run.multiply("smooth", logp, weights[None, :])
+    terms = logp if weights is None else run.multiply(
+        "smooth", logp, block.per_class(weights)[None, :])
     smooth = run.negate("smooth", run.sum("smooth", terms))
     return nll, run.select("smooth", block.valid, smooth, 0.0)
 
@@ -292,25 +292,9 @@ def _smoothing_mix(run: StageRunner, nll: FloatArray, smooth: FloatArray,
                    run.multiply("smooth", smooth, smoothing / classes))
 
 
-class _Unwatched(StageRunner):
-    """A runner that computes and does not watch: for the per-row parts a batch reduction
-    recomputes (their events were found by the forward pass already)."""
-
-    def _watch(self, stage: str, out: FloatArray, operands: object, **kw: object) -> None:
-        return None
-
-
-def _chunks(case: Case) -> Iterator[Block]:
-    step = max(1, _CHUNK_VALUES // max(1, case.classes))
-    for start in range(0, case.rows, step):
-        stop = min(case.rows, start + step)
-        yield Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start)
-
-
 class TorchCrossEntropy(Pipeline):
     name = "torch"
     framework = True
-    splittable = False  # not yet written to the replay contract
     family = "softmax"
     from_logits = True
     formula = ("F.cross_entropy (PyTorch CPU): log_softmax's sum and log stored in D, "
@@ -361,13 +345,16 @@ class TorchCrossEntropy(Pipeline):
             return precision.round(total.astype(compute) / divisor.astype(compute))
 
     def _smoothing_reduction(self, run: StageRunner, case: Case, reduction: str) -> FloatArray:
+        from ..execution import row_values  # execution imports the pipelines
+
         precision = run.precision
-        quiet = _Unwatched(precision, self.all_stages)
+
+        def parts(quiet: StageRunner, chunk: Block) -> tuple[FloatArray, FloatArray | None]:
+            return index_parts(quiet, chunk, log_softmax(quiet, quiet.cast("cast", chunk.logits)))
+
         nll_parts, smooth_parts = [], []
-        for chunk in _chunks(case):
-            quiet.bind(chunk.valid, chunk.start)
-            nll, smooth = index_parts(quiet, chunk, log_softmax(quiet, quiet.cast(
-                "cast", chunk.logits)))
+        # per-row values in D: the same whatever the blocks (a wide row's replayed)
+        for nll, smooth in row_values(case, precision, self.all_stages, parts):
             nll_parts.append(nll)
             smooth_parts.append(smooth)
         nll_all = np.concatenate(nll_parts)
@@ -383,16 +370,31 @@ class TorchCrossEntropy(Pipeline):
                               case.classes)
 
     def _dense_reduction(self, run: StageRunner, case: Case, reduction: str) -> FloatArray:
+        from ..execution import row_values  # execution imports the pipelines
+
         precision = run.precision
-        quiet = _Unwatched(precision, self.all_stages)
         compute = precision.compute_dtype
+        # Rows of at most SUM_CHUNK classes: the float32 sum of each group of rows of about
+        # _CHUNK_VALUES products, the groups added in turn. Wider rows (the only ones a block
+        # splits): each row's sum over its classes (chunk-defined, replayed over a split
+        # row's chunks), the rows added in turn -- the same split or whole.
+        by_row = case.classes > chunking.SUM_CHUNK
+
+        def group_sum(quiet: StageRunner, chunk: Block) -> FloatArray:
+            terms = dense_products(quiet, chunk, log_softmax(quiet, quiet.cast(
+                "cast", chunk.logits)))
+            with np.errstate(all="ignore"):
+                if by_row:
+                    return quiet.accumulate(terms, accumulate="default")
+                return np.asarray(PRIMITIVES.total(np.asarray(terms).astype(compute,
+                                                                            copy=False)))
+
         total = np.zeros((), dtype=compute)
         with np.errstate(all="ignore"):
-            for chunk in _chunks(case):
-                quiet.bind(chunk.valid, chunk.start)
-                terms = dense_products(quiet, chunk, log_softmax(quiet, quiet.cast(
-                    "cast", chunk.logits)))
-                total = total + PRIMITIVES.total(np.asarray(terms).astype(compute, copy=False))
+            for sums in row_values(case, precision, self.all_stages, group_sum,
+                                   None if by_row else _CHUNK_VALUES):
+                for value in np.reshape(sums, -1).astype(compute, copy=False):
+                    total = total + value
             out = precision.round(-precision.round(total).astype(compute))
             if reduction == "mean":
                 out = precision.round(out.astype(compute) / compute.type(case.rows))
@@ -422,16 +424,15 @@ def _sigmoid_constants(run: StageRunner, block: Block) -> tuple[
         FloatArray, FloatArray | None, FloatArray | None]:
     spec = block.case.spec
     target = run.cast("cast", block.labels)
-    pos = None if spec.pos_weight is None else run.cast("cast", np.asarray(spec.pos_weight))
+    pos = None if spec.pos_weight is None else run.cast("cast", block.per_class(spec.pos_weight))
     weights = (None if spec.class_weights is None
-               else run.cast("cast", np.asarray(spec.class_weights)))
+               else run.cast("cast", block.per_class(spec.class_weights)))
     return target, pos, weights
 
 
 class TorchBinaryWithLogits(Pipeline):
     name = "torch"
     framework = True
-    splittable = False  # not yet written to the replay contract
     family = "sigmoid"
     from_logits = True
     formula = ("F.binary_cross_entropy_with_logits (PyTorch CPU): "
@@ -469,7 +470,6 @@ class TorchBinaryWithLogits(Pipeline):
 class TorchBinary(Pipeline):
     name = "torch"
     framework = True
-    splittable = False  # not yet written to the replay contract
     family = "sigmoid"
     from_logits = False
     formula = ("F.binary_cross_entropy (PyTorch CPU): "

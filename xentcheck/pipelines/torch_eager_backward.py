@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 
 def _quiet(run: StageRunner, pipeline: Pipeline) -> StageRunner:
-    """A runner for recomputing forward values: same precision, its events discarded."""
-    return StageRunner(run.precision, pipeline.all_stages).bind(run.valid_rows, run.row_offset)
+    """A runner for recomputing forward values: same precision, rows and chunk (a split
+    row's reductions are replayed), no events."""
+    return run.unwatched(pipeline.all_stages)
 
 
 def _divide(run: StageRunner, stage: str, a: FloatArray | float,
@@ -69,7 +70,7 @@ def _logp_gradient(run: StageRunner, fwd: StageRunner, block: Block,
             g = _divide(run, "nll", g, float(case.rows))
         grad = run.negate("nll", np.broadcast_to(g, (shape[0], 1)))
         if weights is not None:
-            grad = run.multiply("weight", grad, weights[None, :])
+            grad = run.multiply("weight", grad, block.per_class(weights)[None, :])
         target = _dense_target(fwd, block.labels, smoothing, case.classes)
         return run.multiply("nll", grad, target, blame=[grad]), None
     g_nll = g if not smoothing else run.multiply("smooth", g, 1.0 - smoothing)
@@ -89,7 +90,8 @@ def _logp_gradient(run: StageRunner, fwd: StageRunner, block: Block,
     spread = run.negate("smooth", np.broadcast_to(g_smooth, (shape[0], 1)))
     spread = run.select("smooth", block.valid[:, None], spread, 0.0)
     if weights is not None:
-        spread = run.multiply("smooth", spread, weights[None, :], blame=[spread])
+        spread = run.multiply("smooth", spread, block.per_class(weights)[None, :],
+                              blame=[spread])
     return run.add("smooth", grad, np.broadcast_to(spread, shape), blame=[grad, spread]), None
 
 
@@ -103,8 +105,9 @@ def cross_entropy_backward(pipeline: Pipeline, run: StageRunner, block: Block, s
     grad, row_sum = _logp_gradient(run, fwd, block, seed)
     compute = run.precision.compute_dtype
     if row_sum is None:
+        # the row sum of g kept in float32 (opmath), not rounded to D
         with np.errstate(all="ignore"):
-            row_sum = PRIMITIVES.row_sum(grad.astype(compute, copy=False))[:, None]
+            row_sum = run.accumulate(grad, keepdims=True, accumulate="default")
     total = np.asarray(row_sum).astype(compute, copy=False)
     return run.fused("log_softmax", lambda g, out, s: g - PRIMITIVES.exp(out) * s,
                      grad, logp, total, blame=[grad, total])
@@ -115,14 +118,14 @@ def binary_with_logits_backward(run: StageRunner, block: Block, seed: float) -> 
     case = block.case
     spec = case.spec
     precision = run.precision
-    quiet = StageRunner(precision, run.stages).bind(run.valid_rows, run.row_offset)
+    quiet = run.unwatched(run.stages)
     x = quiet.cast("cast", block.logits)
     target = quiet.cast("cast", block.labels)
     sig = quiet.fused("log1p", lambda v: 1.0 / (1.0 + PRIMITIVES.exp(-v)), x)
     if spec.pos_weight is None:
         grad = run.subtract("combine", sig, target, blame=[])
     else:
-        pos = quiet.cast("cast", np.asarray(spec.pos_weight))
+        pos = quiet.cast("cast", block.per_class(spec.pos_weight))
         t = quiet.multiply("product", pos, target)
         factor = quiet.subtract("product", quiet.add("product", t, 1.0), target)
         grad = run.subtract("combine", run.multiply("combine", factor, sig, blame=[]), t,
@@ -130,7 +133,7 @@ def binary_with_logits_backward(run: StageRunner, block: Block, seed: float) -> 
     g = precision.round(np.asarray(seed, dtype=np.float64))
     grad = run.multiply("combine", grad, g, blame=[grad])
     if spec.class_weights is not None:
-        weights = quiet.cast("cast", np.asarray(spec.class_weights))
+        weights = quiet.cast("cast", block.per_class(spec.class_weights))
         grad = run.multiply("weight", grad, weights, blame=[grad])
     valid = block.valid_elements
     if spec.reduction == "mean":
