@@ -5,7 +5,9 @@ library fails the test, so that a comparison CI was meant to run never passes by
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -19,3 +21,14 @@ def require(name: str) -> ModuleType:
         if os.environ.get("XENTCHECK_REQUIRE_FRAMEWORKS"):
             pytest.fail(f"{name} is required here (XENTCHECK_REQUIRE_FRAMEWORKS): {exc}")
         pytest.skip(f"{name} is not installed")
+
+
+def recording_script(name: str) -> ModuleType:
+    """The committed script ``tests/fixtures/<name>.py`` that records a fixture from the
+    real library, loaded as a module (a live test reruns its recording functions)."""
+    path = Path(__file__).parent / "fixtures" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from framework_cases import differing_rows, make_case, matches
 from framework_results import xentcheck_result
-from frameworks import require
+from frameworks import recording_script, require
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.evaluator import evaluate
@@ -161,13 +161,7 @@ LIVE = ["divisor_257-bfloat16"]  # one compile (~10 s cold): the 257-row bfloat1
 def test_live_inductor_is_the_fused_pipeline(name: str) -> None:
     torch = require("torch")
     torch.set_num_threads(1)
-    import importlib.util
-
-    path = Path(__file__).parent / "fixtures" / "record_fused.py"
-    spec = importlib.util.spec_from_file_location("record_fused", path)
-    assert spec is not None and spec.loader is not None
-    record = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(record)
+    record = recording_script("record_fused")
     entry = next(e for e in ENTRIES if e["name"] == name)
     with warnings.catch_warnings():  # torch.compile's own use of deprecated torch.jit APIs
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from frameworks import require
+from frameworks import recording_script, require
 from jax_fixture import (
     DTYPES,
     make_case,
@@ -257,14 +257,7 @@ def test_live_jax_agrees_with_xentcheck_and_the_fixture(entry: dict[str, Any],
                                                         dtype: str) -> None:
     jax = require("jax")
     require("optax")
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent / "fixtures" / "record_jax_optax.py"
-    spec = importlib.util.spec_from_file_location("record_jax_optax", path)
-    assert spec is not None and spec.loader is not None
-    recorder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recorder)
+    recorder = recording_script("record_jax_optax")
     x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)  # float64 arrays stay float64
     try:

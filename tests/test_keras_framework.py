@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from framework_cases import make_case, matches
 from framework_results import xentcheck_result
-from frameworks import require
+from frameworks import recording_script, require
 
 from xentcheck.stages import StageRunner
 
@@ -183,14 +183,7 @@ def _keras() -> Any:
 
 
 def _recorder() -> Any:
-    import importlib.util
-
-    path = Path(__file__).parent / "fixtures" / "record_keras.py"
-    spec = importlib.util.spec_from_file_location("record_keras", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recording_script("record_keras")
 
 
 LIVE = [entry for entry in ENTRIES if entry["shape"] != [257, 32000]]

@@ -16,14 +16,12 @@ for bit, losses and gradients, in every dtype.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
-from frameworks import require
+from frameworks import recording_script, require
 from torch_fixture import bits, from_hex, make_case, recorded, ulp_distance, xentcheck_result
 
 from xentcheck.case import Case, LossSpec
@@ -173,12 +171,7 @@ def test_the_issue_examples_now_agree_with_torch() -> None:
 
 
 def _recorder() -> ModuleType:
-    path = Path(__file__).parent / "fixtures" / "record_torch_textbook_gradients.py"
-    spec = importlib.util.spec_from_file_location("record_torch_textbook_gradients", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recording_script("record_torch_textbook_gradients")
 
 
 def _live_torch(entry: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
