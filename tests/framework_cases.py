@@ -23,6 +23,15 @@ SAMPLES = 16
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def cases(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every variant in every dtype, named ``<variant>-<dtype>``."""
+    return [{**variant, "name": f"{variant['name']}-{dtype}", "variant": variant["name"],
+             "dtype": dtype} for variant in variants for dtype in DTYPES]
+
+
 def make_inputs(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(logits, labels, class weights), logits and weights values of the case's dtype in
     float64; labels int64 (index) or float64 values of D (dense/binary)."""
