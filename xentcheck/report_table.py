@@ -201,9 +201,10 @@ def _findings_columns(result: ScenarioResult) -> list[Column]:
     columns += [Column("abs err", "right"), Column("rel err", "right"),
                 Column("ulp err", "right"), Column("flags"), Column("first bad stage"),
                 Column("gradient")]
-    if _shows_lower_edges(result):
+    lower_edges = _shows_lower_edges(result)
+    if lower_edges:
         columns.append(Column("safe logit ≥"))
-    columns += [Column("safe logit ≤", follows=_shows_lower_edges(result)),
+    columns += [Column("safe logit ≤", follows=lower_edges),
                 Column("safe spread ≤", follows=True)]
     return columns
 
@@ -222,6 +223,7 @@ def _shows_lower_edges(result: ScenarioResult) -> bool:
 def _findings_rows(result: ScenarioResult) -> list[Row]:
     rows = []
     previous = None
+    lower_edges = _shows_lower_edges(result)
     for f in result.findings:
         default = Precision(f.dtype).accumulate_label == f.accumulate
         dtype = f.dtype if default else f"{f.dtype} (acc {f.accumulate})"
@@ -232,7 +234,7 @@ def _findings_rows(result: ScenarioResult) -> list[Row]:
             Text(_num(f.abs_error, 3)), Text(_num(f.rel_error, 3)), Text(_num(f.ulp_error, 3)),
             _flags_text(f.flags), _first_bad(f), _gradient_text(f),
         ]
-        if _shows_lower_edges(result):
+        if lower_edges:
             # where no logit is safe at all, the upper edge's cell says so, once
             cells.append(Text("—", style="dim") if f.limit.no_safe_logit else _limit_text(
                 f.limit.smallest_safe_logit, f.lower_logit_headroom, f.dtype))
