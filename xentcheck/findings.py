@@ -92,6 +92,11 @@ class Finding:
     def first_bad_index(self) -> list[int] | None:
         return list(self.first_bad.index) if self.first_bad else None
 
+    @property
+    def first_bad_source(self) -> str | None:
+        """``FILE:LINE`` of the first bad operation in a user's loss function, else None."""
+        return self.first_bad.source if self.first_bad else None
+
 
 @dataclass(frozen=True)
 class Mismatch:

@@ -42,7 +42,8 @@ def _array(values: Any) -> Any:
 
 
 def _event(event: StageEvent) -> dict[str, Any]:
-    return {"stage": event.stage, "kind": event.kind, "index": list(event.index)}
+    return {"stage": event.stage, "kind": event.kind, "index": list(event.index),
+            "source": event.source}
 
 
 def _result(finding: Finding, reduction: str) -> dict[str, Any]:
@@ -61,6 +62,7 @@ def _result(finding: Finding, reduction: str) -> dict[str, Any]:
         "flags": list(finding.flags),
         "first_bad_stage": finding.first_bad_stage,
         "first_bad_index": finding.first_bad_index,
+        "first_bad_source": finding.first_bad_source,
         "largest_safe_logit": number(finding.limit.largest_safe_logit),
         "largest_safe_spread": number(finding.limit.largest_safe_spread),
         # additive keys
@@ -80,6 +82,8 @@ def _result(finding: Finding, reduction: str) -> dict[str, Any]:
         "grad_first_bad_stage": finding.grad_first_bad.stage if finding.grad_first_bad else None,
         "grad_first_bad_index": (
             list(finding.grad_first_bad.index) if finding.grad_first_bad else None),
+        "grad_first_bad_source": (
+            finding.grad_first_bad.source if finding.grad_first_bad else None),
     })
     return out
 

@@ -73,11 +73,13 @@ _NO_NEW_SUBNORMALS = frozenset({np.negative, np.abs, np.maximum, np.log})
 
 @dataclass(frozen=True)
 class StageEvent:
-    """The first position at which ``stage`` created ``kind`` (row index first)."""
+    """The first position at which ``stage`` created ``kind`` (row index first); for a
+    user's loss function, ``source`` is where the operation was called (``FILE:LINE``)."""
 
     stage: str
     kind: str
     index: tuple[int, ...]
+    source: str | None = None
 
 
 class PassComplete(Exception):
