@@ -3,10 +3,11 @@
 Every rounding here is checked against an exact rounding written independently with
 Python's integer arithmetic (``fractions.Fraction``): round to nearest, ties to the even
 significand, subnormals on a fixed grid, and from D's largest number plus half an ulp on,
-infinity. The cases: exact ties between neighbouring numbers of D and their neighbours
-(a float64 ulp either side, and ``2**-40`` relative), every binade's edges, the subnormal
-range and the underflow to zero, the overflow threshold, the specials, and large random
-samples.
+infinity (NaN in float8_e4m3fn, which has no infinity). The cases: exact ties between
+neighbouring numbers of D and their neighbours (a float64 ulp either side, and ``2**-40``
+relative), every binade's edges, the subnormal range and the underflow to zero, the
+overflow threshold, the specials, and large random samples; every float16 and bfloat16
+value into the 8-bit formats, and every 8-bit value into the other formats.
 """
 
 from __future__ import annotations
@@ -26,14 +27,33 @@ FORMATS = {
     "float16": (11, -14, 15),
     "float32": (24, -126, 127),
     "float64": (53, -1022, 1023),
+    "float8_e4m3fn": (4, -6, 8),
+    "float8_e5m2": (3, -14, 15),
 }
+FP8 = ["float8_e4m3fn", "float8_e5m2"]
+
+
+def largest(name: str) -> Fraction:
+    """The largest finite number: the top binade's last, except in float8_e4m3fn, whose
+    all-ones pattern (1.875 * 2**8 = 480) is NaN, so 1.75 * 2**8 = 448 (OCP 8-bit floating
+    point specification 1.0, 2023, table 1)."""
+    digits, _, max_exponent = FORMATS[name]
+    if name == "float8_e4m3fn":
+        return Fraction(448)
+    return (2 - Fraction(2) ** (1 - digits)) * Fraction(2) ** max_exponent
 
 
 def exact_round(value: float | int, name: str) -> float:
-    """``value`` (a float64 or an integer, taken exactly) rounded to nearest-even in ``name``."""
+    """``value`` (a float64 or an integer, taken exactly) rounded to nearest-even in ``name``.
+
+    Past the largest finite number the result is inf, or NaN in float8_e4m3fn (no infinity:
+    ±inf becomes NaN too). The rounding is that of the format with an unbounded exponent, so
+    a tie between 448 and the 480 float8_e4m3fn lacks rounds to the even 448.
+    """
+    no_inf = name == "float8_e4m3fn"
     if isinstance(value, float) and not math.isfinite(value):
-        return value
-    digits, min_exponent, max_exponent = FORMATS[name]
+        return math.nan if no_inf else value
+    digits, min_exponent, _ = FORMATS[name]
     exact = Fraction(value)
     sign = -1.0 if exact < 0 or (exact == 0 and math.copysign(1.0, value) < 0) else 1.0
     magnitude = abs(exact)
@@ -49,9 +69,8 @@ def exact_round(value: float | int, name: str) -> float:
     if 2 * rest > scaled.denominator or (2 * rest == scaled.denominator and whole % 2 == 1):
         whole += 1
     rounded = whole * quantum
-    largest = (2 - Fraction(2) ** (1 - digits)) * Fraction(2) ** max_exponent
-    if rounded > largest:
-        return math.copysign(math.inf, sign)
+    if rounded > largest(name):
+        return math.nan if no_inf else math.copysign(math.inf, sign)
     return math.copysign(float(rounded), sign)
 
 
@@ -86,10 +105,12 @@ def hard_cases(name: str) -> np.ndarray:
 
 def overflow_cases(name: str) -> np.ndarray:
     digits, _, max_exponent = FORMATS[name]
-    largest = (2 - 2.0 ** (1 - digits)) * 2.0**max_exponent
-    threshold = largest + 2.0 ** (max_exponent - digits)  # max + half an ulp: ties to inf
-    near = [largest, threshold, np.nextafter(threshold, 0), np.nextafter(threshold, np.inf),
-            threshold * (1 - 2.0**-40), 2 * largest, 1e300, np.finfo(np.float64).max]
+    top = float(largest(name))
+    # max + half an ulp: a tie, to inf (to 448 in float8_e4m3fn, whose 448 is even)
+    threshold = top + 2.0 ** (max_exponent - digits)
+    near = [top, threshold, np.nextafter(threshold, 0), np.nextafter(threshold, np.inf),
+            threshold * (1 - 2.0**-40), threshold * (1 + 2.0**-40), 2 * top, 1e300,
+            np.finfo(np.float64).max]
     return np.array(near + [-v for v in near])
 
 
@@ -108,9 +129,13 @@ def random_float64(count: int, seed: int) -> np.ndarray:
 
 
 def assert_rounds_correctly(values: np.ndarray, name: str, rounded: np.ndarray) -> None:
-    got = np.asarray(rounded).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # ml_dtypes warns converting its NaN
+        got = np.asarray(rounded).astype(np.float64)
     for value, result in zip(values.tolist(), got.tolist(), strict=True):
         expected = exact_round(value, name)
+        if math.isnan(expected):
+            assert math.isnan(result), f"{value!r} rounded to {result!r}, not NaN"
+            continue
         assert result == expected and math.copysign(1, result) == math.copysign(1, expected), (
             f"{value!r} ({float(value).hex()}) rounded to {result!r}, not {expected!r}")
 
@@ -245,3 +270,98 @@ def test_the_rounded_reference_and_bfloat16_losses_of_the_reported_row() -> None
     # the double-rounded input 1.0 would give log(1 + e) = 1.3133, a bfloat16 ulp lower
     stable = result.findings[0]
     assert stable.loss == exact_round(float(rounded_truth), "bfloat16") == 1.3203125
+
+
+# -- the 8-bit formats ------------------------------------------------------------------------
+
+
+def random_fp8_range(count: int, seed: int) -> np.ndarray:
+    """Random significands at exponents over the 8-bit formats' range and a little beyond."""
+    rng = np.random.default_rng(seed)
+    values = rng.uniform(1.0, 2.0, count) * np.exp2(rng.integers(-20, 18, count))
+    return rng.choice([-1.0, 1.0], count) * values
+
+
+def test_the_largest_numbers_and_thresholds_of_the_8_bit_formats() -> None:
+    """448 and 57344 (ml_dtypes' finfo agrees with the OCP table); float8_e4m3fn: 464 is a
+    tie and rounds to the even 448, anything above becomes NaN; float8_e5m2: 61440 is a
+    tie and rounds to inf, anything below to 57344."""
+    e4m3, e5m2 = Precision("float8_e4m3fn"), Precision("float8_e5m2")
+    assert (e4m3.max, e5m2.max) == (float(largest("float8_e4m3fn")), float(largest("float8_e5m2")))
+    assert (e4m3.max, e5m2.max) == (448.0, 57344.0)
+    assert (e4m3.has_inf, e5m2.has_inf) == (False, True)
+    below, above = np.nextafter(464.0, 0.0), np.nextafter(464.0, np.inf)
+    got = e4m3.round(np.array([464.0, below, above, -above, np.inf, -np.inf])).astype(np.float32)
+    assert got[:2].tolist() == [448.0, 448.0] and np.isnan(got[2:]).all()
+    got = e5m2.round(np.array([61440.0, np.nextafter(61440.0, 0.0), -61440.0, np.inf]))
+    assert got.astype(np.float32).tolist() == [np.inf, 57344.0, -np.inf, np.inf]
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_ml_dtypes_float64_to_fp8_rounds_twice(name: str) -> None:
+    """Why float64 goes through float32 rounded to odd: ml_dtypes' own cast rounds to float32
+    first, so a value just above a tie of the 8-bit format lands on the tie, then on the
+    even neighbour below."""
+    digits = FORMATS[name][0]
+    tie_above = 1 + 2.0**-digits + 2.0**-40
+    assert np.array([tie_above]).astype(Precision(name).dtype).astype(float).tolist() == [1.0]
+    assert exact_round(tie_above, name) == 1 + 2.0 ** (1 - digits)
+    assert Precision(name).round(np.array([tie_above])).astype(float).tolist() == [
+        1 + 2.0 ** (1 - digits)]
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_float64_inputs_round_once_to_fp8(name: str) -> None:
+    values = np.concatenate([hard_cases(name), overflow_cases(name), specials(),
+                             random_fp8_range(20_000, seed=11)])
+    assert_rounds_correctly(values, name, Precision(name).round(values))
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_float32_inputs_round_once_to_fp8(name: str) -> None:
+    values = np.concatenate([hard_cases(name), overflow_cases(name),
+                             random_fp8_range(20_000, seed=12)])
+    values = values[np.abs(values) < 3e38].astype(np.float32)
+    # the float32 neighbours of every tie (the float64 ones above collapse onto the tie)
+    ties = values[np.isfinite(values)]
+    values = np.concatenate([values, np.nextafter(ties, np.float32(np.inf)),
+                             np.nextafter(ties, np.float32(-np.inf)),
+                             np.array([np.inf, -np.inf], dtype=np.float32)])
+    assert_rounds_correctly(values.astype(np.float64), name, Precision(name).round(values))
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_every_float16_and_every_bfloat16_to_fp8(name: str) -> None:
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for source in (np.float16, ml_dtypes.bfloat16):
+        values = patterns.view(source)
+        with np.errstate(invalid="ignore"):
+            values = values[~np.isnan(values.astype(np.float32))]
+        assert_rounds_correctly(values.astype(np.float64), name, Precision(name).round(values))
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_every_fp8_value_to_every_format(name: str) -> None:
+    """All 256 patterns (NaN ones aside) into the other 8-bit format and the wider ones."""
+    values = np.arange(256, dtype=np.uint8).view(Precision(name).dtype)
+    with np.errstate(invalid="ignore"):
+        values = values[~np.isnan(values.astype(np.float32))]
+    for target in ["float8_e4m3fn", "float8_e5m2", "float16", "bfloat16", "float32"]:
+        assert_rounds_correctly(values.astype(np.float64), target, Precision(target).round(values))
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_integer_inputs_round_once_to_fp8(name: str) -> None:
+    ints = integer_cases() + [v for k in range(12) for v in (2**k + 2**max(0, k - 4),
+                                                            2**k + 2**max(0, k - 4) + 1)]
+    ints += [448, 463, 464, 465, 479, 480, 57343, 61439, 61440, 61441]
+    ints += [-v for v in ints]
+    got = Precision(name).round(np.array(ints, dtype=np.int64))
+    assert_rounds_correctly(np.array(ints, dtype=object), name, got)
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_fp8_nan_stays_nan(name: str) -> None:
+    out = Precision(name).round(np.array([np.nan, -np.nan, 1.0]))
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(out.astype(np.float64)[:2]).all()

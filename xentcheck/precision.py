@@ -26,8 +26,13 @@ STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float32": np.dtype(np.float32),
     "float64": np.dtype(np.float64),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
 }
 DTYPE_NAMES: tuple[str, ...] = tuple(STORAGE_DTYPES)
+# The dtypes run when none is named: the 8-bit formats run when named.
+DEFAULT_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+FP8_NAMES: tuple[str, ...] = ("float8_e4m3fn", "float8_e5m2")
 # All exponent bits set means inf or NaN.
 _EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
@@ -75,11 +80,12 @@ def _float64_to_odd_float32(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float3
     Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding
     to odd", IEEE Trans. Computers 57(4), 462-471, 2008). float32 carries 24 bits where
     bfloat16 has 8, at every exponent bfloat16 has (subnormals included: the two formats
-    share their exponent range). ``astype`` rounds to nearest; an inexact result with an
+    share their exponent range), and 4 (float8_e4m3fn) or 3 (float8_e5m2) bits at exponents
+    well inside float32's normal range. ``astype`` rounds to nearest; an inexact result with an
     even last bit is moved one step towards ``x`` (float32 bit patterns of one sign are
     consecutive integers, so that step lands on the odd neighbour, across binades too). A
     value beyond float32's range becomes its largest finite number (odd, and far beyond
-    bfloat16's overflow threshold), so it still overflows in the second rounding.
+    the narrower formats' overflow thresholds), so it still overflows in the second rounding.
     """
     with np.errstate(over="ignore", invalid="ignore"):
         nearest = x.astype(np.float32)
@@ -123,6 +129,12 @@ ACCUMULATE_CHOICES: tuple[str, ...] = ("default", "same", "float32", "float64")
 # of roundings a well-conditioned formulation makes, plus the slow growth of a pairwise sum,
 # and flags a formulation that lost more than three or four of D's bits.
 DEFAULT_TOLERANCE_EPS = 8.0
+# The 8-bit formats carry 3 (e4m3fn) or 2 (e5m2) stored bits: 8 eps would be a relative error
+# of 1 or 2, which passes anything. 2 eps (0.25 and 0.5) admits the final rounding of the
+# loss (up to eps / 2) and the rounding of the log-sum-exp it is computed from, carried
+# through a subtraction that loses about a bit (the loss of [1, 2, 3], label 0, in e4m3fn
+# is 2.5 for 2.4076: 0.3 eps), and flags a result that kept no correct bit.
+FP8_TOLERANCE_EPS = 2.0
 
 
 @dataclass(frozen=True)
@@ -169,13 +181,32 @@ class Precision:
         return self.dtype.itemsize == 2
 
     @property
+    def is_fp8(self) -> bool:
+        """One of the 8-bit formats (``float8_e4m3fn``, ``float8_e5m2``)."""
+        return self.dtype.itemsize == 1
+
+    @property
+    def is_narrow(self) -> bool:
+        """Narrower than float32: computed in float32, rounded to D step by step."""
+        return self.dtype.itemsize <= 2
+
+    @property
+    def has_inf(self) -> bool:
+        """Whether D has infinities. float8_e4m3fn has none: its all-ones pattern is NaN
+        and everything that rounds past its largest number, 448, becomes NaN (infinities
+        included), so its overflow gives NaN."""
+        return self.name != "float8_e4m3fn"
+
+    @property
     def compute_dtype(self) -> np.dtype[Any]:
         """Where elementwise steps are evaluated before rounding to D.
 
-        float32 carries more than twice the significand of float16 and bfloat16 plus two
-        bits, so a basic operation evaluated there and rounded to D is correctly rounded.
+        float32 carries more than twice the significand of float16, bfloat16 and the 8-bit
+        formats plus two bits, so a basic operation evaluated there and rounded to D is
+        correctly rounded (Figueroa, "When is double rounding innocuous?", SIGNUM Newsletter
+        30(3), 1995: p' >= 2p + 2 suffices for +, -, *, / and sqrt).
         """
-        return np.dtype(np.float32) if self.is_16bit else self.dtype
+        return np.dtype(np.float32) if self.is_narrow else self.dtype
 
     @property
     def sequential_sum(self) -> bool:
@@ -228,7 +259,8 @@ class Precision:
         return int(self._finfo.minexp)
 
     def default_rel_tolerance(self) -> float:
-        return DEFAULT_TOLERANCE_EPS * self.eps
+        """8 eps of D; for the 8-bit formats 2 eps (see :data:`FP8_TOLERANCE_EPS`)."""
+        return (FP8_TOLERANCE_EPS if self.is_fp8 else DEFAULT_TOLERANCE_EPS) * self.eps
 
     def all_finite(self, values: FloatArray) -> bool:
         """Whether every value (an array in D) is finite.
@@ -274,17 +306,24 @@ class Precision:
 
         Conversions that would round twice are avoided: ml_dtypes (0.6) and PyTorch (2.13)
         take float64 to bfloat16 through float32, so ``1 + 2**-8 + 2**-40`` lands on the tie
-        ``1 + 2**-8`` and then on 1.0 instead of 1.0078125. Here float64 reaches bfloat16
-        through float32 rounded to odd (:func:`_float64_to_odd_float32`); integers reach a
-        narrower format through float64 rounded to odd (exact below 2**53). numpy's float64
-        to float16 conversion rounds once, from the bits; float32, float16 and bfloat16 fit
-        in float32 exactly, so their conversions round once too.
+        ``1 + 2**-8`` and then on 1.0 instead of 1.0078125; ml_dtypes does the same for the
+        8-bit formats (``1 + 2**-4 + 2**-40`` becomes 1.0 in float8_e4m3fn, not 1.125).
+        Here float64 reaches bfloat16 and the 8-bit formats through float32 rounded to odd
+        (:func:`_float64_to_odd_float32`: float32 has at least two more bits than each, over
+        their whole range); integers reach a narrower format through float64 rounded to odd
+        (exact below 2**53). numpy's float64 to float16 conversion rounds once, from the
+        bits; float32, float16, bfloat16 and the 8-bit formats fit in float32 exactly, so
+        their conversions round once too.
+
+        float8_e4m3fn has no infinity: a value past 448 plus half an ulp (464, a tie, rounds
+        to the even 448), and ±inf, become NaN. float8_e5m2 rounds to ±inf from 61440
+        (57344 plus half an ulp) on, as the IEEE formats do.
         """
         array = np.asarray(values)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             if array.dtype.kind in "iu" and self.dtype != np.float64:
                 array = _integers_to_odd_float64(array)
-            if self.name == "bfloat16" and array.dtype == np.float64:
+            if (self.name == "bfloat16" or self.is_fp8) and array.dtype == np.float64:
                 array = _float64_to_odd_float32(array)
             if self.storage_dtype == self.dtype:
                 return array.astype(self.dtype, copy=False)
