@@ -97,7 +97,12 @@ def _extremes(top: FloatArray, bottom: FloatArray, lowest: FloatArray | None,
     def rnd(values: FloatArray) -> FloatArray:
         if precision is None:
             return values
-        return np.asarray(precision.round(values), dtype=np.float64)
+        out = np.asarray(precision.round(values), dtype=np.float64)
+        if not precision.has_inf:
+            # past float8_e4m3fn's range a value is NaN there (no infinity): as far beyond
+            # every edge as an infinity would be
+            out = np.where(np.isnan(out), np.copysign(np.inf, values), out)
+        return out
 
     spread = logged = None
     if lowest is not None and lowest.size:

@@ -54,7 +54,7 @@ _MAX_CANDIDATES = 32
 _VALUES_PER_STEP = 1 << 18
 # Rows of C logits the threads of :func:`prefetch_limits` evaluate at once, at most.
 _VALUES_IN_FLIGHT = 1 << 23
-_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # Evenly spaced keys tried when nothing else gave a safe value (spaced evenly on the key
 # line, i.e. about evenly in the exponent).
 _GRID = 9
@@ -64,7 +64,9 @@ KeyTest = Callable[[list[int]], FloatArray]
 
 class _Line:
     """D's values as an ordered integer line: key k >= 0 is the value whose bit pattern is
-    k, key -k is its negation. Adjacent keys are adjacent values of D (+0 and -0 are one)."""
+    k, key -k is its negation. Adjacent keys are adjacent values of D (+0 and -0 are one).
+    Keys run up to D's largest finite number's: the patterns above it are inf and NaN (in
+    float8_e4m3fn, the one above 448, 0x7F, is NaN: the format has no infinity)."""
 
     def __init__(self, precision: Precision) -> None:
         self.precision = precision
@@ -277,6 +279,7 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
         def equal_rows(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
             return np.repeat(values[:, None], classes, axis=1), np.zeros(len(values)), "index"
 
+        # (None also where no value of D has an exp rounding to u: the others at 0 then)
         level = _worst_target(precision) if pipeline.name == "naive" else None
 
         def one_below(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
@@ -354,9 +357,11 @@ def _every_pattern(tests: Sequence[KeyTest]) -> KeyTest:
     return every
 
 
-def _worst_target(precision: Precision) -> float:
+def _worst_target(precision: Precision) -> float | None:
     """The largest value T of D whose exp, as a pipeline computes it, rounds to D's smallest
-    subnormal u: e^T is almost 1.5 u, and rounding it to u loses a third of it.
+    subnormal u: e^T is almost 1.5 u, and rounding it to u loses a third of it. None where
+    no value of D has an exp that rounds to u (float8_e5m2: its values around ln u = -11.09
+    are 2 apart, exp(-10) rounds to 3 u and exp(-12) to 0).
 
     Naive softmax divides that target exponential by the others' sum without shifting
     first, so the same spread S is worse with the others at T + S (p = u / ((C - 1) e^(T+S)),
@@ -374,6 +379,8 @@ def _worst_target(precision: Precision) -> float:
         at_unit = [k for k, e in zip(keys, exps, strict=True) if e == unit]
         if at_unit and max(at_unit) < keys[-1]:
             return line.value(max(at_unit))
+        if not at_unit and precision.is_fp8 and exps[0] == 0 and exps[-1] > unit:
+            return None  # the window spans exp from 0 past u without meeting u
     raise AssertionError(f"exp never rounds to the smallest subnormal of {precision.name}")
 
 
@@ -381,10 +388,13 @@ def _worst_target(precision: Precision) -> float:
 
 
 def _ln_overflow(precision: Precision) -> float:
-    """ln of the smallest real that rounds to inf: max + half an ulp = (2 - 2^-(p+1)) 2^emax."""
-    p = precision.mantissa_bits
+    """ln of the real from which on rounding to D overflows: max + half an ulp, (2 -
+    2^-(p+1)) 2^emax in the IEEE formats (a tie that rounds to inf there); float8_e4m3fn's
+    max is 448 = 1.75 * 2^8, so 448 + 16 = 464 (a tie that rounds to the even 448: every
+    real above it rounds to NaN)."""
     emax = math.frexp(precision.max)[1] - 1
-    return math.log(2.0 - 2.0 ** -(p + 1)) + emax * math.log(2.0)
+    half_ulp = 2.0 ** (emax - precision.mantissa_bits - 1)
+    return math.log(precision.max + half_ulp)
 
 
 def _sums_of_copies(precision: Precision, values: Sequence[float], count: int) -> FloatArray:
@@ -505,10 +515,10 @@ def closed_form_limit(
                 # must exceed u / 2, s the sum of C - 1 copies of round(e^M): s < 2; the
                 # first M of D past that bound breaks, and S must stay below M - T
                 level = _ln_largest_term(precision, classes - 1, 2.0, lambda s: s < 2.0)
-                if level is not None:
+                target = _worst_target(precision)
+                if level is not None and target is not None:
                     line = _Line(precision)
-                    spread = min(spread, line.value(line.key_above(level))
-                                 - _worst_target(precision))
+                    spread = min(spread, line.value(line.key_above(level)) - target)
         no_spread = spread is None
     if pipeline.name == "naive":
         largest = _naive_top(precision, classes)

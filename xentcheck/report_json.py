@@ -13,6 +13,7 @@ from . import __version__
 from .expectations import Outcome, Verdict
 from .findings import Finding, Limit, Mismatch, ScenarioResult
 from .limits import LimitRow
+from .precision import Precision
 from .stages import StageEvent
 from .sweep import SweepResult
 
@@ -67,6 +68,8 @@ def _result(finding: Finding, reduction: str) -> dict[str, Any]:
         "largest_safe_spread": number(finding.limit.largest_safe_spread),
         # additive keys
         "first_bad_kind": finding.first_bad.kind if finding.first_bad else None,
+        # false for float8_e4m3fn: its overflow events give NaN, not inf
+        "has_infinity": Precision(finding.dtype).has_inf,
         "arithmetic_rel_error": number(finding.arithmetic_rel_error),
         "tolerance": {"rel": finding.tolerance.rel, "abs": finding.tolerance.abs},
         "events": [_event(e) for e in finding.events],

@@ -41,6 +41,11 @@ LEGEND = (
     "range · no safe value: the worst case breaks at every magnitude (a sum of C equal "
     "terms is inf in D).",
 )
+NO_INF_LEGEND = (
+    "float8_e4m3fn has no infinity: a value past its largest, 448 (every real above 464), "
+    "is NaN, so its overflows ('overflow to NaN') end in a NaN loss, never inf; a -inf "
+    "(masked) logit is NaN there too."
+)
 PER_EXAMPLE_LEGEND = (
     "reduction none: 'loss at [i]' is every row's loss at the one example i where the "
     "pipelines are farthest from the reference; the errors are each row's largest over all "
@@ -87,7 +92,10 @@ def _first_bad(finding: Finding) -> Text:
     if event is None:
         return Text("—", style="dim")
     where = f" at {_index(event.index)}" if event.index else ""
-    return Text(f"{event.stage}: {event.kind}{where}", style="red" if event.kind != "underflow"
+    # a format without infinity (float8_e4m3fn) overflows to NaN: say so where it happens
+    kind = "overflow to NaN" if event.kind == "overflow" and not Precision(
+        finding.dtype).has_inf else event.kind
+    return Text(f"{event.stage}: {kind}{where}", style="red" if event.kind != "underflow"
                 else "yellow")
 
 
@@ -337,6 +345,8 @@ def render_table(results: Sequence[ScenarioResult], console: Console,
             console.print()
     if any(r.reduction == "none" for r in results):
         print_wrapped(console, PER_EXAMPLE_LEGEND, 0, 2, style="dim")
+    if any(not Precision(f.dtype).has_inf for r in results for f in r.findings):
+        print_wrapped(console, NO_INF_LEGEND, 0, 2, style="dim")
     for paragraph in LEGEND:
         print_wrapped(console, paragraph, 0, 2, style="dim")
 

@@ -7,6 +7,8 @@ and records the first place where the step *created* trouble from clean operands
 
 ``overflow``
     finite operands, infinite result (exp past ln(max), a sum past max, a cast past max);
+    in float8_e4m3fn, which has no infinity, a NaN result whose value before rounding to D
+    was a number (past 448, or inf in float32): the format turns overflow into NaN;
 ``nan``
     non-NaN operands, NaN result (inf/inf, 0 * inf, inf - inf);
 ``log_of_zero`` / ``division_by_zero``
@@ -260,10 +262,13 @@ class StageRunner:
         reduced_axis: int | None = None,
         fresh_tiny: bool = False,
         operand_flags: tuple[FloatArray, FloatArray] | None = None,
+        unrounded: Operand | None = None,
     ) -> None:
         """Record what this step created. ``reduced_axis``: the operand axis a sum removed;
         ``operand_flags``: a split row's (any operand non-finite, any NaN) per output value,
-        merged over the chunks, in place of the operands."""
+        merged over the chunks, in place of the operands; ``unrounded``: the result before
+        its rounding to D (tells an overflow from an invalid operation where D has no
+        infinity; 0.0 for a sum, which is a number wherever its terms are finite)."""
         if stage not in self.stages:
             raise ValueError(f"stage {stage!r} is not declared by the pipeline")
         self.calls += 1
@@ -297,7 +302,15 @@ class StageRunner:
                 value = np.asarray(operand)
                 operand_nonfinite = operand_nonfinite | per_output(~precision.isfinite(value))
                 operand_nan = operand_nan | per_output(precision.isnan(value))
-            self._record(stage, "nan", precision.isnan(out) & ~operand_nan & mask)
+            new_nan = precision.isnan(out) & ~operand_nan & mask
+            if not precision.has_inf and unrounded is not None:
+                # D has no infinity: a number past its range rounds to NaN. From finite
+                # operands that is an overflow, not an invalid operation such as 0/0.
+                before = np.broadcast_to(np.asarray(unrounded), out.shape)
+                overflowed = new_nan & ~operand_nonfinite & ~np.isnan(before)
+                self._record(stage, "overflow", overflowed)
+                new_nan = new_nan & ~overflowed
+            self._record(stage, "nan", new_nan)
             new_inf = precision.isinf(out) & ~operand_nonfinite & mask
             if pole is not None and pole_operand is not None:
                 at_pole = per_output(np.asarray(pole_operand) == 0)
@@ -357,7 +370,8 @@ class StageRunner:
         if (critical is None and given.kind not in "iub"
                 and np.can_cast(given, self.precision.dtype, "safe")):
             return out  # D holds every float exactly: no overflow, NaN or flush can arise
-        self._watch(stage, out, [x], where=None, critical=critical, fresh_tiny=True)
+        self._watch(stage, out, [x], where=None, critical=critical, fresh_tiny=True,
+                    unrounded=x)
         return out
 
     def _elementwise(
@@ -375,11 +389,11 @@ class StageRunner:
         backward step names only the incoming gradient, so a NaN that a forward value brings
         into the gradient is reported at the step where it enters."""
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
-            out = self._round(fn(*(self._to_compute(o) for o in operands)),
-                              can_be_subnormal=fn not in _NO_NEW_SUBNORMALS)
+            exact = fn(*(self._to_compute(o) for o in operands))
+            out = self._round(exact, can_be_subnormal=fn not in _NO_NEW_SUBNORMALS)
         self._watch(
             stage, out, operands if blame is None else blame, where=where, critical=critical,
-            pole=pole, pole_operand=pole_operand,
+            pole=pole, pole_operand=pole_operand, unrounded=exact,
         )
         return out
 
@@ -396,13 +410,14 @@ class StageRunner:
         that a row split across its classes replays it (:class:`Replay`).
         """
         with np.errstate(all="ignore"):  # the watch below reports what these warnings would
-            out = fn(*(self._to_compute(o) for o in operands))
-            out = self._round(out) if round_result else np.asarray(
-                out, dtype=self.precision.compute_dtype)
+            exact = fn(*(self._to_compute(o) for o in operands))
+            out = self._round(exact) if round_result else np.asarray(
+                exact, dtype=self.precision.compute_dtype)
             if self.flush_subnormals and not round_result:
                 out = flush_subnormals(out)
         blame = kw.pop("blame", None)
-        self._watch(stage, out, operands if blame is None else blame, **{"where": None, **kw})
+        self._watch(stage, out, operands if blame is None else blame,
+                    **{"where": None, "unrounded": exact, **kw})
         return out
 
     def exp(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
@@ -524,10 +539,13 @@ class StageRunner:
             # the precision's own policy through the plain call (a test may substitute it)
             out = self._round(self.accumulate(x, axis=-1) if accumulate is None
                               else self.accumulate(x, axis=-1, accumulate=accumulate))
-            self._watch(stage, out, [x], where=where, reduced_axis=-1)
+            # where its terms are finite, a sum turns NaN only past D's range (a running sum
+            # in D too): as if its value before rounding were a number
+            self._watch(stage, out, [x], where=where, reduced_axis=-1, unrounded=0.0)
         else:
             out, nonfinite, nan = self._reduce(*self._split_sum(x, accumulate=accumulate))
-            self._watch(stage, out, [], where=where, operand_flags=(nonfinite, nan))
+            self._watch(stage, out, [], where=where, operand_flags=(nonfinite, nan),
+                        unrounded=0.0)
         return out[..., None] if keepdims else out
 
     def _policy(self, accumulate: AccumulateName | None) -> Precision:
@@ -570,11 +588,13 @@ class StageRunner:
 
         return step, finish
 
-    def watch_reduction(self, stage: str, out: FloatArray, x: FloatArray) -> None:
-        """Watch a reduction over the last axis whose result the caller computed. In a split
-        row's chunk, whether any term of the whole row was non-finite or NaN is replayed."""
+    def watch_reduction(self, stage: str, out: FloatArray, x: FloatArray,
+                        unrounded: Operand | None = None) -> None:
+        """Watch a reduction over the last axis whose result the caller computed (from
+        ``unrounded``, when given: see :meth:`_watch`). In a split row's chunk, whether any
+        term of the whole row was non-finite or NaN is replayed."""
         if self.replay is None:
-            self._watch(stage, out, [x], where=None, reduced_axis=-1)
+            self._watch(stage, out, [x], where=None, reduced_axis=-1, unrounded=unrounded)
             return
         values = np.asarray(x)
         part = ((~self.precision.isfinite(values)).any(axis=-1),
@@ -584,7 +604,8 @@ class StageRunner:
             lambda state: state)
         shape = np.shape(out)
         self._watch(stage, out, [], where=None,
-                    operand_flags=(np.reshape(nonfinite, shape), np.reshape(nan, shape)))
+                    operand_flags=(np.reshape(nonfinite, shape), np.reshape(nan, shape)),
+                    unrounded=unrounded)
 
     def accumulate(self, x: FloatArray, *, axis: int = -1, keepdims: bool = False,
                    accumulate: AccumulateName | None = None) -> FloatArray:

@@ -208,5 +208,5 @@ def reduce_losses(
         with np.errstate(all="ignore"):
             total = total / np.asarray(denominator, dtype=total.dtype)
     out = run.precision.round(total)
-    run.watch_reduction("reduce", out, flat)
+    run.watch_reduction("reduce", out, flat, unrounded=total)
     return out
