@@ -10,20 +10,35 @@ import pytest
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_pipeline
-from xentcheck.limits import find_limit, pipeline_limit
+from xentcheck.limits import _worst_target, find_limit, pipeline_limit
 from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision
 
 # (largest finite, smallest subnormal, stored significand bits), from the IEEE formats
-# (bfloat16: float32's exponent with 7 stored bits).
+# (bfloat16: float32's exponent with 7 stored bits) and the OCP 8-bit formats (e4m3fn: bias
+# 7, no infinity, 0x7F is NaN so its largest is 1.75 * 2**8; e5m2: IEEE-like, bias 15).
 FORMATS = {
     "float16": ((2 - 2**-10) * 2.0**15, 2.0**-24, 10),
     "bfloat16": ((2 - 2**-7) * 2.0**127, 2.0**-133, 7),
     "float32": ((2 - 2**-23) * 2.0**127, 2.0**-149, 23),
     "float64": ((2 - 2**-52) * 2.0**1023, 2.0**-1074, 52),
+    "float8_e4m3fn": (1.75 * 2.0**8, 2.0**-9, 3),
+    "float8_e5m2": ((2 - 2**-2) * 2.0**15, 2.0**-16, 2),
 }
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32,
-          "float64": np.float64}
+          "float64": np.float64, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+          "float8_e5m2": ml_dtypes.float8_e5m2}
+UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+# float8_e4m3fn's sum of more than 464 ones is NaN: C equal logits have no safe value there
+WIDE_SUM = [d for d in FORMATS if d != "float8_e4m3fn"]
+
+
+def pairs(classes: list[int]) -> list[tuple[str, int]]:
+    """(dtype, C) for every format while 1/C is above the smallest subnormal u: from about
+    1 / u classes on (512 in float8_e4m3fn, 65536 in float8_e5m2) the probability 1/C of C
+    equal logits is near u / 2 and rounds to 0 at some levels and not at others (see
+    test_float8_e4m3fn_naive_probability_of_1000_equal_logits_rounds_to_zero)."""
+    return [(d, c) for d in FORMATS for c in classes if c * FORMATS[d][1] < 1]
 
 
 def pipeline(family: str, name: str):  # type: ignore[no-untyped-def]
@@ -31,16 +46,17 @@ def pipeline(family: str, name: str):  # type: ignore[no-untyped-def]
 
 
 def next_up(value: float, dtype: str) -> float:
-    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(DTYPES[dtype]).itemsize]
+    bits = UNSIGNED[np.dtype(DTYPES[dtype]).itemsize]
     b = np.array(value, dtype=DTYPES[dtype]).view(bits) + bits(1)
     return float(np.array(b).view(DTYPES[dtype]).astype(np.float64))
 
 
 def ln_overflow_threshold(dtype: str) -> float:
-    """ln of the smallest value that rounds to inf: max + half an ulp = (2 - 2^-(p+1)) 2^emax."""
+    """ln of where rounding overflows (to inf, or NaN in float8_e4m3fn): max + half an ulp,
+    ``(2 - 2^-(p+1)) 2^emax`` for the IEEE formats, 448 + 16 = 464 for float8_e4m3fn."""
     top, _, p = FORMATS[dtype]
     emax = math.frexp(top)[1] - 1
-    return math.log(2 - 2.0 ** -(p + 1)) + emax * math.log(2)
+    return math.log(top / 2.0**emax + 2.0 ** -(p + 1)) + emax * math.log(2)
 
 
 def slack(dtype: str, classes: int) -> float:
@@ -51,8 +67,7 @@ def slack(dtype: str, classes: int) -> float:
     return 2 * 2.0**-p + classes * 2.0**-acc_bits
 
 
-@pytest.mark.parametrize("dtype", list(FORMATS))
-@pytest.mark.parametrize("classes", [1, 2, 3, 10, 1000])
+@pytest.mark.parametrize(("dtype", "classes"), pairs([1, 2, 3, 10, 300, 1000]))
 def test_naive_softmax_largest_safe_logit(dtype: str, classes: int) -> None:
     limit = pipeline_limit(pipeline("softmax", "naive"), Precision(dtype), classes)
     edge = ln_overflow_threshold(dtype) - math.log(classes)
@@ -76,7 +91,7 @@ def test_the_edge_is_real(dtype: str) -> None:
     assert finite.tolist() == [True, False]
 
 
-@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("dtype", WIDE_SUM)
 @pytest.mark.parametrize("name", ["shifted", "stable"])
 def test_shifted_and_stable_never_overflow_below_the_format(name: str, dtype: str) -> None:
     limit = pipeline_limit(pipeline("softmax", name), Precision(dtype), 1000)
@@ -112,8 +127,12 @@ def test_stable_softmax_spread_is_the_format_range(dtype: str) -> None:
 def test_naive_sigmoid_edge(dtype: str) -> None:
     # 1 + e^-x rounds to 1 once e^-x <= 2^-(p+1) (half an ulp of 1; the tie goes to even),
     # then 1 - s = 0 and log(1 - s) = -inf for a zero target: x < (p + 1) ln 2.
+    # e = round(e^-x) is at most 2^-(p+1) while e^-x is below 2^-(p+1) plus half the
+    # spacing above it, 2^-(2p+2) (the tie rounds to the even power of two): so
+    # x < (p + 1) ln 2 - ln(1 + 2^-(p+1)), a correction that moves the 8-bit formats' edge
+    # by more than their grid's step.
     _, _, p = FORMATS[dtype]
-    edge = (p + 1) * math.log(2)
+    edge = (p + 1) * math.log(2) - math.log(1 + 2.0 ** -(p + 1))
     found = pipeline_limit(pipeline("sigmoid", "naive"), Precision(dtype), 1).largest_safe_logit
     assert found is not None
     tol = 4 * 2.0**-23 * edge
@@ -200,7 +219,7 @@ def worst_target(dtype: str) -> float:
     Found with numpy and ml_dtypes over the format's values near ln(1.5 u)."""
     _, tiny_sub, _ = FORMATS[dtype]
     compute = np.float64 if dtype == "float64" else np.float32
-    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(DTYPES[dtype]).itemsize]
+    bits = UNSIGNED[np.dtype(DTYPES[dtype]).itemsize]
 
     def rounds_to_u(magnitude_bits: int) -> bool:  # exp(-t) rounded to the format is u
         t = np.array(magnitude_bits, dtype=bits).view(DTYPES[dtype]).astype(np.float64)
@@ -227,8 +246,25 @@ def round_down(value: float, dtype: str) -> float:
     return near if near <= value else next_down(near, dtype)
 
 
-@pytest.mark.parametrize("dtype", list(FORMATS))
-@pytest.mark.parametrize("classes", [2, 3, 300])
+def test_no_float8_e5m2_value_has_an_exp_rounding_to_the_smallest_subnormal() -> None:
+    # float8_e5m2's values around ln(1.5 u) = -10.68 are 2 apart: e^-10 = 2.98 u rounds to
+    # 3 u, e^-12 = 0.40 u to 0. The naive spread is then the others-at-0 one, shifted's.
+    u = 2.0**-16
+    e = np.exp(np.array([-10.0, -12.0], dtype=np.float32)).astype(ml_dtypes.float8_e5m2)
+    assert e.astype(np.float64).tolist() == [3 * u, 0.0]
+    assert _worst_target(Precision("float8_e5m2")) is None
+    for classes in (2, 3, 300):
+        naive, shifted = (pipeline_limit(pipeline("softmax", name), Precision("float8_e5m2"),
+                                         classes) for name in ("naive", "shifted"))
+        assert naive.largest_safe_spread == shifted.largest_safe_spread
+
+
+# float8_e5m2 has no worst level (test above); in float8_e4m3fn at C = 300 the others' level
+# M = ln(2 / 299) = -5.0 lies on a grid 0.5 apart, coarser than the spread's near 1 (0.125),
+# so the next spread up lands on the same M and the others-at-0 pattern binds instead.
+@pytest.mark.parametrize(("dtype", "classes"), [
+    (d, c) for d in FORMATS for c in (2, 3, 300)
+    if d != "float8_e5m2" and (d, c) != ("float8_e4m3fn", 300)])
 def test_naive_spread_edge_is_taken_at_the_worst_level(dtype: str, classes: int) -> None:
     # Naive softmax does not shift: with the target at T (e^T rounds down to u from almost
     # 1.5 u) and the other C - 1 at M = T + S, p = u / ((C - 1) e^M) must exceed u / 2, so
@@ -251,8 +287,7 @@ def test_naive_spread_edge_is_taken_at_the_worst_level(dtype: str, classes: int)
                        [0, 0]) == [True, False]
 
 
-@pytest.mark.parametrize("dtype", list(FORMATS))
-@pytest.mark.parametrize("classes", [1, 3, 1000, 128256])
+@pytest.mark.parametrize(("dtype", "classes"), pairs([1, 3, 300, 1000, 128256]))
 def test_naive_softmax_lower_edge(dtype: str, classes: int) -> None:
     # exp (in float32 for 16-bit formats) rounds to 0 in D once e^L <= u / 2, u the
     # smallest subnormal; then every probability is 0/0.
@@ -287,8 +322,7 @@ def test_naive_sigmoid_lower_edge(dtype: str) -> None:
     assert stable.smallest_safe_logit == -FORMATS[dtype][0]
 
 
-@pytest.mark.parametrize("dtype", list(FORMATS))
-@pytest.mark.parametrize("classes", [1, 2, 3, 1000])
+@pytest.mark.parametrize(("dtype", "classes"), pairs([1, 2, 3, 300, 1000]))
 def test_search_from_the_closed_form_finds_what_full_bisection_finds(
         dtype: str, classes: int) -> None:
     for family in ("softmax", "sigmoid"):
@@ -319,3 +353,39 @@ def test_label_smoothing_spread_edge_is_where_the_sum_of_log_probabilities_overf
     # C ln C for C equal logits: 7000 ln 7000 = 61974 fits, 7500 ln 7500 = 66848 does not
     assert not find_limit(stable, Precision("float16"), 7000, 0.1).no_safe_logit
     assert find_limit(stable, Precision("float16"), 7500, 0.1).no_safe_logit
+
+
+def test_float8_e4m3fn_naive_probability_of_1000_equal_logits_rounds_to_zero() -> None:
+    # C = 1000 logits of -1: e = round(e^-1 = 0.3679) = 0.375 (spacing 2^-5 in [0.25, 0.5)),
+    # their float32 sum 375 rounds to 384 (spacing 32 in [256, 448]), and 0.375 / 384 =
+    # 2^-10 is half the smallest subnormal 2^-9: a tie, to the even 0. log(0) is -inf, which
+    # float8_e4m3fn has not: NaN, reported as the pole it is.
+    e = float(np.float32(np.exp(np.float32(-1.0))).astype(ml_dtypes.float8_e4m3fn))
+    assert e == 0.375 and 1000 * e == 375.0
+    assert float(np.float32(375.0).astype(ml_dtypes.float8_e4m3fn)) == 384.0
+    assert 0.375 / 384 == 2.0**-10 == FORMATS["float8_e4m3fn"][1] / 2
+    x = np.full((1, 1000), -1.0)
+    case = Case("tie", x, np.zeros(1, dtype=np.int64), "index", LossSpec(reduction="none"))
+    _, per_example, run = run_pipeline(pipeline("softmax", "naive"),
+                                       Precision("float8_e4m3fn"), case)
+    assert np.isnan(np.asarray(per_example, dtype=np.float64)).all()
+    assert [(e.stage, e.kind) for e in run.events] == [("divide", "underflow"),
+                                                        ("log", "log_of_zero")]
+
+
+@pytest.mark.parametrize(("classes", "safe"), [(464, True), (465, False)])
+def test_float8_e4m3fn_sum_of_ones_decides_whether_stable_has_a_logit_edge(
+        classes: int, safe: bool) -> None:
+    # 464 ones sum to 464 in float32, a tie between 448 and the NaN above: the even 448. 465
+    # is past it: NaN. So C equal logits are safe at every magnitude up to C = 464 classes
+    # and at none from 465 on: stable and shifted in float8_e4m3fn break on an LM row of
+    # equal logits whatever their value.
+    assert float(np.float32(464).astype(ml_dtypes.float8_e4m3fn)) == 448.0
+    assert np.isnan(float(np.float32(465).astype(ml_dtypes.float8_e4m3fn)))
+    for name in ("shifted", "stable"):
+        found = pipeline_limit(pipeline("softmax", name), Precision("float8_e4m3fn"), classes)
+        assert found.no_safe_logit == (not safe)
+        assert found.largest_safe_logit == (448.0 if safe else None)
+        assert rows_finite(name, "softmax", "float8_e4m3fn", [[v] * classes for v in
+                                                              (-448.0, 0.0, 448.0)],
+                           [0, 0, 0]) == [safe] * 3

@@ -111,7 +111,9 @@ def test_limits_command_table_and_json() -> None:
     naive_sigmoid = next(r for r in doc["limits"] if r["pipeline"] == "naive")
     bisected = pipeline_limit(textbook("sigmoid", True)[0], Precision("float16"), 3)
     assert naive_sigmoid["largest_safe_logit"] == bisected.largest_safe_logit
-    assert naive_sigmoid["closed_form"]["largest_safe_logit"] == pytest.approx(11 * math.log(2))
+    # 1 + round(e^-x) rounds to 1 once e^-x < 2^-11 (1 + 2^-11): x > 11 ln 2 - ln(1 + 2^-11)
+    assert naive_sigmoid["closed_form"]["largest_safe_logit"] == pytest.approx(
+        11 * math.log(2) - math.log1p(2.0**-11), rel=1e-15)
     assert naive_sigmoid["agrees"] is True
 
 

@@ -25,7 +25,7 @@ from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import Case
 from .discovery import find_scenarios
 from .errors import UsageError, XentcheckError
-from .evaluator import Progress, evaluate
+from .evaluator import Progress, evaluate, left_out
 from .expectations import Checked, parse_fail_on
 from .expectations import check as check_expectations
 from .findings import ScenarioResult, Tolerance
@@ -33,7 +33,7 @@ from .limits import limit_rows
 from .misuse import explain as explain_rule
 from .pipelines import Pipeline, available, select
 from .plot import plot_format, write_sweep_plot
-from .precision import ACCUMULATE_CHOICES, DTYPE_NAMES, Precision
+from .precision import ACCUMULATE_CHOICES, DEFAULT_DTYPES, DTYPE_NAMES, Precision
 from .report_github import render_annotations, render_step_summary
 from .report_json import render_json, render_limits_json, render_sweep_json
 from .report_junit import render_junit
@@ -113,7 +113,7 @@ def evaluation_options(function: F) -> F:
     return _apply(function, [
         click.option("--dtype", "dtypes", multiple=True, metavar="NAME",
                      help=f"Storage dtype(s) to evaluate in: {', '.join(DTYPE_NAMES)} "
-                          "(repeat or comma-separate; default: all)."),
+                          f"(repeat or comma-separate; default: {', '.join(DEFAULT_DTYPES)})."),
         click.option("--pipeline", "pipelines", multiple=True, metavar="NAME",
                      help="Formulation(s) to run (default: the textbook ones and torch, "
                           "those that apply; jax, fused and keras run when named)."),
@@ -122,7 +122,8 @@ def evaluation_options(function: F) -> F:
                      help="Reduction accumulate dtype; 'same' is a running sum in the storage "
                           "dtype itself."),
         click.option("--rtol", type=FiniteFloat(minimum=0.0), default=None,
-                     help="Relative tolerance for every dtype (default: 8 eps of the dtype)."),
+                     help="Relative tolerance for every dtype (default: 8 eps of the dtype, "
+                          "2 eps for the float8 ones)."),
         click.option("--atol", type=FiniteFloat(minimum=0.0), default=None,
                      help="Absolute tolerance for every dtype (default: 0)."),
     ])
@@ -416,9 +417,11 @@ def _scenarios(
 def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accumulate: str,
               override: ToleranceSpec | None) -> ScenarioResult:
     case = scenario.case
-    precisions = _precisions(dtypes, scenario.dtypes or DTYPE_NAMES, accumulate)
+    precisions = _precisions(dtypes, scenario.dtypes or DEFAULT_DTYPES, accumulate)
     named = pipelines or list(scenario.pipelines or ())
     chosen = select(case.spec.family, case.spec.from_logits, named)
+    _refuse_named_pairs(chosen, precisions, bool(named), bool(dtypes or scenario.dtypes),
+                        case.source)
     if not named and case.classes > execution.BLOCK_ELEMENTS:
         # a row this wide runs in column chunks, bounded in memory; a default pipeline that
         # cannot replay over chunks would hold the whole row: it runs only when named
@@ -436,7 +439,21 @@ def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accum
             for p in precisions
         }
     with progress_bar(case, len(precisions) * len(chosen)) as progress:
-        return evaluate(case, precisions, chosen, tolerances, progress)
+        result = evaluate(case, precisions, chosen, tolerances, progress)
+    for item in result.left_out:
+        _note(f"{case.source}: {item.pipeline} left out in {item.dtype}: {item.reason}")
+    return result
+
+
+def _refuse_named_pairs(pipelines: Sequence[Pipeline], precisions: Sequence[Precision],
+                        pipelines_named: bool, dtypes_named: bool, source: str) -> None:
+    """A pipeline that does not run in a dtype (a framework in float8) is left out with a
+    note, unless both were named: then it is a usage error."""
+    if not (pipelines_named and dtypes_named):
+        return
+    for item in left_out(pipelines, precisions):
+        raise UsageError(f"{source}: {item.pipeline} does not run in {item.dtype}: "
+                         f"{item.reason}")
 
 
 def _report(checked: list[Checked], output_format: str, output: str | None, *,
@@ -518,7 +535,8 @@ def _limit_pipelines(families: Sequence[str], names: list[str]) -> list[Pipeline
 @click.option("--loss", type=click.Choice(["softmax", "sigmoid", "all"]), default="all",
               show_default=True, help="Loss family.")
 @click.option("--dtype", "dtypes", multiple=True, metavar="NAME",
-              help=f"Storage dtype(s): {', '.join(DTYPE_NAMES)} (default: all).")
+              help=f"Storage dtype(s): {', '.join(DTYPE_NAMES)} (default: "
+                   f"{', '.join(DEFAULT_DTYPES)}).")
 @click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
               show_default=True, help="Reduction accumulate dtype.")
 @click.option("--pipeline", "pipeline_names", multiple=True, metavar="NAME",
@@ -539,10 +557,14 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
       xentcheck limits --classes 128256 --loss softmax --pipeline stable,torch
     """
     try:
-        precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
+        precisions = _precisions(dtypes, DEFAULT_DTYPES, accumulate)
         families = ("softmax", "sigmoid") if loss == "all" else (loss,)
-        rows = limit_rows(_limit_pipelines(families, _names(pipeline_names)), precisions,
-                          classes)
+        chosen = _limit_pipelines(families, _names(pipeline_names))
+        _refuse_named_pairs(chosen, precisions, bool(_names(pipeline_names)),
+                            bool(_names(dtypes)), "limits")
+        rows = limit_rows(chosen, precisions, classes)
+        for item in left_out(chosen, precisions):
+            _note(f"limits: {item.pipeline} left out in {item.dtype}: {item.reason}")
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
     _emit(output_format, output, lambda: render_limits_json(rows),
@@ -591,12 +613,16 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
             plot_format(plot)  # before computing anything
         spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
                          points=points, log_scale=not linear, spread=spread, seed=seed)
-        precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
+        precisions = _precisions(dtypes, DEFAULT_DTYPES, accumulate)
         chosen = select(loss, True, _names(pipelines))
+        _refuse_named_pairs(chosen, precisions, bool(_names(pipelines)), bool(_names(dtypes)),
+                            "sweep")
         tolerances = None
         if rtol is not None or atol is not None:
             tolerances = {p.name: Tolerance(rel=rtol or 0.0, abs=atol or 0.0) for p in precisions}
         result = run_sweep(spec, precisions, chosen, tolerances)
+        for item in left_out(chosen, precisions):
+            _note(f"sweep: {item.pipeline} left out in {item.dtype}: {item.reason}")
         if plot is not None:
             write_sweep_plot(result, plot)
     except XentcheckError as exc:

@@ -35,6 +35,7 @@ from .execution import (
 from .findings import (
     Finding,
     InputStats,
+    LeftOut,
     MaskedInputs,
     ReferenceValue,
     ScenarioResult,
@@ -267,7 +268,8 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
     """
     rounded_cases = {name: _rounded_case(case, Precision(name)) for name in dtype_names}
     collected = _Pass(
-        runs=[PipelineRun(pipe, prec) for prec in precisions for pipe in pipelines],
+        runs=[PipelineRun(pipe, prec) for prec in precisions for pipe in pipelines
+              if pipe.unsupported(prec) is None],
         denominators=Denominators(np.zeros(case.classes)),
         rounded={name: [] for name in dtype_names},
     )
@@ -493,9 +495,22 @@ def evaluate(
         frameworks=tuple(framework_comparisons(findings, found, _reference_answer(
             reference, focus), focus)),
         warnings=check_case(case, stats),
+        left_out=left_out(pipelines, precisions),
         class_weights=None if case.spec.class_weights is None
         else tuple(float(w) for w in np.ravel(case.spec.class_weights)),
     )
+
+
+def left_out(pipelines: Sequence[Pipeline], precisions: Sequence[Precision]) -> tuple[
+        LeftOut, ...]:
+    """The pairs that do not run (a framework pipeline in an 8-bit format), with why."""
+    out = {}
+    for precision in precisions:
+        for pipeline in pipelines:
+            reason = pipeline.unsupported(precision)
+            if reason is not None:
+                out[(pipeline.name, precision.name)] = reason  # one per name (torch: 3 classes)
+    return tuple(LeftOut(p, d, r) for (p, d), r in out.items())
 
 
 def _reference_answer(reference: ReferenceValue,

@@ -197,6 +197,17 @@ class ScenarioResult:
     focus_index: tuple[int, ...] | None = None
     # per dtype, where framework pipelines ran: their answers side by side
     frameworks: tuple[FrameworkComparison, ...] = ()
+    # (pipeline, dtype) pairs asked for that do not run, with why (a framework in float8)
+    left_out: tuple[LeftOut, ...] = ()
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A pipeline not run in a dtype (:meth:`xentcheck.pipelines.Pipeline.unsupported`)."""
+
+    pipeline: str
+    dtype: str
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,10 @@ def scenario_json(result: ScenarioResult) -> dict[str, Any]:
         "warnings": [
             {"rule": w.rule, "name": w.name, "message": w.message} for w in result.warnings
         ],
+        "left_out": [
+            {"pipeline": o.pipeline, "dtype": o.dtype, "reason": o.reason}
+            for o in result.left_out
+        ],
         "description": result.description,
         "class_weights": None if result.class_weights is None else list(result.class_weights),
         "from_logits": result.from_logits,

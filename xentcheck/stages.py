@@ -303,15 +303,16 @@ class StageRunner:
                 operand_nonfinite = operand_nonfinite | per_output(~precision.isfinite(value))
                 operand_nan = operand_nan | per_output(precision.isnan(value))
             new_nan = precision.isnan(out) & ~operand_nan & mask
-            if not precision.has_inf and unrounded is not None:
-                # D has no infinity: a number past its range rounds to NaN. From finite
-                # operands that is an overflow, not an invalid operation such as 0/0.
-                before = np.broadcast_to(np.asarray(unrounded), out.shape)
-                overflowed = new_nan & ~operand_nonfinite & ~np.isnan(before)
-                self._record(stage, "overflow", overflowed)
-                new_nan = new_nan & ~overflowed
-            self._record(stage, "nan", new_nan)
             new_inf = precision.isinf(out) & ~operand_nonfinite & mask
+            if not precision.has_inf and unrounded is not None:
+                # D has no infinity: a number past its range, or an infinity, rounds to NaN.
+                # From finite operands that is an overflow or a pole (log(0), 1/0), as inf
+                # would be in another format, not an invalid operation such as 0/0.
+                before = np.broadcast_to(np.asarray(unrounded), out.shape)
+                beyond = new_nan & ~operand_nonfinite & ~np.isnan(before)
+                new_nan = new_nan & ~beyond
+                new_inf = new_inf | beyond
+            self._record(stage, "nan", new_nan)
             if pole is not None and pole_operand is not None:
                 at_pole = per_output(np.asarray(pole_operand) == 0)
                 self._record(stage, pole, new_inf & at_pole)

@@ -152,6 +152,20 @@ class Pipeline(ABC):
     # whether it keeps the replay contract below, so that a row wider than a block runs in
     # column chunks; one that does not runs such a row whole (right, memory not bounded)
     splittable: ClassVar[bool] = True
+    # a framework pipeline in the 8-bit formats: why it does not run there (the library's
+    # float8 behaviour is not emulated; see :meth:`unsupported`)
+    fp8_note: ClassVar[str] = "its library's float8 arithmetic is not emulated"
+
+    def unsupported(self, precision: Precision) -> str | None:
+        """Why this pipeline does not run in ``precision``, or None where it does.
+
+        Every textbook formulation runs in every precision. A framework pipeline emulates a
+        library bit for bit, verified against it; none is emulated in the 8-bit formats, so
+        those pairs are left out (named explicitly, both, they are refused).
+        """
+        if self.framework and precision.is_fp8:
+            return self.fp8_note
+        return None
 
     @abstractmethod
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:

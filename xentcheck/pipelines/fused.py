@@ -50,6 +50,7 @@ class SoftmaxFused(Pipeline):
     name = "fused"
     default = False
     framework = True
+    fp8_note = "the fused kernels' float8 paths are not emulated"
     splittable = False  # not yet written to the replay contract
     family = "softmax"
     from_logits = True

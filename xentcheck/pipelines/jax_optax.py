@@ -141,6 +141,7 @@ class _JaxPipeline(Pipeline):
 
     name = "jax"
     framework = True
+    fp8_note = "optax's float8 arithmetic is not emulated (nor checked against JAX)"
     default = False  # run when named: `--pipeline jax`
     splittable = False  # not yet written to the replay contract
 

@@ -143,6 +143,7 @@ class _KerasPipeline(Pipeline):
     name = "keras"
     default = False
     framework = True
+    fp8_note = "Keras' float8 arithmetic is not emulated (nor checked against Keras)"
     splittable = False  # not yet written to the replay contract
 
     def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
