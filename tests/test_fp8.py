@@ -1,0 +1,280 @@
+"""The 8-bit storage formats float8_e4m3fn and float8_e5m2, through the pipelines and the CLI.
+
+Pipeline values are checked against an emulation written here op by op: each step's exact
+value (mpmath at 50 digits for exp and log, ``fractions.Fraction`` for sums and quotients)
+rounded to the format by the exact rounding of tests/test_input_rounding.py. The edges
+(448 and NaN, 57344 and inf) are the formats' own (OCP 8-bit floating point specification
+1.0, 2023), checked there and in tests/test_limit_closed_forms.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import ml_dtypes
+import mpmath
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from frameworks import require
+from test_input_rounding import exact_round
+
+from xentcheck.case import Case, LossSpec
+from xentcheck.cli import cli
+from xentcheck.evaluator import evaluate
+from xentcheck.execution import run_pipeline
+from xentcheck.pipelines import select, textbook
+from xentcheck.precision import Precision
+from xentcheck.stages import StageRunner
+
+Write = Callable[[str, str], Path]
+FP8 = ["float8_e4m3fn", "float8_e5m2"]
+mpmath.mp.dps = 50
+
+
+def pipeline(name: str):  # type: ignore[no-untyped-def]
+    return next(p for p in textbook("softmax", True) if p.name == name)
+
+
+def rounded(value: object, dtype: str) -> Fraction:
+    """An exact value (mpmath number or Fraction) rounded to the format, as a Fraction."""
+    exact = value if isinstance(value, Fraction) else Fraction(float(value))  # type: ignore[arg-type]
+    return Fraction(exact_round(exact, dtype))  # type: ignore[arg-type]
+
+
+def naive_by_hand(x: list[float], label: int, dtype: str) -> float:
+    """``-log(exp(x_t) / sum(exp(x)))``, every step rounded to the format."""
+    e = [rounded(mpmath.exp(v), dtype) for v in x]
+    s = rounded(sum(e, Fraction(0)), dtype)  # float32 holds these few 8-bit sums exactly
+    p = rounded(e[label] / s, dtype)
+    return -float(rounded(mpmath.log(mpmath.mpf(p.numerator) / p.denominator), dtype))
+
+
+def stable_by_hand(x: list[float], label: int, dtype: str) -> float:
+    """``-(z_t - log(sum(exp(z))))`` with ``z = x - max x``, every step rounded."""
+    top = max(x)
+    z = [rounded(Fraction(v) - Fraction(top), dtype) for v in x]
+    e = [rounded(mpmath.exp(mpmath.mpf(v.numerator) / v.denominator), dtype) for v in z]
+    s = rounded(sum(e, Fraction(0)), dtype)
+    log_s = rounded(mpmath.log(mpmath.mpf(s.numerator) / s.denominator), dtype)
+    return -float(rounded(z[label] - log_s, dtype))
+
+
+def per_example(name: str, dtype: str, x: list[list[float]], labels: list[int]) -> np.ndarray:
+    case = Case("t", np.array(x, dtype=np.float64), np.array(labels), "index",
+                LossSpec(reduction="none"))
+    _, values, _ = run_pipeline(pipeline(name), Precision(dtype), case)
+    return np.asarray(values, dtype=np.float64)
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_naive_and_stable_on_1_2_3_step_by_step(dtype: str) -> None:
+    """[1, 2, 3] is exact in both formats, so every difference from the true losses
+    (2.4076, 1.4076, 0.4076) is the arithmetic's. In float8_e4m3fn the naive loss of
+    label 0 is 2.25: e = [2.75, 7.5, 20], their sum 30.25 rounds to 30 (spacing 2), 2.75 /
+    30 = 0.0917 to 0.09375 (spacing 2**-7), whose log -2.367 to -2.25 (spacing 0.25)."""
+    x = [1.0, 2.0, 3.0]
+    for name, by_hand in (("naive", naive_by_hand), ("stable", stable_by_hand)):
+        got = per_example(name, dtype, [x] * 3, [0, 1, 2])
+        assert got.tolist() == [by_hand(x, label, dtype) for label in range(3)], name
+    if dtype == "float8_e4m3fn":
+        assert naive_by_hand(x, 0, dtype) == 2.25
+        assert [float(rounded(mpmath.exp(v), dtype)) for v in x] == [2.75, 7.5, 20.0]
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_a_wider_row_step_by_step(dtype: str) -> None:
+    x = [0.5, -1.25, 3.0, 2.0, 1.0]
+    for name, by_hand in (("naive", naive_by_hand), ("stable", stable_by_hand)):
+        got = per_example(name, dtype, [x] * 5, list(range(5)))
+        assert got.tolist() == [by_hand(x, label, dtype) for label in range(5)], name
+
+
+def test_e4m3fn_cast_past_448_is_nan_reported_as_an_overflow_at_cast() -> None:
+    """500 is past 464 (448 plus half an ulp): NaN in float8_e4m3fn, which has no inf. The
+    cast created it from a number: an overflow (with the nan flag: the loss is NaN)."""
+    case = Case("t", np.array([[1.0, 500.0, 2.0], [1.0, 464.0, 2.0]]), np.array([0, 0]),
+                "index", LossSpec(reduction="none"))
+    result = evaluate(case, [Precision("float8_e4m3fn")], select("softmax", True, ["stable"]))
+    finding = result.findings[0]
+    assert finding.first_bad is not None
+    assert (finding.first_bad.stage, finding.first_bad.kind) == ("cast", "overflow")
+    assert finding.first_bad.index == (0, 1)
+    assert {"nan", "overflow"} <= set(finding.flags)
+    values = np.asarray(finding.per_example, dtype=np.float64)
+    # 464 is a tie that rounds to the even 448: that row is finite (1 - 448 rounds to -448)
+    assert np.isnan(values[0]) and values[1] == stable_by_hand([1.0, 448.0, 2.0], 0,
+                                                               "float8_e4m3fn") == 448.0
+
+
+def test_e4m3fn_exp_past_ln_464_overflows_to_nan_and_0_over_0_is_a_nan() -> None:
+    """exp(6.5) = 665 is past 464: an overflow at exp (NaN, not inf), then NaN / NaN. A row
+    whose exps all flush to 0 is 0/0: that NaN is an invalid operation, kind nan."""
+    case = Case("t", np.array([[6.5, 0.0], [-20.0, -20.0]]), np.array([0, 0]), "index",
+                LossSpec(reduction="none"))
+    _, values, run = run_pipeline(pipeline("naive"), Precision("float8_e4m3fn"), case)
+    kinds = {(e.stage, e.kind, e.index) for e in run.events}
+    assert ("exp", "overflow", (0, 0)) in kinds
+    assert ("divide", "nan", (1, 0)) in kinds
+    assert float(mpmath.exp(6.5)) > 464 > float(mpmath.exp(6.125))
+
+
+def test_e5m2_overflows_to_inf() -> None:
+    """e5m2's values near ln 57344 = 10.96 are 2 apart: exp(10) = 22026 rounds to 20480
+    (spacing 4096), exp(12) = 162755 is past 61440 (57344 + half an ulp): inf, as in
+    float16, an overflow."""
+    assert float(rounded(mpmath.exp(10), "float8_e5m2")) == 20480.0
+    assert float(mpmath.exp(12)) > 61440
+    x = np.array([[10.0], [12.0]], dtype=np.float32).astype(ml_dtypes.float8_e5m2)
+    runner = StageRunner(Precision("float8_e5m2"), ("exp",)).bind(np.ones(2, dtype=bool))
+    out = runner.exp("exp", x)
+    assert out.astype(np.float64)[:, 0].tolist() == [20480.0, np.inf]
+    assert [(e.stage, e.kind, e.index) for e in runner.events] == [("exp", "overflow", (1, 0))]
+
+
+@pytest.mark.parametrize(("dtype", "stall"), [("float8_e4m3fn", 16.0), ("float8_e5m2", 8.0)])
+def test_accumulate_same_is_a_running_sum_in_the_8_bit_format(dtype: str, stall: float) -> None:
+    """``accumulate: same`` runs the sum in D, rounding each partial sum: a sum of ones
+    stalls where the spacing reaches 2 (16 + 1 is a tie, to the even 16, in e4m3fn; 8 + 1
+    in e5m2), as bfloat16's does at 256. The default sums in float32 and rounds once."""
+    ones = np.ones((1, 40), dtype=np.float32).astype(Precision(dtype).dtype)
+    running = Fraction(0)
+    for _ in range(40):
+        running = Fraction(exact_round(running + 1, dtype))
+    assert float(running) == stall
+    same = StageRunner(Precision(dtype, "same"), ("sum",)).bind(np.ones(1, dtype=bool))
+    default = StageRunner(Precision(dtype), ("sum",)).bind(np.ones(1, dtype=bool))
+    assert float(same.sum("sum", ones)[0]) == stall
+    assert float(default.sum("sum", ones)[0]) == exact_round(40, dtype) == 40.0
+
+
+def test_e4m3fn_sum_overflow_with_accumulate_same_is_an_overflow() -> None:
+    """A running sum in float8_e4m3fn past 448 turns NaN: an overflow of the sum."""
+    values = np.full((1, 10), 64.0, dtype=np.float32).astype(ml_dtypes.float8_e4m3fn)
+    runner = StageRunner(Precision("float8_e4m3fn", "same"), ("sum",)).bind(np.ones(1, bool))
+    assert np.isnan(float(runner.sum("sum", values)[0]))
+    assert [(e.stage, e.kind) for e in runner.events] == [("sum", "overflow")]
+
+
+def test_default_tolerance_is_two_eps_for_fp8() -> None:
+    """8 eps would be 1 and 2 (anything passes); 2 eps is 0.25 and 0.5."""
+    assert Precision("float8_e4m3fn").default_rel_tolerance() == 0.25
+    assert Precision("float8_e5m2").default_rel_tolerance() == 0.5
+    assert Precision("bfloat16").default_rel_tolerance() == 8 * 2.0**-7
+
+
+def test_ulp_of_the_8_bit_formats() -> None:
+    """Spacing 2**(e - 3) in e4m3fn's binade [2**e, 2**(e+1)), 2**(e - 2) in e5m2's;
+    the subnormal spacing below the smallest normal (2**-6 and 2**-14)."""
+    e4, e5 = Precision("float8_e4m3fn"), Precision("float8_e5m2")
+    values = np.array([1.0, 2.5, 300.0, 0.001, 0.0])
+    assert e4.ulp(values).tolist() == [0.125, 0.25, 32.0, 2.0**-9, 2.0**-9]
+    assert e5.ulp(values).tolist() == [0.25, 0.5, 64.0, 2.0**-16 * 16, 2.0**-16]
+    for precision in (e4, e5):  # against the format's own neighbours
+        top = int(np.array(precision.max).astype(precision.dtype).view(np.uint8))
+        grid = np.arange(1, top + 1, dtype=np.uint8).view(precision.dtype).astype(np.float64)
+        assert (precision.ulp(grid[:-1]) == np.diff(grid)).all()
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+ROW = "logits: [[1, 2, 3], [500, 0, 1]]\nlabels: [0, 1]\nreduction: none\n"
+
+
+def test_run_in_fp8_leaves_torch_out_with_a_note(write: Write) -> None:
+    path = write("s.yaml", ROW)
+    result = CliRunner().invoke(cli, ["run", str(path), "--dtype", "float8_e4m3fn",
+                                      "--format", "json"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "torch left out in float8_e4m3fn: PyTorch 2.13 has no float8" in result.stderr
+    doc = json.loads(result.stdout)["scenarios"][0]
+    assert [r["pipeline"] for r in doc["results"]] == ["naive", "shifted", "stable"]
+    assert doc["left_out"] == [{"pipeline": "torch", "dtype": "float8_e4m3fn",
+                                "reason": doc["left_out"][0]["reason"]}]
+    stable = doc["results"][2]
+    assert stable["has_infinity"] is False
+    assert stable["first_bad_stage"] == "cast" and stable["first_bad_kind"] == "overflow"
+    assert stable["first_bad_index"] == [1, 0]
+    assert stable["per_example"][0] == stable_by_hand([1.0, 2.0, 3.0], 0, "float8_e4m3fn")
+    assert stable["per_example"][1] == "nan"
+
+
+def test_the_table_says_overflow_to_nan(write: Write) -> None:
+    path = write("s.yaml", ROW)
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(
+        cli, ["run", str(path), "--dtype", "float8_e4m3fn,float8_e5m2", "--pipeline", "stable"])
+    assert result.exit_code == 0
+    e4m3 = next(line for line in result.stdout.splitlines() if "float8_e4m3fn" in line
+                and "stable" in line)
+    assert "cast: overflow to NaN at [1,0]" in e4m3
+    assert "float8_e4m3fn has no infinity" in result.stdout
+    e5m2 = next(line for line in result.stdout.splitlines() if "float8_e5m2" in line)
+    assert "overflow to NaN" not in e5m2
+
+
+@pytest.mark.parametrize("args", [
+    ["--pipeline", "torch", "--dtype", "float8_e4m3fn"],
+    ["--pipeline", "stable,jax", "--dtype", "float16,float8_e5m2"],
+])
+def test_a_framework_named_in_fp8_is_refused(write: Write, args: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["run", str(write("s.yaml", ROW)), *args])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "does not run in float8_e" in result.stderr
+
+
+def test_a_scenario_naming_torch_and_fp8_is_refused(write: Write) -> None:
+    path = write("s.yaml", ROW + "dtypes: [float8_e5m2]\npipelines: [torch]\n")
+    result = CliRunner().invoke(cli, ["run", str(path)])
+    assert result.exit_code == 2 and "torch does not run in float8_e5m2" in result.stderr
+
+
+def test_the_default_dtypes_leave_fp8_out(write: Write) -> None:
+    result = CliRunner().invoke(cli, ["run", str(write("s.yaml", ROW)), "--format", "json"])
+    doc = json.loads(result.stdout)["scenarios"][0]
+    assert sorted({r["dtype"] for r in doc["results"]}) == [
+        "bfloat16", "float16", "float32", "float64"]
+    assert doc["left_out"] == []
+
+
+def test_limits_and_sweep_in_fp8(write: Write) -> None:
+    """limits: e4m3fn naive's largest safe logit for 3 classes is 5 (ln(464 / 3) = 5.04,
+    the grid of e4m3fn is 0.5 apart there), agreeing with the closed form; torch is left
+    out, named it is refused. sweep: the naive loss stops being finite where the spread 2m
+    passes the limit, stable stays finite."""
+    result = CliRunner().invoke(cli, ["limits", "--dtype", "float8_e4m3fn", "--loss", "softmax",
+                                      "--format", "json"])
+    assert result.exit_code == 0 and "torch left out" in result.stderr
+    rows = json.loads(result.stdout)["limits"]
+    naive = next(r for r in rows if r["pipeline"] == "naive")
+    assert naive["largest_safe_logit"] == 5.0 and naive["agrees"] is True
+    assert all(r["agrees"] for r in rows)
+    refused = CliRunner().invoke(cli, ["limits", "--dtype", "float8_e4m3fn", "--pipeline",
+                                       "torch"])
+    assert refused.exit_code == 2 and "does not run in float8_e4m3fn" in refused.stderr
+    sweep = CliRunner().invoke(cli, ["sweep", "--dtype", "float8_e5m2", "--to", "100",
+                                     "--format", "json", "--pipeline", "naive,stable"])
+    assert sweep.exit_code == 0
+    curves = {c["pipeline"]: c for c in json.loads(sweep.stdout)["sweep"]["curves"]}
+    assert curves["stable"]["first_nonfinite"] is None
+    assert curves["naive"]["first_nonfinite"] is not None
+    # bits of error: between 0 and every bit of e5m2 (3), measured against the rounded inputs
+    assert all(0 <= b <= 3 for b in curves["stable"]["bits"])
+
+
+def test_torch_has_no_float8_cross_entropy() -> None:
+    """What docs/frameworks-torch.md and the left-out note say, checked live."""
+    torch = require("torch")
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        x = torch.tensor([[1.0, 2.0, 3.0]]).to(dtype)
+        for call in (lambda: torch.nn.functional.cross_entropy(x, torch.tensor([0])),
+                     lambda: torch.exp(x), lambda: x.sum()):
+            with pytest.raises(NotImplementedError):
+                call()
