@@ -283,3 +283,7 @@ def test_torch_has_no_float8_cross_entropy() -> None:
             torch.exp(x)
         with pytest.raises(NotImplementedError):
             x.sum()
+    # its cast saturates where ml_dtypes (and xentcheck) give NaN
+    big = torch.tensor([500.0, float("inf")])
+    assert big.to(torch.float8_e4m3fn).float().tolist() == [448.0, 448.0]
+    assert np.isnan(Precision("float8_e4m3fn").round(big.numpy()).astype(np.float32)).all()
