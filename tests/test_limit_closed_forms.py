@@ -10,7 +10,7 @@ import pytest
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_pipeline
-from xentcheck.limits import _worst_target, find_limit, pipeline_limit
+from xentcheck.limits import _worst_target, closed_form_limit, find_limit, pipeline_limit
 from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision
 
@@ -389,3 +389,18 @@ def test_float8_e4m3fn_sum_of_ones_decides_whether_stable_has_a_logit_edge(
         assert rows_finite(name, "softmax", "float8_e4m3fn", [[v] * classes for v in
                                                               (-448.0, 0.0, 448.0)],
                            [0, 0, 0]) == [safe] * 3
+
+
+@pytest.mark.parametrize("classes", [1100, 2000, 50257])
+def test_float8_e4m3fn_naive_equal_logits_vanish_from_about_1024_classes(classes: int) -> None:
+    # round(C e) >= C e (1 - 2^-4), so p = e / round(C e) <= 1 / (0.9375 C), which is at
+    # most u / 2 = 2^-10 from C = 1093 on: p rounds to 0 at every level, log(0) is NaN in
+    # e4m3fn. Closed form and bisection both say no value is safe.
+    naive = pipeline("softmax", "naive")
+    assert classes * 0.9375 * 2.0**-10 >= 1
+    found = find_limit(naive, Precision("float8_e4m3fn"), classes)
+    assert found.no_safe_logit and found.largest_safe_logit is None
+    assert closed_form_limit(naive, Precision("float8_e4m3fn"), classes).no_safe_logit
+    levels = [-6.5, -4.0, -2.0, -1.0, 0.0, 2.0]  # values of e4m3fn across its range
+    assert rows_finite("naive", "softmax", "float8_e4m3fn", [[v] * classes for v in levels],
+                       [0] * len(levels)) == [False] * len(levels)

@@ -471,6 +471,18 @@ def _spread_closed_form(precision: Precision, classes: int, subnormals: bool) ->
     return -math.log(unit / 2) - math.log(rest)
 
 
+def _equal_probability_vanishes(precision: Precision, classes: int) -> bool:
+    """Whether the probability of C equal logits, ``round(e / round(C e))``, is 0 at every
+    level: ``round(C e)`` is at least ``C e (1 - 2^-(p+1))``, so ``e / round(C e)`` is at
+    most ``1 / (C (1 - 2^-(p+1)))``, which rounds to 0 once it is at most half the smallest
+    subnormal u (a tie goes to the even 0). From about 2 / u classes on: 1024 in
+    float8_e4m3fn, 131,072 in float8_e5m2, 3.4e7 in float16. Just below that the answer
+    depends on how each level's sum rounds (1000 classes in float8_e4m3fn: at -1, 0.375 /
+    384 is exactly u / 2), and the safe levels are no longer an interval."""
+    shrink = 1.0 - 2.0 ** -(precision.mantissa_bits + 1)
+    return classes * shrink * precision.smallest_subnormal / 2 >= 1.0
+
+
 def closed_form_limit(
     pipeline: Pipeline, precision: Precision, classes: int, *, subnormals: bool = True
 ) -> Limit | None:
@@ -527,7 +539,8 @@ def closed_form_limit(
     if pipeline.name == "naive":
         largest = _naive_top(precision, classes)
         smallest = math.log(precision.smallest_subnormal) - math.log(2.0)
-        if largest is None or largest < smallest:
+        if largest is None or largest < smallest or _equal_probability_vanishes(precision,
+                                                                                classes):
             return Limit(None, spread, None, no_safe_logit=True, no_safe_spread=no_spread)
         return Limit(largest, spread, smallest, no_safe_spread=no_spread)
     every = float(_sums_of_copies(precision, [1.0], classes)[0])
