@@ -25,7 +25,7 @@ from test_input_rounding import exact_round
 from xentcheck.case import Case, LossSpec
 from xentcheck.cli import cli
 from xentcheck.evaluator import evaluate
-from xentcheck.execution import run_pipeline
+from xentcheck.execution import Denominators, PipelineRun, blocks, run_pipeline
 from xentcheck.pipelines import select, textbook
 from xentcheck.precision import Precision
 from xentcheck.stages import StageRunner
@@ -63,6 +63,20 @@ def stable_by_hand(x: list[float], label: int, dtype: str) -> float:
     return -float(rounded(z[label] - log_s, dtype))
 
 
+def stable_gradient_by_hand(x: list[float], label: int, dtype: str) -> list[float]:
+    """log-softmax's backward as autodiff computes it for ``reduction: sum`` (upstream 1):
+    ``g - exp(log_softmax) * sum(g)`` with ``g = -onehot``, every step rounded: the entry
+    j is ``round(round(exp(lsm_j)) - [j == t])``."""
+    top = max(x)
+    z = [rounded(Fraction(v) - Fraction(top), dtype) for v in x]
+    e = [rounded(mpmath.exp(mpmath.mpf(v.numerator) / v.denominator), dtype) for v in z]
+    s = rounded(sum(e, Fraction(0)), dtype)
+    log_s = rounded(mpmath.log(mpmath.mpf(s.numerator) / s.denominator), dtype)
+    lsm = [rounded(v - log_s, dtype) for v in z]
+    soft = [rounded(mpmath.exp(mpmath.mpf(v.numerator) / v.denominator), dtype) for v in lsm]
+    return [float(rounded(p - (1 if j == label else 0), dtype)) for j, p in enumerate(soft)]
+
+
 def per_example(name: str, dtype: str, x: list[list[float]], labels: list[int]) -> np.ndarray:
     case = Case("t", np.array(x, dtype=np.float64), np.array(labels), "index",
                 LossSpec(reduction="none"))
@@ -91,6 +105,21 @@ def test_a_wider_row_step_by_step(dtype: str) -> None:
     for name, by_hand in (("naive", naive_by_hand), ("stable", stable_by_hand)):
         got = per_example(name, dtype, [x] * 5, list(range(5)))
         assert got.tolist() == [by_hand(x, label, dtype) for label in range(5)], name
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_stable_gradient_step_by_step(dtype: str) -> None:
+    rows = [[1.0, 2.0, 3.0], [0.5, -1.25, 3.0], [2.0, 2.0, -4.0]]
+    labels = [0, 2, 1]
+    case = Case("g", np.array(rows), np.array(labels), "index", LossSpec(reduction="sum"))
+    den = Denominators(np.zeros(case.classes))
+    for block in blocks(case):
+        den.add(case, block)
+    run = PipelineRun(pipeline("stable"), Precision(dtype))
+    got = np.concatenate([np.asarray(run.gradient(case, block, den), dtype=np.float64)
+                          for block in blocks(case)])
+    assert got.tolist() == [stable_gradient_by_hand(x, t, dtype)
+                            for x, t in zip(rows, labels, strict=True)]
 
 
 def test_e4m3fn_cast_past_448_is_nan_reported_as_an_overflow_at_cast() -> None:

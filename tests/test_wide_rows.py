@@ -34,9 +34,12 @@ from xentcheck.stages import StageRunner
 mpmath.mp.dps = 50
 CHUNK = 64
 CLASSES = 600
-# every dtype, and a running sum in D (sums of a split row carry it from chunk to chunk)
-EVERY_PRECISION = [*precisions_for(["float16", "bfloat16", "float32", "float64"]),
-                   Precision("bfloat16", "same")]
+# every dtype, and a running sum in D (sums of a split row carry it from chunk to chunk);
+# in float8_e4m3fn the sums of 600 classes overflow to NaN (reported as overflows) and the
+# framework pipelines are left out
+EVERY_PRECISION = [*precisions_for(["float16", "bfloat16", "float32", "float64",
+                                    "float8_e4m3fn", "float8_e5m2"]),
+                   Precision("bfloat16", "same"), Precision("float8_e5m2", "same")]
 
 
 @pytest.fixture(autouse=True)

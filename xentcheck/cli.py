@@ -216,8 +216,9 @@ def make_console(file: Any = None) -> Console:
 def cli() -> None:
     """Where, and in which precision, does a cross-entropy loss stop telling the truth?
 
-    Runs the loss through several formulations in float16, bfloat16, float32 and float64,
-    measures each against a float64-accurate reference, and reports what broke and where.
+    Runs the loss through several formulations in float16, bfloat16, float32 and float64
+    (float8_e4m3fn and float8_e5m2 when named), measures each against a float64-accurate
+    reference, and reports what broke and where.
 
     Example: xentcheck run configs/naive_overflow.yaml
     """
