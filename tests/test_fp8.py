@@ -133,10 +133,29 @@ def test_e4m3fn_cast_past_448_is_nan_reported_as_an_overflow_at_cast() -> None:
     assert (finding.first_bad.stage, finding.first_bad.kind) == ("cast", "overflow")
     assert finding.first_bad.index == (0, 1)
     assert {"nan", "overflow"} <= set(finding.flags)
+    # the input as e4m3fn holds it is past every edge: NaN there, as far over as an inf
+    assert finding.logit_headroom == -np.inf
+    assert result.reference.rounded_counted is not None
+    assert np.isnan(result.reference.rounded_counted["float8_e4m3fn"][0])
     values = np.asarray(finding.per_example, dtype=np.float64)
     # 464 is a tie that rounds to the even 448: that row is finite (1 - 448 rounds to -448)
     assert np.isnan(values[0]) and values[1] == stable_by_hand([1.0, 448.0, 2.0], 0,
                                                                "float8_e4m3fn") == 448.0
+
+
+def test_a_masked_logit_is_nan_in_e4m3fn_and_masked_in_e5m2() -> None:
+    """-inf has no float8_e4m3fn value: the cast makes it NaN (an invalid input for the
+    format, kind nan: it was not a number to begin with). float8_e5m2 keeps -inf, a masked
+    entry: its loss is that of the other two classes, [1, 2] with label 0 (1.3133)."""
+    case = Case("m", np.array([[1.0, 2.0, -np.inf]]), np.array([0]), "index",
+                LossSpec(reduction="none"))
+    _, e4m3, run = run_pipeline(pipeline("stable"), Precision("float8_e4m3fn"), case)
+    assert np.isnan(np.asarray(e4m3, dtype=np.float64)).all()
+    assert [(e.stage, e.kind, e.index) for e in run.events][0] == ("cast", "nan", (0, 2))
+    _, e5m2, run = run_pipeline(pipeline("stable"), Precision("float8_e5m2"), case)
+    assert np.asarray(e5m2, dtype=np.float64).tolist() == [
+        stable_by_hand([1.0, 2.0], 0, "float8_e5m2")]
+    assert not run.events
 
 
 def test_e4m3fn_exp_past_ln_464_overflows_to_nan_and_0_over_0_is_a_nan() -> None:
