@@ -151,7 +151,7 @@ def test_a_masked_logit_is_nan_in_e4m3fn_and_masked_in_e5m2() -> None:
                 LossSpec(reduction="none"))
     _, e4m3, run = run_pipeline(pipeline("stable"), Precision("float8_e4m3fn"), case)
     assert np.isnan(np.asarray(e4m3, dtype=np.float64)).all()
-    assert [(e.stage, e.kind, e.index) for e in run.events][0] == ("cast", "nan", (0, 2))
+    assert (run.events[0].stage, run.events[0].kind, run.events[0].index) == ("cast", "nan", (0, 2))
     _, e5m2, run = run_pipeline(pipeline("stable"), Precision("float8_e5m2"), case)
     assert np.asarray(e5m2, dtype=np.float64).tolist() == [
         stable_by_hand([1.0, 2.0], 0, "float8_e5m2")]

@@ -157,3 +157,35 @@ def test_limits_refuses_an_unknown_pipeline() -> None:
     result = CliRunner().invoke(cli, ["limits", "--pipeline", "tourch"])
     assert result.exit_code == 2
     assert "unknown pipeline 'tourch'" in result.stderr and "torch" in result.stderr
+
+
+FP8 = precisions_for(["float8_e4m3fn", "float8_e5m2"])
+
+
+def in_band(precision: Precision, classes: int) -> bool:
+    """C between 1 / u and where round(1 / round(C)) surely vanishes: naive's equal logits
+    there are safe at some levels and not at others (1000 classes in float8_e4m3fn, 128,256
+    in float8_e5m2; see test_limit_closed_forms.py), so its edges are not an interval."""
+    shrink = 1 - 2.0 ** -(precision.mantissa_bits + 1)
+    return 1 <= classes * precision.smallest_subnormal < 2 / shrink
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 10, 100, 300, 464, 465, 466, 1000, 1100, 2049,
+                                     50_000, 128256, 262144])
+def test_closed_forms_agree_with_bisection_in_the_8_bit_formats(classes: int) -> None:
+    # 262,144 classes: even the sum of C smallest subnormals is past e4m3fn's 448
+    rows = limit_rows(textbook("softmax", True) + textbook("sigmoid", True), FP8, classes)
+    assert len(rows) == 2 * 5
+    assert all(row.agrees or (row.pipeline == "naive" and row.family == "softmax"
+                              and in_band(Precision(row.dtype), classes)) for row in rows), [
+        (r.pipeline, r.dtype) for r in rows if not r.agrees]
+    assert [in_band(p, classes) for p in FP8] == [classes == 1000, classes == 128256]
+
+
+@pytest.mark.parametrize("classes", [3, 20, 100])
+def test_closed_forms_follow_a_running_sum_in_the_8_bit_formats(classes: int) -> None:
+    # accumulate "same" in fp8: a sum of ones stalls at 16 (e4m3fn) or 8 (e5m2), so the sum
+    # of C ones, and the edges, are those of the running sum
+    rows = limit_rows(textbook("softmax", True), precisions_for(
+        ["float8_e4m3fn", "float8_e5m2"], "same"), classes)
+    assert all(row.agrees for row in rows), [(r.pipeline, r.dtype) for r in rows if not r.agrees]

@@ -438,6 +438,10 @@ def _ln_largest_term(precision: Precision, count: int, bound: float,
             best = max(finite)
         elif finite:  # every candidate finite: the edge is further up
             keys = [k for k in range(keys[-1], keys[-1] + 8) if k <= line.top]
+        elif keys[0] == 1:
+            # not even C copies of the smallest subnormal hold (float8_e4m3fn: 262,144
+            # times 2^-9 is past 448)
+            break
         else:
             keys = [k for k in range(keys[0] - 8, keys[0] + 1) if k > 0]
     if best is None:
@@ -456,11 +460,15 @@ def _spread_closed_form(precision: Precision, classes: int, subnormals: bool) ->
     subnormals, e_t = e^-S is rounded to a multiple k of the smallest subnormal u, and
     k u / rest must exceed u / 2 (an exact half is a tie that rounds to the even 0):
     k >= floor(rest / 2) + 1, which e^-S reaches from (k - 1/2) u on. Once k u is a
-    normal number the grid is fine enough that e^-S / rest > u / 2 is the edge. Without
-    subnormals (flush to zero) every value below the smallest normal is 0.
+    normal number, the same on D's grid there: e_t must round to the first value of D
+    above rest u / 2, which e^-S does from the midpoint below it on (in the wide formats
+    that is e^-S / rest > u / 2 to within an ulp; in the 8-bit ones a step of the grid
+    moves the edge: float8_e4m3fn, 300 classes, rest 288, S = 1.25 gives e_t = 0.28125
+    and p = 2^-10 = u / 2 exactly, a tie to 0). Without subnormals (flush to zero) every
+    value below the smallest normal is 0.
     """
     rest = float(_sums_of_copies(precision, [1.0], classes - 1)[0])
-    if not math.isfinite(rest):
+    if not math.isfinite(rest) or not _sum_with_target_is_finite(precision, classes):
         return None
     if not subnormals:
         return -math.log(precision.tiny) - math.log(rest)
@@ -468,7 +476,26 @@ def _spread_closed_form(precision: Precision, classes: int, subnormals: bool) ->
     k = math.floor(rest / 2) + 1
     if k * unit < precision.tiny:
         return -math.log(k - 0.5) - math.log(unit)
-    return -math.log(unit / 2) - math.log(rest)
+    line = _Line(precision)
+    bound = rest / 2 * unit  # a normal number here: no underflow
+    first = line.key_above(bound)
+    if line.value(first) == bound:
+        first += 1  # e_t / rest = u / 2 exactly rounds to 0: the next value up
+    low, high = line.value(first - 1), line.value(first)
+    return -math.log(low + (high - low) / 2)
+
+
+def _sum_with_target_is_finite(precision: Precision, classes: int) -> bool:
+    """Whether the row's sum stays finite with the target's term in it, at its least (the
+    smallest subnormal, first, as the spread pattern puts it): C - 1 ones at a tie of D's
+    overflow tip over with anything added (float8_e4m3fn, 465 classes: 464 ones round to
+    448, 464 plus any e_t to NaN)."""
+    row = np.ones((1, classes))
+    row[0, 0] = precision.smallest_subnormal
+    runner = StageRunner(precision, ("sum",))
+    with np.errstate(all="ignore"):
+        total = precision.round(runner.accumulate(row.astype(precision.storage_dtype)))
+    return bool(np.isfinite(np.asarray(total, dtype=np.float64)).all())
 
 
 def _equal_probability_vanishes(precision: Precision, classes: int) -> bool:
