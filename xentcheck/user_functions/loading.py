@@ -133,7 +133,8 @@ def _import_file(path: Path, spec: str, shown: str) -> ModuleType:
             del sys.modules[module_name]
             if not isinstance(exc, Exception):
                 raise
-            raise InputError(import_failure(exc, path, shown), source=spec) from exc
+            raise InputError(import_failure(exc, path, shown), source=spec,
+                             cause=exc) from exc
         _FILES[path] = module
         return module
 
@@ -146,11 +147,13 @@ def _import_module(target: str, spec: str) -> ModuleType:
         if target == missing or target.startswith(f"{missing}."):
             raise InputError(f"no module named {missing!r} (a file is given as "
                              "path/to/file.py:NAME)", source=spec) from None
-        raise InputError(import_failure(exc, None, target), source=spec) from exc
+        raise InputError(import_failure(exc, None, target), source=spec,
+                         cause=exc) from exc
     except Exception as exc:  # the module's own code failed
         module_file = getattr(sys.modules.get(target), "__file__", None)
         path = Path(module_file).resolve() if module_file else None
-        raise InputError(import_failure(exc, path, target), source=spec) from exc
+        raise InputError(import_failure(exc, path, target), source=spec,
+                         cause=exc) from exc
 
 
 def import_failure(exc: BaseException, path: Path | None, shown: str) -> str:

@@ -280,7 +280,7 @@ class NumpyAdapter:
             except Exception as exc:
                 where = user_line(exc, user_file, shown or "") if user_file else None
                 raise InputError(f"{what}raised {describe(exc)}"
-                                 f"{f' ({where})' if where else ''}") from exc
+                                 f"{f' ({where})' if where else ''}", cause=exc) from exc
         return _checked(value, what)
 
 

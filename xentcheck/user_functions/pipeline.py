@@ -83,7 +83,8 @@ class UserPipeline(Pipeline):
             message, file = exc.message, self.function.file
             if file is not None:  # the user's file as they wrote it
                 message = message.replace(f"{file}:", f"{self.function.shown}:")
-            raise InputError(message, source=self.function.spec) from exc.__cause__
+            cause = exc.cause or exc.__cause__  # the user's exception, for --traceback
+            raise InputError(message, source=self.function.spec, cause=cause) from cause
 
     def _losses(self, result: CallResult, expected: tuple[int, ...]) -> FloatArray | None:
         """The per-example losses, or None where the function returned a scalar."""
