@@ -101,7 +101,8 @@ def test_a_missing_name_suggests_the_nearest(write: Write, tmp_path: Path) -> No
 
 def test_a_name_that_is_not_a_function(write: Write, tmp_path: Path) -> None:
     module_file(write, "value.py", "loss = 3\n")
-    with pytest.raises(InputError, match=r"'loss' in value\.py is not a function \(a value of type int\)"):
+    with pytest.raises(InputError,
+                       match=r"'loss' in value\.py is not a function \(a value of type int\)"):
         load_function("value.py:loss", base=tmp_path)
 
 
