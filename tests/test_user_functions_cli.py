@@ -87,6 +87,22 @@ def test_run_names_the_users_exp_line(examples: Path) -> None:
     assert mine["largest_safe_spread"] == naive["largest_safe_spread"]
 
 
+def test_the_issues_case_one_example_of_three_logits(examples: Path) -> None:
+    """`logits: [1000, 2000, 2500]`, one example: the function gets shape (3,) and a 0-d
+    label, and is NaN in every dtype at its exp line, where naive is."""
+    (examples / "one.yaml").write_text("logits: [1000, 2000, 2500]\nlabels: 1\n")
+    found = results_of(invoke("run", "one.yaml", "--pipeline", "naive", "--loss-fn", TEXTBOOK,
+                              "--format", "json"))
+    naive = [r for r in found if r["pipeline"] == "naive"]
+    mine = [r for r in found if r["pipeline"] == TEXTBOOK]
+    assert [r["dtype"] for r in mine] == ["float16", "bfloat16", "float32", "float64"]
+    for ours, theirs in zip(naive, mine, strict=True):
+        assert theirs["loss"] == "nan" and ours["loss"] == "nan"
+        assert (theirs["first_bad_stage"], theirs["first_bad_index"]) == (
+            ours["first_bad_stage"], ours["first_bad_index"]) == ("exp", [0])
+        assert theirs["first_bad_source"] == f"numpy_textbook.py:{exp_line(examples)}"
+
+
 def test_the_table_shows_the_users_line(examples: Path) -> None:
     result = invoke("run", "--logits", "logits.npy", "--labels", "labels.npy", "--dtype",
                     "float32", "--loss-fn", TEXTBOOK, env={"COLUMNS": "200"})
