@@ -219,7 +219,7 @@ def write_module(folder: Path, name: str, source: str) -> str:
      "raised IndexError: invalid index to scalar variable. (bad.py:2)"),
     ("import numpy as np\ndef loss(logits, labels):\n    return np.zeros((5,), logits.dtype)\n",
      "returned an array of shape [5] for logits of shape [1, 3]; expected [1] (one loss per "
-     "example) or a scalar"),
+     "example), [1, 3] (sigmoid: one per element) or a scalar"),
     ("import numpy as np\ndef loss(logits, labels):\n    return labels\n",
      "returned an array of int64, not floating point"),
     ("def loss(logits, labels):\n    return None\n", "returned a NoneType, not a numpy array "
