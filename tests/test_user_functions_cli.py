@@ -101,6 +101,9 @@ def test_the_issues_case_one_example_of_three_logits(examples: Path) -> None:
         assert (theirs["first_bad_stage"], theirs["first_bad_index"]) == (
             ours["first_bad_stage"], ours["first_bad_index"]) == ("exp", [0])
         assert theirs["first_bad_source"] == f"numpy_textbook.py:{exp_line(examples)}"
+        # its limits: limit rows reach it one at a time, shaped (3,) like the case
+        for key in ("largest_safe_logit", "largest_safe_spread", "smallest_safe_logit"):
+            assert theirs[key] == ours[key], (theirs["dtype"], key)
 
 
 def test_the_table_shows_the_users_line(examples: Path) -> None:
