@@ -14,8 +14,8 @@ Semantics follow PyTorch where frameworks differ, so that a number here can be c
   to 1 (Keras); the ``clipped`` pipeline also clips them to [1e-7, 1 - 1e-7].
 * loss options: the logits are divided by ``temperature``, then soft-capped
   (``cap * tanh(x / cap)``), then the loss above is taken; ``z_loss`` adds
-  ``z_loss * logsumexp(x)^2`` to each counted example (unweighted; ``mean`` divides the
-  z-terms by the number of counted examples, as Liger's kernel does).
+  ``z_loss * logsumexp(x)^2`` to each counted example (unweighted); ``mean`` divides the
+  z-terms by the same denominator as the loss.
 """
 
 from __future__ import annotations

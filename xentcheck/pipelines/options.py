@@ -16,9 +16,9 @@ This is what ``F.cross_entropy(cap * torch.tanh((x / T) / cap), y, reduction="no
 coef * torch.logsumexp(x'', -1) ** 2`` computes in PyTorch (Gemma 2 soft-caps the final
 logits with these three ops; PaLM, OLMo and Liger add ``COEF * lse^2`` per token). With a
 z-loss and ``sum``/``mean``, the loss is the wrapped formulation's own reduction of its
-losses plus the z-terms reduced apart (``mean``: over the number of counted examples, as
-Liger's kernel divides its z-loss by ``n_non_ignore`` whatever the class weights),
-added in D: ``F.cross_entropy(x'', y) + (coef * lse[counted] ** 2).mean()``.
+losses plus the z-terms reduced apart by the shared reduction over the same denominator
+(the number of counted examples; with class weights, their target weights' sum), added in
+D: ``F.cross_entropy(x'', y) + (coef * lse[counted] ** 2).mean()`` without class weights.
 
 Backward, as autograd differentiates those ops in D (PyTorch's derivative formulas):
 ``+``: the gradient to both; ``COEF *``: ``g * COEF``; ``** 2``: ``g * (2 * lse)``;
@@ -86,11 +86,18 @@ def z_terms(run: StageRunner, block: Block) -> FloatArray:
     return run.select("z_add", block.valid, z, 0.0)
 
 
-def counted_examples(case: Case) -> int:
-    """The number of examples the z-terms' ``mean`` divides by: rows not ignored."""
-    if case.label_kind != "index" or case.spec.ignore_index is None:
-        return case.rows
-    return int(np.count_nonzero(valid_rows(case, case.labels_rows())))
+def mean_denominator(case: Case, precision: Precision) -> float:
+    """What ``mean`` divides by (as the evaluator counts it): the counted rows, or with
+    class weights (rounded to D) their targets' weights summed; dense labels: the rows."""
+    if case.label_kind != "index":
+        return float(case.rows)
+    labels = np.asarray(case.labels_rows()).astype(np.int64)
+    keep = valid_rows(case, labels)
+    weights = case.spec.class_weights
+    if weights is None:
+        return float(np.count_nonzero(keep))
+    counts = np.bincount(labels[keep], minlength=case.classes).astype(np.float64)
+    return float(np.dot(counts, precision.round(weights).astype(np.float64)))
 
 
 def _inner_stages(pipeline: Pipeline) -> tuple[str, ...]:
@@ -162,7 +169,7 @@ class WithOptions(Pipeline):
             losses.append(loss)
             zs.append(z)
         loss = self.inner.reduce(run, np.concatenate(losses), reduction, denominator, case)
-        z = reduce_losses(run, np.concatenate(zs), reduction, counted_examples(case))
+        z = reduce_losses(run, np.concatenate(zs), reduction, denominator)
         run.bind(np.ones(1, dtype=bool))
         return run.add("z_add", loss, z)
 
@@ -199,8 +206,8 @@ class WithOptions(Pipeline):
             lse = quiet.saved["z_lse"]
         from ..backward import reduction_gradient  # backward imports the pipelines' types
 
-        seed = (reduction_gradient(run.precision, spec.reduction, counted_examples(case))
-                if spec.reduction == "mean" else 1.0)
+        seed = reduction_gradient(run.precision, spec.reduction,
+                                  mean_denominator(case, run.precision))
         g = run.select("z_add", capped.valid, np.asarray(seed, dtype=np.float64), 0.0)
         g = run.multiply("z_square", g, spec.z_loss)
         twice = run.multiply("z_square", lse, 2.0, blame=[])
