@@ -158,14 +158,16 @@ class WithOptions(Pipeline):
                denominator: float, case: Case | None = None) -> FloatArray:
         if case is None or not case.spec.z_loss or reduction == "none":
             return self.inner.reduce(run, per_example, reduction, denominator, case)
-        from ..execution import row_values  # execution imports the pipelines
+        from ..execution import BLOCK_ELEMENTS, row_values  # execution imports the pipelines
 
         def parts(quiet: StageRunner, chunk: Block) -> tuple[FloatArray, FloatArray]:
             # row_values hands over the chunk transformed already
             return self.inner.per_example(quiet, chunk), z_terms(quiet, chunk)
 
         losses, zs = [], []
-        for loss, z in row_values(case, run.precision, self.all_stages, parts):
+        # a pipeline that cannot replay over column chunks runs a wide row whole
+        whole = None if self.inner.splittable else max(BLOCK_ELEMENTS, case.classes)
+        for loss, z in row_values(case, run.precision, self.all_stages, parts, whole):
             losses.append(loss)
             zs.append(z)
         loss = self.inner.reduce(run, np.concatenate(losses), reduction, denominator, case)
