@@ -45,7 +45,7 @@ from .gradients import GradientStats as _GradientStats
 from .gradients import gradient_first_bad as _gradient_first_bad
 from .gradients import gradient_flags as _gradient_flags
 from .input_stats import BlockStats, Extremes, block_stats
-from .limits import pipeline_limit, prefetch_limits
+from .limits import LossOptions, pipeline_limit, prefetch_limits
 from .misuse import check_case, merge_masked
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
@@ -398,7 +398,7 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     abs_e, rel_e, ulp_e, worst = errors(computed, target, run.precision)
     arith_rel = errors(computed, rounded, run.precision)[1]
     limit = pipeline_limit(run.pipeline, run.precision, case.classes,
-                           float(case.spec.label_smoothing))
+                           float(case.spec.label_smoothing), LossOptions.of(case.spec))
     # The input as D holds it: the largest logit against the upper edge; from below,
     # sigmoid's smallest x, and for softmax the smallest logit whose probability is logged
     # (its exp must not vanish).
@@ -471,7 +471,7 @@ def evaluate(
     collected = _single_pass(case, precisions, pipelines, dtype_names, progress)
     truth, ref_per_example = _truth(case, collected, dtype_names)
     prefetch_limits([(run.pipeline, run.precision) for run in collected.runs], case.classes,
-                    float(case.spec.label_smoothing))
+                    float(case.spec.label_smoothing), LossOptions.of(case.spec))
     findings = [
         _finding(case, run, collected, truth, tolerances[run.precision.name], gradient)
         for run, gradient in zip(collected.runs, collected.gradients, strict=True)

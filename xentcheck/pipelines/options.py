@@ -34,7 +34,7 @@ from functools import cache
 
 import numpy as np
 
-from ..case import Case, LossSpec, valid_rows
+from ..case import Case, valid_rows
 from ..precision import FloatArray, Precision
 from ..stages import StageRunner
 from .base import Block, Pipeline, Saved, reduce_losses
@@ -112,35 +112,35 @@ class WithOptions(Pipeline):
         self.inner = inner
 
     # the wrapped formulation's identity: reports, selection and limits see it
-    @property  # type: ignore[misc]
+    @property
     def name(self) -> str:  # type: ignore[override]
         return self.inner.name
 
-    @property  # type: ignore[misc]
+    @property
     def family(self) -> str:  # type: ignore[override]
         return self.inner.family
 
-    @property  # type: ignore[misc]
+    @property
     def from_logits(self) -> bool:  # type: ignore[override]
         return self.inner.from_logits
 
-    @property  # type: ignore[misc]
+    @property
     def formula(self) -> str:  # type: ignore[override]
         return self.inner.formula
 
-    @property  # type: ignore[misc]
+    @property
     def framework(self) -> bool:  # type: ignore[override]
         return self.inner.framework
 
-    @property  # type: ignore[misc]
+    @property
     def default(self) -> bool:  # type: ignore[override]
         return self.inner.default
 
-    @property  # type: ignore[misc]
+    @property
     def splittable(self) -> bool:  # type: ignore[override]
         return self.inner.splittable
 
-    @property  # type: ignore[misc]
+    @property
     def stages(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("cast", *PRE_STAGES, *_inner_stages(self.inner), *Z_STAGES)
 
@@ -242,8 +242,3 @@ def with_options(pipeline: Pipeline) -> Pipeline:
     if isinstance(pipeline, WithOptions):
         return pipeline
     return WithOptions(pipeline)
-
-
-def options_spec(spec: LossSpec, **changes: object) -> LossSpec:
-    """``spec`` with these fields changed (a helper for cases built from another's)."""
-    return replace(spec, **changes)  # type: ignore[arg-type]
