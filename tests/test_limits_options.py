@@ -9,10 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from xentcheck.case import Case, LossSpec
+from xentcheck.case import Case, LossOptions, LossSpec
 from xentcheck.execution import run_pipeline
 from xentcheck.limits import (
-    LossOptions,
     closed_form_limit,
     find_limit,
     limit_rows,

@@ -69,6 +69,28 @@ class LossSpec:
 
 
 @dataclass(frozen=True)
+class LossOptions:
+    """The loss options alone, for cases that commands build (sweeps, limits): hashable,
+    so that limits are cached by them."""
+
+    temperature: float = 1.0
+    logit_softcap: float | None = None
+    z_loss: float = 0.0
+
+    @classmethod
+    def of(cls, spec: LossSpec) -> LossOptions:
+        return cls(spec.temperature, spec.logit_softcap, spec.z_loss)
+
+    def spec_fields(self, family: str) -> dict[str, float | None]:
+        """LossSpec fields (the z-loss applies to softmax only)."""
+        return {"temperature": self.temperature, "logit_softcap": self.logit_softcap,
+                "z_loss": self.z_loss if family == "softmax" else 0.0}
+
+
+NO_OPTIONS = LossOptions()
+
+
+@dataclass(frozen=True)
 class Case:
     """One loss problem.
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import reference as ref
 from . import reference_options as ref_options
-from .case import Case, softmax_coefficients, target_coefficients, valid_elements
+from .case import Case, LossOptions, softmax_coefficients, target_coefficients, valid_elements
 from .comparison import (
     errors,
     framework_comparisons,
@@ -45,7 +45,7 @@ from .gradients import GradientStats as _GradientStats
 from .gradients import gradient_first_bad as _gradient_first_bad
 from .gradients import gradient_flags as _gradient_flags
 from .input_stats import BlockStats, Extremes, block_stats
-from .limits import LossOptions, pipeline_limit, prefetch_limits
+from .limits import pipeline_limit, prefetch_limits
 from .misuse import check_case, merge_masked
 from .pipelines import Block, Pipeline
 from .precision import FloatArray, Precision
@@ -517,6 +517,7 @@ def evaluate(
         warnings=check_case(case, stats),
         class_weights=None if case.spec.class_weights is None
         else tuple(float(w) for w in np.ravel(case.spec.class_weights)),
+        options=LossOptions.of(case.spec),
     )
 
 

@@ -41,7 +41,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .case import Case, LossSpec
+from .case import NO_OPTIONS, Case, LossOptions, LossSpec
 from .findings import Limit
 from .pipelines import Pipeline
 from .precision import FloatArray, Precision
@@ -62,27 +62,6 @@ _GRID = 9
 KeyTest = Callable[[list[int]], FloatArray]
 
 
-@dataclass(frozen=True)
-class LossOptions:
-    """The loss options a limit is found with (hashable: limits are cached by them). The
-    edges stay in terms of the raw logits the user gives, before the temperature and the
-    soft-cap."""
-
-    temperature: float = 1.0
-    logit_softcap: float | None = None
-    z_loss: float = 0.0
-
-    @classmethod
-    def of(cls, spec: LossSpec) -> LossOptions:
-        return cls(spec.temperature, spec.logit_softcap, spec.z_loss)
-
-    def spec_fields(self, family: str) -> dict[str, float | None]:
-        """LossSpec fields (the z-loss applies to softmax only)."""
-        return {"temperature": self.temperature, "logit_softcap": self.logit_softcap,
-                "z_loss": self.z_loss if family == "softmax" else 0.0}
-
-
-NO_OPTIONS = LossOptions()
 
 
 class _Line:
@@ -594,6 +573,7 @@ class LimitRow:
     closed_form: Limit | None
     spread_without_subnormals: float | None
     agrees: bool
+    options: LossOptions = NO_OPTIONS
 
 
 def _agree(found: float | None, closed: float | None, precision: Precision,
@@ -649,5 +629,6 @@ def limit_rows(
                 no_sub = _spread_closed_form(precision, classes, subnormals=False)
             rows.append(LimitRow(pipeline.family, pipeline.name, precision.name, classes, found,
                                  closed, no_sub,
-                                 limits_agree(found, closed, precision, options.temperature)))
+                                 limits_agree(found, closed, precision, options.temperature),
+                                 options))
     return rows

@@ -386,7 +386,7 @@ def make_case(
     if ignore_index is not None and (isinstance(ignore_index, bool)
                                      or not isinstance(ignore_index, (int, np.integer))):
         raise InputError(f"must be an integer, not {ignore_index!r}", field="ignore_index")
-    z_coef, cap, scale = _loss_options(z_loss, logit_softcap, temperature, family, from_logits)
+    z_coef, cap, scale = loss_options(z_loss, logit_softcap, temperature, family, from_logits)
     labels, kind = _checked_labels(np.asarray(labels), logits, family, classes, ignore_index)
     if kind == "dense" and ignore_index is not None:
         raise InputError("applies to integer labels; these are one-hot or probability rows",
@@ -426,7 +426,7 @@ def make_case(
     return case
 
 
-def _loss_options(z_loss: Any, logit_softcap: Any, temperature: Any, family: str,
+def loss_options(z_loss: Any, logit_softcap: Any, temperature: Any, family: str,
                   from_logits: bool) -> tuple[float, float | None, float]:
     """The validated loss options: ``z_loss >= 0`` (softmax from logits), ``logit_softcap >
     0`` and ``temperature > 0`` (logits of either family), all finite."""
