@@ -87,9 +87,12 @@ def dd_mul(a: Pair, b: Pair) -> Pair:
 def dd_div(a: Pair, b: Pair) -> Pair:
     """Double-double quotient: one float64 quotient refined by the exact remainder."""
     q = a[0] / b[0]
-    p, e = dd_mul((q, np.zeros_like(q)), b)
-    remainder = ((a[0] - p) - e) + a[1]
-    return _fast_two_sum(q, remainder / b[0])
+    with np.errstate(invalid="ignore", over="ignore"):
+        p, e = dd_mul((q, np.zeros_like(q)), b)
+        remainder = ((a[0] - p) - e) + a[1]
+        hi, lo = _fast_two_sum(q, remainder / b[0])
+    finite = np.isfinite(q)  # an infinite quotient (a masked logit) has no low part
+    return np.where(finite, hi, q), np.where(finite, lo, 0.0)
 
 
 def divide(x: FloatArray, divisor: float) -> Pair:
