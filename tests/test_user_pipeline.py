@@ -286,3 +286,35 @@ def test_a_case_of_many_blocks_is_one_call(write: Write, tmp_path: Path,
     mine, ours = finding(result, pipeline.name), finding(result, "naive")
     assert np.array_equal(mine.per_example, ours.per_example)
     assert np.array_equal(ours.per_example, finding(whole, "naive").per_example)
+
+
+def test_loss_options_are_the_functions_own(write: Write, tmp_path: Path) -> None:
+    """With temperature, a cap and a z-loss in the case, the function gets the logits as
+    given: one that applies the options itself matches the reference, one that ignores them
+    is off by the options' whole effect (xentcheck wraps only its own pipelines)."""
+    source = """
+        import numpy as np
+        def loss(logits, labels):
+            x = logits{options}
+            m = x.max(axis=-1, keepdims=True)
+            lse = (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+            picked = np.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+            return lse - picked{z}
+    """
+    applying = written(write, tmp_path, "withopts", source.format(
+        options=" / 2.0\n            x = 5.0 * np.tanh(x / 5.0)", z=" + 1e-2 * lse ** 2"))
+    ignoring = written(write, tmp_path, "without", source.format(options="", z=""))
+    logits = np.array([[1.0, 12.0, -3.0], [0.25, 0.5, 9.0]])
+    labels = np.array([1, 0])
+    case = make_case(name="o", logits=logits, labels=labels, reduction="none",
+                     temperature=2.0, logit_softcap=5.0, z_loss=1e-2)
+    result = evaluate(case, [Precision("float64")], [applying, ignoring])
+    mpmath.mp.dps = 40
+    for row, y, got, off in zip(logits.tolist(), labels, *(
+            finding(result, p.name, "float64").per_example for p in (applying, ignoring)),
+            strict=True):
+        x = [5 * mpmath.tanh(mpmath.mpf(v) / 2 / 5) for v in row]
+        lse = mpmath.log(sum(mpmath.exp(v) for v in x))
+        want = float(lse - x[y] + mpmath.mpf("1e-2") * lse ** 2)
+        assert abs(got - want) <= 16 * np.finfo(np.float64).eps * abs(want)
+        assert abs(off - want) > 0.01

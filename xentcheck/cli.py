@@ -23,7 +23,7 @@ from rich.progress import Progress as RichProgress
 from . import __version__, execution
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
-from .case import Case
+from .case import Case, LossOptions
 from .cli_functions import function_options, load_functions, with_functions
 from .discovery import find_scenarios
 from .errors import UsageError, XentcheckError
@@ -45,7 +45,7 @@ from .report_table import (
     render_table,
     render_verdict,
 )
-from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
+from .scenario import Scenario, ToleranceSpec, load_scenarios, loss_options, make_case
 from .sweep import PATTERNS, SweepSpec, run_sweep
 from .user_functions.loading import UserFunction
 
@@ -129,6 +129,28 @@ def evaluation_options(function: F) -> F:
         click.option("--atol", type=FiniteFloat(minimum=0.0), default=None,
                      help="Absolute tolerance for every dtype (default: 0)."),
     ])
+
+
+def loss_option_flags(function: F) -> F:
+    """``--z-loss``, ``--logit-softcap``, ``--temperature``: the loss options (scenario
+    keys ``z_loss``, ``logit_softcap``, ``temperature``; docs/scenarios.md)."""
+    return _apply(function, [
+        click.option("--z-loss", "z_loss", type=float, default=0.0,
+                     help="Add COEF * logsumexp(x)^2 per counted example (PaLM's z-loss; "
+                          "softmax from logits)."),
+        click.option("--logit-softcap", "logit_softcap", type=float, default=None,
+                     metavar="CAP", help="Soft-cap the logits to CAP * tanh(x / CAP) "
+                                         "first (Gemma 2)."),
+        click.option("--temperature", type=float, default=1.0, show_default=True,
+                     help="Divide the logits by T first."),
+    ])
+
+
+def _option_values(z_loss: float, logit_softcap: float | None, temperature: float,
+                   family: str = "softmax") -> LossOptions:
+    """The validated loss options of a command that builds its own cases."""
+    coef, cap, scale = loss_options(z_loss, logit_softcap, temperature, family, True)
+    return LossOptions(scale, cap, coef)
 
 
 def output_options(formats: Sequence[str]) -> Callable[[F], F]:
@@ -257,6 +279,7 @@ def cli() -> None:
               show_default=True, help="Batch reduction for --logits.")
 @click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere.")
 @click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax).")
+@loss_option_flags
 @evaluation_options
 @function_options
 @fail_on_option
@@ -275,6 +298,9 @@ def run(
     reduction: str,
     ignore_index: int | None,
     label_smoothing: float,
+    z_loss: float,
+    logit_softcap: float | None,
+    temperature: float,
     dtypes: tuple[str, ...],
     pipelines: tuple[str, ...],
     accumulate: str,
@@ -303,7 +329,7 @@ def run(
                            labels_dtype, label_column)
         functions = load_functions(loss_fns, framework)
         loaded = _scenarios(scenarios, files, loss, probabilities, reduction, ignore_index,
-                            label_smoothing)
+                            label_smoothing, LossOptions(temperature, logit_softcap, z_loss))
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on,
                              functions)
     except XentcheckError as exc:
@@ -402,6 +428,7 @@ class InputFiles:
 def _scenarios(
     paths: tuple[Path, ...], files: InputFiles, loss: str,
     probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
+    options: LossOptions,
 ) -> list[Scenario]:
     logits_file, labels_file = files.logits, files.labels
     if paths and files.given():
@@ -411,6 +438,13 @@ def _scenarios(
             raise click.UsageError(f"{files.given()[0]} needs --logits FILE")
         raise click.UsageError("give a scenario file, or --logits FILE (and --labels FILE)")
     if logits_file is None:
+        given = [flag for flag, value in (("--z-loss", options.z_loss),
+                                          ("--logit-softcap", options.logit_softcap),
+                                          ("--temperature", options.temperature != 1.0))
+                 if value]
+        if given:
+            raise click.UsageError(f"{given[0]} applies to --logits; a scenario file gives "
+                                   "the loss options as keys")
         return [s for path in paths for s in load_scenarios(path)]
     source = "<command line>"
     if files.label_column is not None:
@@ -436,6 +470,8 @@ def _scenarios(
         name=logits_file.name, logits=logits, labels=labels,
         family=loss, from_logits=not probabilities, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, source=str(logits_file),
+        z_loss=options.z_loss, logit_softcap=options.logit_softcap,
+        temperature=options.temperature,
     )
     return [Scenario(case, None, None, None, str(logits_file), {})]
 
@@ -553,10 +589,12 @@ def _limit_pipelines(families: Sequence[str], names: list[str]) -> list[Pipeline
               show_default=True, help="Reduction accumulate dtype.")
 @click.option("--pipeline", "pipeline_names", multiple=True, metavar="NAME",
               help="Formulation(s), e.g. torch (default: those run by default).")
+@loss_option_flags
 @function_options
 @output_options(FORMATS)
 def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
-           pipeline_names: tuple[str, ...], loss_fns: tuple[str, ...], framework: str,
+           pipeline_names: tuple[str, ...], z_loss: float, logit_softcap: float | None,
+           temperature: float, loss_fns: tuple[str, ...], framework: str,
            show_traceback: bool, output_format: str, output: str | None) -> None:
     """Print where each formulation breaks, per precision, for C classes.
 
@@ -578,9 +616,10 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
         functions = load_functions(loss_fns, framework)
         precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
         families = ("softmax", "sigmoid") if loss == "all" else (loss,)
+        options = _option_values(z_loss, logit_softcap, temperature)
         chosen = with_functions(_limit_pipelines(families, _names(pipeline_names)), functions,
                                  families[0], True)
-        rows = limit_rows(chosen, precisions, classes)
+        rows = limit_rows(chosen, precisions, classes, options)
     except XentcheckError as exc:
         raise _failure(exc, show_traceback) from None
     _emit(output_format, output, lambda: render_limits_json(rows),
@@ -608,11 +647,13 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write an image of error against magnitude, its format chosen by the "
                    "suffix: .png, .pdf, .svg, ... (needs matplotlib).")
+@loss_option_flags
 @evaluation_options
 @function_options
 @output_options(FORMATS)
 def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, points: int,
-          linear: bool, spread: float, seed: int, plot: Path | None, dtypes: tuple[str, ...],
+          linear: bool, spread: float, seed: int, plot: Path | None, z_loss: float,
+          logit_softcap: float | None, temperature: float, dtypes: tuple[str, ...],
           pipelines: tuple[str, ...], accumulate: str, rtol: float | None, atol: float | None,
           loss_fns: tuple[str, ...], framework: str, show_traceback: bool,
           output_format: str, output: str | None) -> None:
@@ -632,7 +673,8 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
         if plot is not None:
             plot_format(plot)  # before computing anything
         spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
-                         points=points, log_scale=not linear, spread=spread, seed=seed)
+                         points=points, log_scale=not linear, spread=spread, seed=seed,
+                         options=_option_values(z_loss, logit_softcap, temperature, loss))
         precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
         chosen = with_functions(select(loss, True, _names(pipelines)), functions, loss, True)
         tolerances = None

@@ -20,6 +20,7 @@ from . import chunking
 from .arrays import release_pages
 from .case import Case
 from .pipelines import Block, Pipeline, Saved
+from .pipelines.options import quiet_transform, with_options
 from .precision import FloatArray, Precision
 from .stages import PassComplete, Replay, ReplayCursor, StageEvent, StageRunner
 
@@ -157,7 +158,9 @@ class PipelineRun:
     """One pipeline in one precision, fed block by block, then reduced."""
 
     def __init__(self, pipeline: Pipeline, precision: Precision) -> None:
-        self.pipeline = pipeline
+        # every pipeline applies the cases' loss options (temperature, soft-cap, z-loss)
+        self.pipeline = with_options(pipeline)
+        pipeline = self.pipeline
         self.precision = precision
         self.runner = StageRunner(precision, pipeline.all_stages)
         # the backward pass visits the stages in reverse: its "first bad stage" is the first
@@ -374,14 +377,19 @@ def row_values(case: Case, precision: Precision, stages: tuple[str, ...],
             runner.enter(ReplayCursor(replay), chunk.columns or (0, 0))
         return runner
 
+    def transformed(runner: StageRunner, chunk: Block) -> Outcome:
+        # the loss options' pre-steps first (temperature, soft-cap): the body recomputes
+        # a formulation's values from the logits it would be handed
+        return body(runner, quiet_transform(runner, chunk))
+
     for block in blocks(case, block_elements):
         if block.split is None:
-            yield body(runner_for(block), block)
+            yield transformed(runner_for(block), block)
             continue
         outputs: list[Outcome] = []
         replay = Replay()
         _replayed(list(block.column_chunks()), replay,
-                  partial(runner_for, replay=replay), body,
+                  partial(runner_for, replay=replay), transformed,
                   partial(_keep, outputs), 1)
         yield outputs[0]  # per-row values: every chunk's final pass computes them
 

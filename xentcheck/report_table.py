@@ -9,6 +9,7 @@ from pathlib import PurePath
 from rich.console import Console
 from rich.text import Text
 
+from .case import NO_OPTIONS
 from .expectations import Verdict
 from .findings import Finding, Mismatch, ScenarioResult
 from .layout import Column, Row, fits, print_table, print_wrapped
@@ -189,6 +190,15 @@ def _header(result: ScenarioResult, console: Console) -> None:
         f"{result.family} cross-entropy from {inputs}, {kind} · shape "
         f"{_index(result.shape)} · {result.classes} class"
         f"{'es' if result.classes != 1 else ''} · reduction {result.reduction}", 2)
+    options = result.options
+    if options != NO_OPTIONS:
+        given = [f"temperature {_num(options.temperature, 6)}"] if options.temperature != 1.0 \
+            else []
+        if options.logit_softcap is not None:
+            given.append(f"logit soft-cap {_num(options.logit_softcap, 6)}")
+        if options.z_loss:
+            given.append(f"z-loss {_num(options.z_loss, 6)}")
+        print_wrapped(console, "loss options: " + " · ".join(given), 2)
     print_wrapped(console, _reference_line(result), 2)
     if result.class_weights is not None:
         weights = ", ".join(_num(w, 4) for w in result.class_weights)

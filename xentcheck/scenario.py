@@ -30,7 +30,7 @@ from .user_functions.loading import UserFunction, parse_functions
 KEYS: tuple[str, ...] = (
     "name", "description", "loss", "logits", "labels", "from_logits", "class_weights",
     "pos_weight", "label_smoothing", "ignore_index", "reduction", "dtypes", "pipelines",
-    "functions", "tolerance", "expect",
+    "functions", "z_loss", "logit_softcap", "temperature", "tolerance", "expect",
 )
 
 
@@ -212,6 +212,9 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
             ignore_index=data.get("ignore_index"),
             reduction=_choice(data.get("reduction", "mean"), REDUCTIONS, "reduction"),
             source=source,
+            z_loss=data.get("z_loss", 0.0),
+            logit_softcap=data.get("logit_softcap"),
+            temperature=data.get("temperature", 1.0),
         )
         dtypes = _names(data.get("dtypes"), "dtypes")
         for name in dtypes or ():
@@ -367,6 +370,9 @@ def make_case(
     reduction: str = "mean",
     source: str = "<inline>",
     description: str = "",
+    z_loss: Any = 0.0,
+    logit_softcap: Any = None,
+    temperature: Any = 1.0,
 ) -> Case:
     """Validate inputs and loss options and build a :class:`Case` (scenarios and CLI alike).
 
@@ -385,6 +391,7 @@ def make_case(
     if ignore_index is not None and (isinstance(ignore_index, bool)
                                      or not isinstance(ignore_index, (int, np.integer))):
         raise InputError(f"must be an integer, not {ignore_index!r}", field="ignore_index")
+    z_coef, cap, scale = loss_options(z_loss, logit_softcap, temperature, family, from_logits)
     labels, kind = _checked_labels(np.asarray(labels), logits, family, classes, ignore_index)
     if kind == "dense" and ignore_index is not None:
         raise InputError("applies to integer labels; these are one-hot or probability rows",
@@ -411,6 +418,9 @@ def make_case(
         label_smoothing=smoothing,
         ignore_index=None if ignore_index is None else int(ignore_index),
         reduction=reduction,  # type: ignore[arg-type]
+        z_loss=z_coef,
+        logit_softcap=cap,
+        temperature=scale,
     )
     case = Case(name=name, logits=logits, labels=labels, label_kind=kind, spec=spec,
                 source=source, description=description)
@@ -419,6 +429,27 @@ def make_case(
         raise InputError("every label equals ignore_index: the mean is undefined",
                          field="labels")
     return case
+
+
+def loss_options(z_loss: Any, logit_softcap: Any, temperature: Any, family: str,
+                  from_logits: bool) -> tuple[float, float | None, float]:
+    """The validated loss options: ``z_loss >= 0`` (softmax from logits), ``logit_softcap >
+    0`` and ``temperature > 0`` (logits of either family), all finite."""
+    coef = _number(z_loss, "z_loss")
+    if coef < 0:
+        raise InputError("must be >= 0", field="z_loss")
+    if coef and (family != "softmax" or not from_logits):
+        raise InputError("applies to the softmax loss from logits only", field="z_loss")
+    cap = None if logit_softcap is None else _number(logit_softcap, "logit_softcap")
+    if cap is not None and cap <= 0:
+        raise InputError("must be > 0", field="logit_softcap")
+    scale = _number(temperature, "temperature")
+    if scale <= 0:
+        raise InputError("must be > 0", field="temperature")
+    for key, given in (("logit_softcap", cap is not None), ("temperature", scale != 1.0)):
+        if given and not from_logits:
+            raise InputError("applies to logits, not probabilities", field=key)
+    return coef, cap, scale
 
 
 def _first_index(mask: FloatArray) -> list[int]:

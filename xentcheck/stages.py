@@ -418,6 +418,9 @@ class StageRunner:
     def log(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.log, x, pole="log_of_zero", pole_operand=x, **kw)
 
+    def tanh(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
+        return self._elementwise(stage, np.tanh, x, **kw)
+
     def log1p(self, stage: str, x: Operand, **kw: Any) -> FloatArray:
         return self._elementwise(stage, np.log1p, x, **kw)
 

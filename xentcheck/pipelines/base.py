@@ -158,6 +158,9 @@ class Pipeline(ABC):
     # an opaque formulation (a user's function): its limits try every worst-case pattern,
     # nothing saying which one binds
     every_limit_pattern: ClassVar[bool] = False
+    # whether xentcheck applies the case's loss options (temperature, soft-cap, z-loss)
+    # around it; a user's function computes the whole loss from the inputs as given
+    takes_options: ClassVar[bool] = True
 
     @abstractmethod
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:

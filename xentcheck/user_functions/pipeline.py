@@ -55,6 +55,7 @@ class UserPipeline(Pipeline):
     splittable = False
     whole_case = True
     every_limit_pattern = True
+    takes_options = False  # the function is the whole loss: options are its own to apply
 
     def __init__(self, function: UserFunction, adapter: Adapter, rank: int) -> None:
         self.function = function
