@@ -29,6 +29,8 @@ LabelKind = Literal["index", "dense", "binary"]
 
 FAMILIES: tuple[str, ...] = ("softmax", "sigmoid")
 REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean")
+# Classes per chunk of the ``chunked`` formulation (Cut Cross-Entropy's vocabulary blocks).
+DEFAULT_CHUNK_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class LossSpec:
     label_smoothing: float = 0.0
     ignore_index: int | None = None
     reduction: Reduction = "mean"
+    # how the ``chunked`` formulation splits a row (the loss itself does not depend on it)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from rich.progress import Progress as RichProgress
 from . import __version__, execution
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
-from .case import Case
+from .case import DEFAULT_CHUNK_SIZE, Case
 from .discovery import find_scenarios
 from .errors import UsageError, XentcheckError
 from .evaluator import Progress, evaluate
@@ -116,7 +116,8 @@ def evaluation_options(function: F) -> F:
                           "(repeat or comma-separate; default: all)."),
         click.option("--pipeline", "pipelines", multiple=True, metavar="NAME",
                      help="Formulation(s) to run (default: the textbook ones and torch, "
-                          "those that apply; jax, fused and keras run when named)."),
+                          "those that apply; jax, fused, keras, accurate, online and chunked "
+                          "run when named)."),
         click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
                      show_default=True,
                      help="Reduction accumulate dtype; 'same' is a running sum in the storage "
@@ -246,6 +247,9 @@ def cli() -> None:
               show_default=True, help="Batch reduction for --logits.")
 @click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere.")
 @click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help=f"Classes per chunk of the chunked formulation (default: a scenario's "
+                   f"chunk_size, else {DEFAULT_CHUNK_SIZE}).")
 @evaluation_options
 @fail_on_option
 @output_options(CHECK_FORMATS)
@@ -263,6 +267,7 @@ def run(
     reduction: str,
     ignore_index: int | None,
     label_smoothing: float,
+    chunk_size: int | None,
     dtypes: tuple[str, ...],
     pipelines: tuple[str, ...],
     accumulate: str,
@@ -286,7 +291,7 @@ def run(
         files = InputFiles(logits_file, logits_key, logits_dtype, labels_file, labels_key,
                            labels_dtype, label_column)
         loaded = _scenarios(scenarios, files, loss, probabilities, reduction, ignore_index,
-                            label_smoothing)
+                            label_smoothing, chunk_size)
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
     except XentcheckError as exc:
         raise InputFailure(str(exc)) from None
@@ -375,6 +380,7 @@ class InputFiles:
 def _scenarios(
     paths: tuple[Path, ...], files: InputFiles, loss: str,
     probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
+    chunk_size: int | None = None,
 ) -> list[Scenario]:
     logits_file, labels_file = files.logits, files.labels
     if paths and files.given():
@@ -384,7 +390,12 @@ def _scenarios(
             raise click.UsageError(f"{files.given()[0]} needs --logits FILE")
         raise click.UsageError("give a scenario file, or --logits FILE (and --labels FILE)")
     if logits_file is None:
-        return [s for path in paths for s in load_scenarios(path)]
+        loaded = [s for path in paths for s in load_scenarios(path)]
+        if chunk_size is None:
+            return loaded
+        # the command line's chunk size replaces each scenario's
+        return [replace(s, case=replace(s.case, spec=replace(s.case.spec, chunk_size=chunk_size)))
+                for s in loaded]
     source = "<command line>"
     if files.label_column is not None:
         if labels_file is not None:
@@ -408,7 +419,9 @@ def _scenarios(
     case = make_case(
         name=logits_file.name, logits=logits, labels=labels,
         family=loss, from_logits=not probabilities, reduction=reduction,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, source=str(logits_file),
+        ignore_index=ignore_index, label_smoothing=label_smoothing,
+        chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+        source=str(logits_file),
     )
     return [Scenario(case, None, None, None, str(logits_file), {})]
 

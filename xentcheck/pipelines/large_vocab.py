@@ -1,0 +1,271 @@
+"""The large-vocabulary formulations of the softmax loss: ``accurate``, ``online``, ``chunked``.
+
+``accurate``
+    The log1p form of log-sum-exp (P. Blanchard, D. J. Higham and N. J. Higham, "Accurately
+    computing the log-sum-exp and softmax functions", IMA J. Numer. Anal. 41(4), 2021,
+    Algorithm 4.1; scipy's ``logsumexp`` since 1.15)::
+
+        m = max x (first index k);  z = x - m;  s = sum_{i != k} exp(z_i)
+        log_softmax = z - log1p(s)
+
+    The largest term, exactly 1, is left out of the sum and added back by ``log1p``, so a
+    loss near 0 keeps its relative accuracy: ``[0, -40]``, label 0, is ``log1p(e^-40)`` =
+    4.25e-18 where ``stable``'s ``log(1 + e^-40)`` rounds to ``log(1) = 0``. Written as eager
+    PyTorch ops in D, like ``stable`` (each step rounded to D, the sum accumulated per the
+    precision); its backward is autograd of those ops (:func:`accurate_backward`).
+
+``online``
+    Liger-Kernel's cross-entropy (``ops/cross_entropy.py``): one pass over the row in blocks
+    of ``min(32768, next_power_of_2(C))`` classes keeping a running max ``m`` and a running
+    sum ``d`` rescaled whenever the max grows (M. Milakov and N. Gimelshein, "Online
+    normalizer calculation for softmax", arXiv:1805.02867, 2018, Algorithm 3)::
+
+        m' = max(m, max(block));  d = d * exp(m - m') + sum(exp(block - m'));  m = m'
+        lse = m + log(d);  loss = lse - x_t
+
+    in float32 registers from D storage. Triton's float32 ``tl.exp(v)`` is
+    ``ex2.approx(v * log2(e))`` on NVIDIA GPUs: the product's float32 rounding is modelled
+    (:func:`kernel_exp`; ``exp2`` itself is taken as correctly rounded, where the hardware's
+    approximation is within about 2 float32 ulps), so a term ``e^-30`` carries a relative
+    error of up to ``30 log2(e) 2^-24``. The gradient is the kernel's own, formed in the same
+    pass (:meth:`SoftmaxOnline.backward`).
+
+``chunked``
+    Cut Cross-Entropy's shape (``cce_lse_forward.py``): the row split in chunks of
+    ``chunk_size`` classes (a scenario key, ``--chunk-size``, default 4096), each chunk's
+    log-sum-exp ``mx + log(sum(exp(chunk - mx)))``, merged in order with
+    ``logaddexp(a, b) = log1p(exp(min - max)) + max``; the target logit is gathered from its
+    chunk and ``loss = lse - x_t``. float32 registers from D storage, ``exp`` and ``log``
+    correctly rounded (what CCE's torch fallback, composed of torch ops, computes). Its
+    gradient is the one-pass kernel's ``p - y`` with ``p = exp(x - lse)`` (CCE's backward
+    kernel forms ``exp(logits - lse)`` the same way).
+
+``online`` and ``chunked`` share the ``fused`` kernel's precision model (:mod:`.fused`): the
+loss of each row formed in float32 from ``x - lse`` and stored in D once, the batch reduction
+summed in float32. Both add the max back before subtracting the target's logit (``lse - x_t``)
+where ``stable`` subtracts ``x_t - m`` first: a loss much smaller than the largest logit loses
+the float32 digits of ``lse`` that ``m`` takes. A block (or chunk) whose logits are all masked
+(``-inf``) adds nothing, as ``torch.logsumexp`` guards it (Liger's loop, met with such a
+block before any finite logit, would form ``-inf - -inf`` = NaN; xentcheck treats a mask as
+removing the class). Neither keeps the replay contract (their reductions run inside the
+kernel step): a row wider than a block runs whole.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..precision import FloatArray
+from ..stages import StageRunner
+from .base import Block, Pipeline, Saved
+from .fused import SoftmaxFused, _coefficients
+from .textbook import _NLL_STAGES, _softmax_nll
+
+# Liger-Kernel's largest block of classes per loop step (MAX_FUSED_SIZE = 65536 // 2).
+LIGER_MAX_BLOCK = 32768
+_LOG2_E = math.log2(math.e)
+
+
+class SoftmaxAccurate(Pipeline):
+    name = "accurate"
+    default = False
+    family = "softmax"
+    from_logits = True
+    formula = ("z = x - max x; s = sum(exp(z)) less the max's 1; "
+               "log_softmax = z - log1p(s); loss = -sum(y * log_softmax)")
+    stages = ("cast", "shift", "exp", "sum", "log1p", "log_softmax", *_NLL_STAGES)
+
+    @staticmethod
+    def _log_softmax(run: StageRunner, block: Block) -> tuple[FloatArray, ...]:
+        """``(x, k, z, e, at_max, s, log_softmax)``, every step as the forward pass takes it."""
+        x = run.cast("cast", block.logits)
+        top = run.max("shift", x)
+        k = run.argmax("shift", x)
+        z = run.subtract("shift", x, top)
+        e = run.exp("exp", z)
+        # the max's term, exactly 1, is left out of the sum (scattered to 0 at its index)
+        at_max = run.scatter("exp", x.shape, k, np.ones(len(k))) != 0
+        rest = run.select("exp", at_max, 0.0, e)
+        s = run.sum("sum", rest, keepdims=True)
+        log_softmax = run.subtract("log_softmax", z, run.log1p("log1p", s))
+        return x, k, z, e, at_max, s, log_softmax
+
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        log_softmax = self._log_softmax(run, block)[-1]
+        return _softmax_nll(run, block, run.save("log_softmax", log_softmax))
+
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
+        return accurate_backward(self, run, block, upstream)
+
+
+def accurate_backward(pipeline: SoftmaxAccurate, run: StageRunner, block: Block,
+                      upstream: float) -> FloatArray:
+    """Autograd of ``accurate`` written as PyTorch ops, op for op, each result rounded to D::
+
+        m, k = x.max(-1, keepdim=True); z = x - m
+        e = torch.exp(z).scatter(-1, k, 0.0); s = e.sum(-1, keepdim=True)
+        log_softmax = z - torch.log1p(s)
+
+    (then the NLL of :func:`~xentcheck.pipelines.textbook._softmax_nll`). ``log1p``'s
+    backward is ``grad / (s + 1)``; ``scatter``'s passes the gradient but at ``k``; ``max``'s
+    sends ``-sum(grad_z)`` to its index, as for ``shifted``.
+    """
+    from ..backward import _textbook_nll_backward  # backward imports the pipelines' types
+
+    fwd = run.unwatched(pipeline.all_stages)
+    _, k, _, e, at_max, s, _ = pipeline._log_softmax(fwd, block)
+    grad_lsm = _textbook_nll_backward(run, block, upstream)
+    # log_softmax = z - l: z gets grad_lsm; l (one per row) the row sum of -grad_lsm
+    grad_l = run.sum("log_softmax", run.negate("log_softmax", grad_lsm), keepdims=True)
+    grad_s = run.divide("log1p", grad_l, fwd.add("log1p", s, 1.0), blame=[grad_l])
+    # s = sum(rest): grad_s expanded; rest = e scattered to 0 at k: e gets it elsewhere
+    grad_e = run.select("sum", at_max, 0.0, np.broadcast_to(grad_s, e.shape))
+    # e = exp(z): grad * result, added to z's gradient from log_softmax
+    from_exp = run.multiply("exp", grad_e, e, blame=[grad_e])
+    grad_z = run.add("exp", grad_lsm, from_exp, blame=[grad_lsm, from_exp])
+    # z = x - m: x gets grad_z; m gets -grad_z summed over the row, at the max's index
+    back = run.sum("shift", run.negate("shift", grad_z))
+    return run.add("shift", grad_z, run.scatter("shift", grad_z.shape, k, back),
+                   blame=[grad_z, back[:, None]])
+
+
+# -- kernels: float32 registers from D storage -----------------------------------------------
+
+
+def kernel_exp(v: FloatArray) -> FloatArray:
+    """Triton's ``tl.exp`` of float32 values: ``exp2(v * log2(e))``, the product rounded to
+    float32 first (``ex2.approx.f32`` takes a float32 argument). Other compute dtypes (float64
+    D) take their library exp, correctly rounded here."""
+    if v.dtype != np.float32:
+        return np.exp(v)
+    return np.exp2(v * np.float32(_LOG2_E))
+
+
+def liger_block_size(classes: int) -> int:
+    """Liger's ``BLOCK_SIZE = min(MAX_FUSED_SIZE, triton.next_power_of_2(V))``."""
+    return min(LIGER_MAX_BLOCK, 1 << max(0, classes - 1).bit_length())
+
+
+def online_normalizer(x: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The running max ``m`` and rescaled running sum ``d`` of each row after the last block
+    (Liger's first loop), in ``x``'s dtype; a block adds nothing while the max is ``-inf``."""
+    rows, classes = x.shape
+    step = liger_block_size(classes)
+    m = np.full(rows, -np.inf, dtype=x.dtype)
+    d = np.zeros(rows, dtype=x.dtype)
+    for start in range(0, classes, step):
+        chunk = x[:, start:start + step]
+        m_new = np.maximum(m, np.max(chunk, axis=-1))
+        seen = m_new > -np.inf
+        shift = np.where(seen, m_new, 0)  # -inf - -inf would be NaN: nothing to add yet
+        terms = np.sum(kernel_exp(chunk - shift[:, None]), axis=-1)
+        d = np.where(seen, d * kernel_exp(np.where(seen, m - shift, 0)) + terms, d)
+        m = m_new
+    return m, d
+
+
+def chunked_lse(x: FloatArray, chunk_size: int) -> FloatArray:
+    """Each row's log-sum-exp as Cut Cross-Entropy forms it: per chunk of ``chunk_size``
+    classes ``mx + log(sum(exp(chunk - mx)))``, merged in order by
+    ``log1p(exp(min - max)) + max``; a chunk of masked logits only is ``-inf``."""
+    lse = np.full(x.shape[0], -np.inf, dtype=x.dtype)
+    for start in range(0, x.shape[1], chunk_size):
+        chunk = x[:, start:start + chunk_size]
+        mx = np.max(chunk, axis=-1)
+        finite = mx > -np.inf
+        shift = np.where(finite, mx, 0)
+        part = np.where(finite, shift + np.log(np.sum(np.exp(chunk - shift[:, None]), axis=-1)),
+                        -np.inf)
+        high, low = np.maximum(lse, part), np.minimum(lse, part)
+        merged = np.log1p(np.exp(low - np.where(high > -np.inf, high, 0))) + high
+        lse = np.where(high > -np.inf, merged, -np.inf)
+    return lse
+
+
+class SoftmaxOnline(SoftmaxFused):
+    name = "online"
+    framework = False
+    family = "softmax"
+    from_logits = True
+    formula = ("float32, blocks of min(32768, C): m' = max(m, max block); "
+               "d = d exp(m - m') + sum(exp(block - m')); loss = (m + log d) - x_t  (Liger)")
+    stages = ("cast", "logsumexp", "log_softmax", "nll")
+
+    def _log_softmax(self, run: StageRunner, block: Block, x: FloatArray) -> FloatArray:
+        lse = run.fused("logsumexp", _online_lse, x, round_result=False, reduced_axis=-1)
+        return run.fused("log_softmax", np.subtract, x, lse[:, None], round_result=False)
+
+    def backward(self, run: StageRunner, block: Block, upstream: float,
+                 saved: Saved | None = None) -> FloatArray | None:
+        """Liger's in-kernel gradient: ``(exp(x - m) / d - e/C) * scale`` stored in D for every
+        class, then the target's stored value loaded back and ``(1 - e) * scale`` subtracted
+        and stored again (``scale``: the reduction's ``1 / N`` times the upstream gradient;
+        Liger divides by N, one float32 rounding apart). Liger takes integer labels without
+        class weights; the same two stores are formed for weights (the row's total weight
+        ``A`` multiplying ``p``, ``e/C w_c`` subtracted) and, once, for dense labels
+        (``A p - a``). An ignored row's gradient is +0 (Liger stores 0.0)."""
+        quiet = StageRunner(run.precision, self.all_stages).bind(run.valid_rows,
+                                                                 run.row_offset)
+        x = quiet.cast("cast", block.logits)
+        compute = run.precision.compute_dtype
+        case = block.case
+        spec = case.spec
+        scale = np.asarray(upstream, dtype=compute)
+        a = _coefficients(run.precision, block)  # (N, C), compute dtype, 0 in ignored rows
+        index = case.label_kind == "index"
+        smoothing = float(spec.label_smoothing)
+        plain = index and spec.class_weights is None
+        # the row's total weight: exactly 1 for Liger's case (p - e/C, then - (1 - e))
+        total = (np.ones(len(x), dtype=compute) if plain
+                 else np.sum(a.astype(np.float64), axis=-1).astype(compute))
+        first = a
+        at_target = None
+        if index:
+            weights = (np.ones(case.classes) if spec.class_weights is None
+                       else run.precision.round(np.asarray(spec.class_weights, np.float64))
+                       .astype(np.float64))
+            at_target = ((1.0 - smoothing) * weights[block.target]).astype(compute)
+            first = np.asarray(smoothing / case.classes, dtype=compute) * (
+                np.ones(case.classes, dtype=compute) if spec.class_weights is None
+                else weights.astype(compute))[None, :]
+        keep = block.valid[:, None]
+
+        def kernel(v: FloatArray) -> FloatArray:
+            m, d = online_normalizer(v)
+            p = kernel_exp(v - np.where(m > -np.inf, m, 0)[:, None]) / d[:, None]
+            return np.where(keep, (p * total[:, None] - first) * scale, np.zeros((), compute))
+
+        grad = run.fused("log_softmax", kernel, x, blame=[])
+        if at_target is None:
+            return grad
+        rows = np.arange(len(x))
+        stored = grad[rows, block.target]
+        fixed = run.fused("nll", lambda g: np.where(block.valid, g - at_target * scale, g),
+                          stored, blame=[])
+        grad[rows, block.target] = fixed
+        return grad
+
+
+def _online_lse(v: FloatArray) -> FloatArray:
+    """``m + log(d)``: ``-inf`` for a row of masked logits only (d = 0)."""
+    m, d = online_normalizer(v)
+    return m + np.log(d)
+
+
+class SoftmaxChunked(SoftmaxFused):
+    name = "chunked"
+    framework = False
+    family = "softmax"
+    from_logits = True
+    formula = ("float32, chunks of chunk_size classes: lse_k = max + log(sum(exp(chunk - max))); "
+               "lse = logaddexp over k; loss = lse - x_t  (Cut Cross-Entropy)")
+    stages = ("cast", "logsumexp", "log_softmax", "nll")
+
+    def _log_softmax(self, run: StageRunner, block: Block, x: FloatArray) -> FloatArray:
+        size = block.case.spec.chunk_size
+        lse = run.fused("logsumexp", lambda v: chunked_lse(v, size), x, round_result=False,
+                        reduced_axis=-1)
+        return run.fused("log_softmax", np.subtract, x, lse[:, None], round_result=False)
