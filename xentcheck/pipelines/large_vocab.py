@@ -141,7 +141,9 @@ def kernel_exp(v: FloatArray) -> FloatArray:
     D) take their library exp, correctly rounded here."""
     if v.dtype != np.float32:
         return np.exp(v)
-    return np.exp2(v * np.float32(_LOG2_E))
+    # exp2 of the float32 product, correctly rounded to float32 (numpy's float32 exp2 is
+    # not: evaluated in float64, one rounding)
+    return np.exp2((v * np.float32(_LOG2_E)).astype(np.float64)).astype(np.float32)
 
 
 def liger_block_size(classes: int) -> int:
