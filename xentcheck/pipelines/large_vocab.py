@@ -35,8 +35,9 @@
     ``chunk_size`` classes (a scenario key, ``--chunk-size``, default 4096), each chunk's
     log-sum-exp ``mx + log(sum(exp(chunk - mx)))``, merged in order with
     ``logaddexp(a, b) = log1p(exp(min - max)) + max``; the target logit is gathered from its
-    chunk and ``loss = lse - x_t``. float32 registers from D storage, ``exp`` and ``log``
-    correctly rounded (what CCE's torch fallback, composed of torch ops, computes). Its
+    chunk and ``loss = lse - x_t``. float32 registers from D storage, numpy's float32 ``exp``
+    and ``log`` (the Triton exp2 rounding is modelled for ``online`` only; written with torch
+    ops, as ``tests/test_large_vocab.py`` does, the 16-bit losses are the same bits). Its
     gradient is the one-pass kernel's ``p - y`` with ``p = exp(x - lse)`` (CCE's backward
     kernel forms ``exp(logits - lse)`` the same way).
 
@@ -138,7 +139,7 @@ def accurate_backward(pipeline: SoftmaxAccurate, run: StageRunner, block: Block,
 def kernel_exp(v: FloatArray) -> FloatArray:
     """Triton's ``tl.exp`` of float32 values: ``exp2(v * log2(e))``, the product rounded to
     float32 first (``ex2.approx.f32`` takes a float32 argument). Other compute dtypes (float64
-    D) take their library exp, correctly rounded here."""
+    D) take numpy's exp (Triton's float64 exp is libdevice's)."""
     if v.dtype != np.float32:
         return np.exp(v)
     # exp2 of the float32 product, correctly rounded to float32 (numpy's float32 exp2 is
