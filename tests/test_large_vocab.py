@@ -212,6 +212,21 @@ def test_online_models_the_float32_rounding_of_tritons_exp2_argument() -> None:
     assert abs(float(mpmath.mpf(fused) - true)) / spacing <= 1
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_online_forms_the_target_gradient_in_float32_before_storing_it(dtype: str) -> None:
+    """Liger (2026-08) folds ``-(1 - e)`` into the target's entry before it is stored in D:
+    for ``[0, -8]``, label 0, that entry is ``p_0 - 1 = -e^-8 / (1 + e^-8)`` (mpmath)
+    rounded to D once, where storing ``p_0`` first (rounding it to 1) would give 0. In
+    bfloat16 that is the correctly rounded value; in float16 float32's own rounding of
+    ``p_0`` (3e-8) is 0.13 of D's spacing there, and the true value lies 0.06 from a tie:
+    within one unit."""
+    case = Case("t", np.array([[0.0, -8.0]]), np.array([0]), "index", LossSpec(reduction="sum"))
+    grad = xentcheck_result(case, "online", dtype)[1][0]
+    true = -mpmath.exp(-8) / (1 + mpmath.exp(-8))
+    want = np.asarray(Precision(dtype).round(np.array([float(true), float(-true)])), float)
+    assert grad[0] != 0 and ulp_distance(grad, want, dtype) <= (0 if dtype == "bfloat16" else 1)
+
+
 def test_online_blocks_rescale_the_running_sum() -> None:
     """Over 70,000 classes (three of Liger's blocks) with the max in the last block, the
     running sum is rescaled twice; the loss still matches mpmath to float32's rounding of

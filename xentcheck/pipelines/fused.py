@@ -62,7 +62,12 @@ class SoftmaxFused(Pipeline):
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
         x = run.cast("cast", block.logits)
         log_softmax = run.save("log_softmax", self._log_softmax(run, block, x))
-        loss = self._loss(run, block, log_softmax)
+        return self._output(run, block, self._loss(run, block, log_softmax))
+
+    @staticmethod
+    def _output(run: StageRunner, block: Block, loss: FloatArray) -> FloatArray:
+        """The float32 losses as the kernel leaves them: ignored rows 0, stored in D for
+        ``reduction='none'``."""
         keep = block.valid
         if block.case.spec.reduction == "none":
             # the kernel's output: each loss stored in D, one rounding

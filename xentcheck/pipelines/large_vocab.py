@@ -42,10 +42,11 @@
     kernel forms ``exp(logits - lse)`` the same way).
 
 ``online`` and ``chunked`` share the ``fused`` kernel's precision model (:mod:`.fused`): the
-loss of each row formed in float32 from ``x - lse`` and stored in D once, the batch reduction
-summed in float32. Both add the max back before subtracting the target's logit (``lse - x_t``)
-where ``stable`` subtracts ``x_t - m`` first: a loss much smaller than the largest logit loses
-the float32 digits of ``lse`` that ``m`` takes. A block (or chunk) whose logits are all masked
+loss of each row formed in float32 and stored in D once (``chunked`` from ``x - lse``, with
+``fused``'s batch reduction; ``online`` as Liger forms it, reduction included). Both add
+the max back before subtracting the target's logit (``lse - x_t``) where ``stable``
+subtracts ``x_t - m`` first: a loss much smaller than the largest logit loses the float32
+digits of ``lse`` that ``m`` takes. A block (or chunk) whose logits are all masked
 (``-inf``) adds nothing, as ``torch.logsumexp`` guards it (Liger's loop, met with such a
 block before any finite logit, would form ``-inf - -inf`` = NaN; xentcheck treats a mask as
 removing the class). Neither keeps the replay contract (their reductions run inside the
@@ -55,12 +56,14 @@ kernel step): a row wider than a block runs whole.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from ..precision import FloatArray
+from ..case import Case
+from ..precision import FloatArray, Precision
 from ..stages import StageRunner
-from .base import Block, Pipeline, Saved
+from .base import Block, Pipeline, Saved, reduce_losses
 from .fused import SoftmaxFused, _coefficients
 from .textbook import _NLL_STAGES, _softmax_nll
 
@@ -189,6 +192,16 @@ def chunked_lse(x: FloatArray, chunk_size: int) -> FloatArray:
 
 
 class SoftmaxOnline(SoftmaxFused):
+    """Liger-Kernel's ``liger_cross_entropy_kernel`` (2026-08): see the module's docstring.
+
+    Integer labels follow the kernel: ``loss = lse - x_y``, times ``w_y``; label smoothing
+    ``e`` as ``loss (1 - e) + (sum_blocks sum(-eps x [w]) + e lse)`` (with weights
+    ``eps lse W``, W the weights' sum), ``eps = e / C`` formed in float32; ``mean`` divides
+    each row's loss by N (or the targets' weight sum) in the kernel, then stores it in D,
+    and ``torch.sum`` of that D tensor is the loss. Liger takes no dense labels: those get
+    ``-sum_c a_c (x_c - lse)`` as ``fused`` forms it.
+    """
+
     name = "online"
     framework = False
     family = "softmax"
@@ -201,55 +214,139 @@ class SoftmaxOnline(SoftmaxFused):
         lse = run.fused("logsumexp", _online_lse, x, round_result=False, reduced_axis=-1)
         return run.fused("log_softmax", np.subtract, x, lse[:, None], round_result=False)
 
+    def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        case = block.case
+        if case.label_kind != "index":
+            return super().per_example(run, block)
+        x = run.cast("cast", block.logits)
+        lse = run.fused("logsumexp", _online_lse, x, round_result=False, reduced_axis=-1)
+        constants = _LigerConstants.of(run, block)
+        target = block.target
+
+        def loss(v: FloatArray, total: FloatArray) -> FloatArray:
+            out = total - np.take_along_axis(v, target[:, None], axis=-1)[:, 0]
+            if constants.weights is not None:
+                out = constants.weights[target] * out
+            if constants.smoothing:
+                terms = -constants.eps * v
+                if constants.weights is not None:
+                    terms = terms * constants.weights
+                scaled = _block_sums(terms, liger_block_size(v.shape[-1]))
+                smooth = (scaled + constants.eps * total * constants.weight_sum
+                          if constants.weights is not None
+                          else scaled + constants.smoothing * total)
+                out = out * constants.kept + smooth
+            return out
+
+        return self._output(run, block, run.fused("nll", loss, x, lse, round_result=False,
+                                                  reduced_axis=-1))
+
+    def reduce(self, run: StageRunner, per_example: FloatArray, reduction: str,
+               denominator: float, case: Case | None = None) -> FloatArray:
+        """Each row's float32 loss (divided by the denominator in float32 for ``mean``)
+        stored in D, as ``loss_1d`` holds it; then ``torch.sum`` of those: accumulated per
+        the precision and rounded to D."""
+        if reduction == "none":
+            return per_example
+        losses = np.asarray(per_example).astype(run.precision.compute_dtype, copy=False)
+        if reduction == "mean":
+            with np.errstate(all="ignore"):
+                losses = losses / np.asarray(denominator, dtype=run.precision.compute_dtype)
+        return reduce_losses(run, run.precision.round(losses), "sum", denominator)
+
+    def reduction_gradient(self, precision: Precision, reduction: str,
+                           denominator: float) -> float:
+        """``1 / denominator`` in float32, the denominator as the kernel receives it (an
+        integer count, or the weights' sum as a float32); Liger divides each entry by the
+        denominator, which :meth:`backward` models as this product (one float32 rounding
+        apart at most)."""
+        if reduction != "mean":
+            return 1.0
+        if denominator == 0:
+            return 0.0
+        compute = precision.compute_dtype
+        with np.errstate(all="ignore"):
+            return float(np.asarray(1.0, dtype=compute) / np.asarray(denominator, dtype=compute))
+
     def backward(self, run: StageRunner, block: Block, upstream: float,
                  saved: Saved | None = None) -> FloatArray | None:
-        """Liger's in-kernel gradient: ``(exp(x - m) / d - e/C) * scale`` stored in D for every
-        class, then the target's stored value loaded back and ``(1 - e) * scale`` subtracted
-        and stored again (``scale``: the reduction's ``1 / N`` times the upstream gradient;
-        Liger divides by N, one float32 rounding apart). Liger takes integer labels without
-        class weights; the same two stores are formed for weights (the row's total weight
-        ``A`` multiplying ``p``, ``e/C w_c`` subtracted) and, once, for dense labels
-        (``A p - a``). An ignored row's gradient is +0 (Liger stores 0.0)."""
+        """Liger's in-kernel gradient, every entry formed in float32 and stored in D once:
+        ``(p - eps) s`` and at the target ``(p - eps - (1 - e)) s`` (``p`` =
+        ``exp2((x - m) log2 e) / d``, ``s`` the upstream scale); with class weights
+        ``((1 - e) p w_y + eps (p W - w_c)) s``, at the target ``((1 - e) p_y - (1 - e)) w_y``
+        in place of the first term. An ignored row's gradient is +0 (Liger stores 0.0).
+        Dense labels (not in Liger): ``(A p - a) s`` with ``A = sum_c a_c``."""
         quiet = StageRunner(run.precision, self.all_stages).bind(run.valid_rows,
                                                                  run.row_offset)
         x = quiet.cast("cast", block.logits)
         compute = run.precision.compute_dtype
-        case = block.case
-        spec = case.spec
         scale = np.asarray(upstream, dtype=compute)
-        a = _coefficients(run.precision, block)  # (N, C), compute dtype, 0 in ignored rows
-        index = case.label_kind == "index"
-        smoothing = float(spec.label_smoothing)
-        plain = index and spec.class_weights is None
-        # the row's total weight: exactly 1 for Liger's case (p - e/C, then - (1 - e))
-        total = (np.ones(len(x), dtype=compute) if plain
-                 else np.sum(a.astype(np.float64), axis=-1).astype(compute))
-        first = a
-        at_target = None
-        if index:
-            weights = (np.ones(case.classes) if spec.class_weights is None
-                       else run.precision.round(np.asarray(spec.class_weights, np.float64))
-                       .astype(np.float64))
-            at_target = ((1.0 - smoothing) * weights[block.target]).astype(compute)
-            first = np.asarray(smoothing / case.classes, dtype=compute) * (
-                np.ones(case.classes, dtype=compute) if spec.class_weights is None
-                else weights.astype(compute))[None, :]
         keep = block.valid[:, None]
+        zero = np.zeros((), compute)
+        rows = np.arange(len(x))
+
+        def softmax(v: FloatArray) -> FloatArray:
+            m, d = online_normalizer(v)
+            return kernel_exp(v - np.where(m > -np.inf, m, 0)[:, None]) / d[:, None]
+
+        if block.case.label_kind != "index":
+            a = _coefficients(run.precision, block)
+            total = np.sum(a.astype(np.float64), axis=-1).astype(compute)[:, None]
+
+            def dense(v: FloatArray) -> FloatArray:
+                return np.where(keep, (softmax(v) * total - a) * scale, zero)
+
+            return run.fused("log_softmax", dense, x, blame=[])
+        c = _LigerConstants.of(run, block)
+        target = block.target
 
         def kernel(v: FloatArray) -> FloatArray:
-            m, d = online_normalizer(v)
-            p = kernel_exp(v - np.where(m > -np.inf, m, 0)[:, None]) / d[:, None]
-            return np.where(keep, (p * total[:, None] - first) * scale, np.zeros((), compute))
+            p = softmax(v)
+            p_y = p[rows, target]
+            if c.weights is None:
+                out = (p + -c.eps) * scale
+                at_target = ((p_y + -c.eps) + -c.kept) * scale
+            else:
+                w_y = c.weights[target]
+                out = (c.kept * p * w_y[:, None] * scale
+                       + c.eps * (-c.weights + p * c.weight_sum) * scale)
+                at_target = (((c.kept * p_y - c.kept) * w_y) * scale
+                             + (c.eps * (-w_y + p_y * c.weight_sum)) * scale)
+            out[rows, target] = at_target
+            return np.where(keep, out, zero)
 
-        grad = run.fused("log_softmax", kernel, x, blame=[])
-        if at_target is None:
-            return grad
-        rows = np.arange(len(x))
-        stored = grad[rows, block.target]
-        fixed = run.fused("nll", lambda g: np.where(block.valid, g - at_target * scale, g),
-                          stored, blame=[])
-        grad[rows, block.target] = fixed
-        return grad
+        return run.fused("log_softmax", kernel, x, blame=[])
+
+
+class _LigerConstants:
+    """The constants of Liger's kernel for a block, in float32 (the compute dtype): ``eps``
+    = e / C divided in the kernel, ``1 - e``, e, the class weights as stored and their
+    sum (``weight.sum().item()``)."""
+
+    def __init__(self, compute: np.dtype[Any], classes: int, smoothing: float,
+                 weights: FloatArray | None) -> None:
+        self.smoothing = np.asarray(smoothing, dtype=compute)
+        self.eps = self.smoothing / np.asarray(classes, dtype=compute)
+        self.kept = np.asarray(1.0 - smoothing, dtype=compute)
+        self.weights = weights
+        self.weight_sum = (None if weights is None
+                           else np.asarray(np.sum(weights, dtype=np.float64), dtype=compute))
+
+    @classmethod
+    def of(cls, run: StageRunner, block: Block) -> _LigerConstants:
+        spec = block.case.spec
+        compute = run.precision.compute_dtype
+        weights = (None if spec.class_weights is None else run.precision.round(
+            np.asarray(spec.class_weights, dtype=np.float64)).astype(compute))
+        return cls(compute, block.case.classes, float(spec.label_smoothing), weights)
+
+
+def _block_sums(values: FloatArray, step: int) -> FloatArray:
+    """``scaled_x_sum``: each block's sum added to a float32 running sum, block by block."""
+    total = np.zeros(values.shape[0], dtype=values.dtype)
+    for start in range(0, values.shape[1], step):
+        total = total + np.sum(values[:, start:start + step], axis=-1)
+    return total
 
 
 def _online_lse(v: FloatArray) -> FloatArray:
