@@ -66,24 +66,31 @@ def rows(classes: int, count: int, distribution: str, seed: int) -> tuple[np.nda
 def measure(classes: int, count: int,
             distribution: str) -> tuple[dict[tuple[str, str], tuple[float, float]], FloatArray]:
     """(pipeline, dtype) -> (loss error, gradient error), both in units of D's epsilon; and
-    the reference's per-example losses."""
+    the reference's per-example losses (of the inputs as bfloat16 holds them).
+
+    Each dtype runs on the inputs rounded to it (as float64 numbers), so that its reference,
+    loss and gradient alike, is of the values D holds: the errors are the formulation's
+    arithmetic, not the rounding of the inputs (which moves a 16-bit gradient by as much
+    whatever the formulation)."""
     x, target = rows(classes, count, distribution, seed=classes)
-    case = Case(distribution, x, target, "index", LossSpec(reduction="none"))
-    result = evaluate(case, precisions_for(DTYPES), select("softmax", True, PIPELINES))
+    pipelines = select("softmax", True, PIPELINES)
     out = {}
-    for f in result.findings:
-        # against the loss of the inputs as D holds them: arithmetic error, not input rounding
-        counted = result.reference.rounded_counted
-        assert counted is not None  # reduction "none"
-        truth = np.asarray(counted[f.dtype], dtype=np.float64)
-        got = np.asarray(f.per_example, dtype=np.float64).reshape(-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.abs(got - truth) / np.abs(truth)
-        eps = Precision(f.dtype).eps
-        grad = np.inf if f.grad_error is None else f.grad_error
-        out[(f.pipeline, f.dtype)] = (float(np.max(rel)) / eps, grad / eps)
-    assert result.reference.per_example is not None
-    return out, np.asarray(result.reference.per_example, dtype=np.float64)
+    true = np.zeros(0)
+    for dtype in DTYPES:
+        held = np.asarray(Precision(dtype).round(x), dtype=np.float64)
+        case = Case(distribution, held, target, "index", LossSpec(reduction="none"))
+        result = evaluate(case, precisions_for([dtype]), pipelines)
+        assert result.reference.per_example is not None  # reduction "none"
+        truth = np.asarray(result.reference.per_example, dtype=np.float64).reshape(-1)
+        eps = Precision(dtype).eps
+        for f in result.findings:
+            got = np.asarray(f.per_example, dtype=np.float64).reshape(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.abs(got - truth) / np.abs(truth)
+            grad = np.inf if f.grad_error is None else f.grad_error
+            out[(f.pipeline, dtype)] = (float(np.max(rel)) / eps, grad / eps)
+        true = truth
+    return out, true
 
 
 def main() -> None:
