@@ -15,7 +15,8 @@
     precision); its backward is autograd of those ops (:func:`accurate_backward`).
 
 ``online``
-    Liger-Kernel's cross-entropy (``ops/cross_entropy.py``): one pass over the row in blocks
+    Liger-Kernel's cross-entropy (``ops/cross_entropy.py`` as of August 2026, which writes
+    the exponentials as ``tl.exp2((x - m) * LOG2_E)`` itself): one pass over the row in blocks
     of ``min(32768, next_power_of_2(C))`` classes keeping a running max ``m`` and a running
     sum ``d`` rescaled whenever the max grows (M. Milakov and N. Gimelshein, "Online
     normalizer calculation for softmax", arXiv:1805.02867, 2018, Algorithm 3)::
@@ -23,8 +24,8 @@
         m' = max(m, max(block));  d = d * exp(m - m') + sum(exp(block - m'));  m = m'
         lse = m + log(d);  loss = lse - x_t
 
-    in float32 registers from D storage. Triton's float32 ``tl.exp(v)`` is
-    ``ex2.approx(v * log2(e))`` on NVIDIA GPUs: the product's float32 rounding is modelled
+    in float32 registers from D storage. ``exp2`` of a float32 product (``ex2.approx.f32``
+    on NVIDIA GPUs, as Triton's own ``tl.exp`` lowers to): the product's rounding is modelled
     (:func:`kernel_exp`; ``exp2`` itself is taken as correctly rounded, where the hardware's
     approximation is within about 2 float32 ulps), so a term ``e^-30`` carries a relative
     error of up to ``30 log2(e) 2^-24``. The gradient is the kernel's own, formed in the same
