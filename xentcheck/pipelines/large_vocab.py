@@ -57,6 +57,7 @@ kernel step): a row wider than a block runs whole.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -192,7 +193,25 @@ def chunked_lse(x: FloatArray, chunk_size: int) -> FloatArray:
     return lse
 
 
-class SoftmaxOnline(SoftmaxFused):
+class _KernelLogSumExp(SoftmaxFused):
+    """A one-pass kernel (``fused``'s precision model) whose log-sum-exp a subclass forms
+    (:meth:`_lse`): the log-softmax ``x - lse`` kept in float32."""
+
+    framework = False
+    family = "softmax"
+    from_logits = True
+    stages = ("cast", "logsumexp", "log_softmax", "nll")
+
+    def _lse(self, block: Block) -> Callable[[FloatArray], FloatArray]:
+        """Each row's log-sum-exp, in the compute dtype, from the cast logits."""
+        raise NotImplementedError
+
+    def _log_softmax(self, run: StageRunner, block: Block, x: FloatArray) -> FloatArray:
+        lse = run.fused("logsumexp", self._lse(block), x, round_result=False, reduced_axis=-1)
+        return run.fused("log_softmax", np.subtract, x, lse[:, None], round_result=False)
+
+
+class SoftmaxOnline(_KernelLogSumExp):
     """Liger-Kernel's ``liger_cross_entropy_kernel`` (2026-08): see the module's docstring.
 
     Integer labels follow the kernel: ``loss = lse - x_y``, times ``w_y``; label smoothing
@@ -204,23 +223,18 @@ class SoftmaxOnline(SoftmaxFused):
     """
 
     name = "online"
-    framework = False
-    family = "softmax"
-    from_logits = True
     formula = ("float32, blocks of min(32768, C): m' = max(m, max block); "
                "d = d exp(m - m') + sum(exp(block - m')); loss = (m + log d) - x_t  (Liger)")
-    stages = ("cast", "logsumexp", "log_softmax", "nll")
 
-    def _log_softmax(self, run: StageRunner, block: Block, x: FloatArray) -> FloatArray:
-        lse = run.fused("logsumexp", _online_lse, x, round_result=False, reduced_axis=-1)
-        return run.fused("log_softmax", np.subtract, x, lse[:, None], round_result=False)
+    def _lse(self, block: Block) -> Callable[[FloatArray], FloatArray]:
+        return _online_lse
 
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
         case = block.case
         if case.label_kind != "index":
             return super().per_example(run, block)
         x = run.cast("cast", block.logits)
-        lse = run.fused("logsumexp", _online_lse, x, round_result=False, reduced_axis=-1)
+        lse = run.fused("logsumexp", self._lse(block), x, round_result=False, reduced_axis=-1)
         constants = _LigerConstants.of(run, block)
         target = block.target
 
@@ -356,17 +370,11 @@ def _online_lse(v: FloatArray) -> FloatArray:
     return m + np.log(d)
 
 
-class SoftmaxChunked(SoftmaxFused):
+class SoftmaxChunked(_KernelLogSumExp):
     name = "chunked"
-    framework = False
-    family = "softmax"
-    from_logits = True
     formula = ("float32, chunks of chunk_size classes: lse_k = max + log(sum(exp(chunk - max))); "
                "lse = logaddexp over k; loss = lse - x_t  (Cut Cross-Entropy)")
-    stages = ("cast", "logsumexp", "log_softmax", "nll")
 
-    def _log_softmax(self, run: StageRunner, block: Block, x: FloatArray) -> FloatArray:
+    def _lse(self, block: Block) -> Callable[[FloatArray], FloatArray]:
         size = block.case.spec.chunk_size
-        lse = run.fused("logsumexp", lambda v: chunked_lse(v, size), x, round_result=False,
-                        reduced_axis=-1)
-        return run.fused("log_softmax", np.subtract, x, lse[:, None], round_result=False)
+        return lambda v: chunked_lse(v, size)
