@@ -33,6 +33,8 @@ LabelKind = Literal["index", "dense", "binary"]
 
 FAMILIES: tuple[str, ...] = ("softmax", "sigmoid")
 REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean")
+# Classes per chunk of the ``chunked`` formulation (Cut Cross-Entropy's vocabulary blocks).
+DEFAULT_CHUNK_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class LossSpec:
     z_loss: float = 0.0
     logit_softcap: float | None = None
     temperature: float = 1.0
+    # how the ``chunked`` formulation splits a row (the loss itself does not depend on it)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
     @property
     def transforms_logits(self) -> bool:

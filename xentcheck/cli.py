@@ -23,7 +23,7 @@ from rich.progress import Progress as RichProgress
 from . import __version__, execution
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
-from .case import Case, LossOptions
+from .case import DEFAULT_CHUNK_SIZE, Case, LossOptions
 from .cli_functions import function_options, load_functions, with_functions
 from .discovery import find_scenarios
 from .errors import UsageError, XentcheckError
@@ -119,7 +119,8 @@ def evaluation_options(function: F) -> F:
                           "(repeat or comma-separate; default: all)."),
         click.option("--pipeline", "pipelines", multiple=True, metavar="NAME",
                      help="Formulation(s) to run (default: the textbook ones and torch, "
-                          "those that apply; jax, fused and keras run when named)."),
+                          "those that apply; jax, fused, keras, accurate, online and chunked "
+                          "run when named)."),
         click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
                      show_default=True,
                      help="Reduction accumulate dtype; 'same' is a running sum in the storage "
@@ -280,6 +281,9 @@ def cli() -> None:
 @click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere.")
 @click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax).")
 @loss_option_flags
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help=f"Classes per chunk of the chunked formulation, for --logits "
+                   f"(default {DEFAULT_CHUNK_SIZE}; a scenario file gives chunk_size).")
 @evaluation_options
 @function_options
 @fail_on_option
@@ -301,6 +305,7 @@ def run(
     z_loss: float,
     logit_softcap: float | None,
     temperature: float,
+    chunk_size: int | None,
     dtypes: tuple[str, ...],
     pipelines: tuple[str, ...],
     accumulate: str,
@@ -329,7 +334,8 @@ def run(
                            labels_dtype, label_column)
         functions = load_functions(loss_fns, framework)
         loaded = _scenarios(scenarios, files, loss, probabilities, reduction, ignore_index,
-                            label_smoothing, LossOptions(temperature, logit_softcap, z_loss))
+                            label_smoothing, LossOptions(temperature, logit_softcap, z_loss),
+                            chunk_size)
         checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on,
                              functions)
     except XentcheckError as exc:
@@ -429,6 +435,7 @@ def _scenarios(
     paths: tuple[Path, ...], files: InputFiles, loss: str,
     probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
     options: LossOptions,
+    chunk_size: int | None = None,
 ) -> list[Scenario]:
     logits_file, labels_file = files.logits, files.labels
     if paths and files.given():
@@ -440,7 +447,8 @@ def _scenarios(
     if logits_file is None:
         given = [flag for flag, value in (("--z-loss", options.z_loss),
                                           ("--logit-softcap", options.logit_softcap),
-                                          ("--temperature", options.temperature != 1.0))
+                                          ("--temperature", options.temperature != 1.0),
+                                          ("--chunk-size", chunk_size is not None))
                  if value]
         if given:
             raise click.UsageError(f"{given[0]} applies to --logits; a scenario file gives "
@@ -472,6 +480,7 @@ def _scenarios(
         ignore_index=ignore_index, label_smoothing=label_smoothing, source=str(logits_file),
         z_loss=options.z_loss, logit_softcap=options.logit_softcap,
         temperature=options.temperature,
+        chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
     )
     return [Scenario(case, None, None, None, str(logits_file), {})]
 

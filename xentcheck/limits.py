@@ -516,7 +516,11 @@ def _closed_form_limit(
     while the sum of C ones is finite in D (none at all once it is not: p = 1/inf = 0); the
     spread edge of :func:`_spread_closed_form` (the shift puts the others at 0 whatever
     their level). stable: the format's range while the sum of C ones is finite, else none
-    (log_softmax = 0 - log(inf)). naive sigmoid:
+    (log_softmax = 0 - log(inf)). accurate: as stable, its sum of C equal logits being of the
+    C - 1 terms other than the max's. online and chunked: the format's range (their sums are float32
+    registers, finite for any C a row can have) while the largest loss, about max + ln C,
+    still rounds to a finite value of D; beyond that (float16 past C = e^16) no closed form.
+    naive sigmoid:
     ``1 + e^-x`` rounds to 1 once ``e^-x <= 2^-(p+1)``, so ``x < (p + 1) ln 2``; from below,
     ``exp(-x)`` overflows at ``x = -ln(max + ulp/2)``. stable sigmoid: none. Returns None
     for probability and framework pipelines. Accurate to the rounding of exp, i.e. to
@@ -532,10 +536,18 @@ def _closed_form_limit(
             return Limit((precision.mantissa_bits + 1) * math.log(2.0), None,
                          smallest_safe_logit=-_ln_overflow(precision))
         return Limit(top, None, smallest_safe_logit=-top)
+    if pipeline.name in ("online", "chunked"):
+        with np.errstate(over="ignore"):
+            if not np.isfinite(precision.round(np.float64(top + math.log(classes)))):
+                return None
+        return Limit(top, top if classes > 1 else None, -top)
+    # accurate's sum leaves the max's term out: C - 1 terms where stable sums C
+    terms = classes - 1 if pipeline.name == "accurate" else classes
     spread: float | None = None
     no_spread = False
     if classes > 1:
-        if pipeline.name == "stable":
+        if pipeline.name in ("stable", "accurate"):
+            # the C - 1 others equal (the max's among them for accurate: the gap's start)
             rest = float(_sums_of_copies(precision, [1.0], classes - 1)[0])
             spread = top if math.isfinite(rest) else None
         else:
@@ -556,7 +568,7 @@ def _closed_form_limit(
         if largest is None or largest < smallest:
             return Limit(None, spread, None, no_safe_logit=True, no_safe_spread=no_spread)
         return Limit(largest, spread, smallest, no_safe_spread=no_spread)
-    every = float(_sums_of_copies(precision, [1.0], classes)[0])
+    every = float(_sums_of_copies(precision, [1.0], terms)[0])
     if not math.isfinite(every):
         return Limit(None, spread, None, no_safe_logit=True, no_safe_spread=no_spread)
     return Limit(top, spread, -top, no_safe_spread=no_spread)

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels, release_pages
-from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
+from .case import DEFAULT_CHUNK_SIZE, FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
 from .errors import InputError, UsageError, XentcheckError
 from .expectations import Expectation, parse_expectations
 from .findings import Tolerance
@@ -30,7 +30,7 @@ from .user_functions.loading import UserFunction, parse_functions
 KEYS: tuple[str, ...] = (
     "name", "description", "loss", "logits", "labels", "from_logits", "class_weights",
     "pos_weight", "label_smoothing", "ignore_index", "reduction", "dtypes", "pipelines",
-    "functions", "z_loss", "logit_softcap", "temperature", "tolerance", "expect",
+    "functions", "z_loss", "logit_softcap", "temperature", "chunk_size", "tolerance", "expect",
 )
 
 
@@ -211,6 +211,7 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
             label_smoothing=data.get("label_smoothing", 0.0),
             ignore_index=data.get("ignore_index"),
             reduction=_choice(data.get("reduction", "mean"), REDUCTIONS, "reduction"),
+            chunk_size=data.get("chunk_size", DEFAULT_CHUNK_SIZE),
             source=source,
             z_loss=data.get("z_loss", 0.0),
             logit_softcap=data.get("logit_softcap"),
@@ -368,6 +369,7 @@ def make_case(
     label_smoothing: Any = 0.0,
     ignore_index: Any = None,
     reduction: str = "mean",
+    chunk_size: Any = DEFAULT_CHUNK_SIZE,
     source: str = "<inline>",
     description: str = "",
     z_loss: Any = 0.0,
@@ -392,6 +394,9 @@ def make_case(
                                      or not isinstance(ignore_index, (int, np.integer))):
         raise InputError(f"must be an integer, not {ignore_index!r}", field="ignore_index")
     z_coef, cap, scale = loss_options(z_loss, logit_softcap, temperature, family, from_logits)
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+            or chunk_size < 1):
+        raise InputError(f"must be a positive integer, not {chunk_size!r}", field="chunk_size")
     labels, kind = _checked_labels(np.asarray(labels), logits, family, classes, ignore_index)
     if kind == "dense" and ignore_index is not None:
         raise InputError("applies to integer labels; these are one-hot or probability rows",
@@ -421,6 +426,7 @@ def make_case(
         z_loss=z_coef,
         logit_softcap=cap,
         temperature=scale,
+        chunk_size=int(chunk_size),
     )
     case = Case(name=name, logits=logits, labels=labels, label_kind=kind, spec=spec,
                 source=source, description=description)
