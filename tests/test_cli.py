@@ -157,7 +157,7 @@ def test_a_duplicate_key_exits_2_naming_the_key_and_its_line(write: Write) -> No
 @pytest.mark.parametrize("command", ["run", "check"])
 @pytest.mark.parametrize(("rule", "message"), [
     ("nan@stabel", "--fail-on 'nan@stabel': unknown pipeline 'stabel'; pipelines are naive, "
-                   "shifted, stable, clipped"),
+                   "shifted, stable, accurate, online, chunked, clipped"),
     ("nan,inf@naive,fancy", "unknown pipeline 'fancy'"),
     ("nan@", "no pipeline after '@'"),
     ("nann@stable", "--fail-on 'nann@stable': unknown flag 'nann'; flags are nan, inf, "

@@ -127,6 +127,16 @@ def _cases() -> list[tuple[str, Case]]:
             family="sigmoid", ignore_index=-100, reduction="none"))),
         ("sigmoid probabilities", Case("t", np.minimum(probabilities * 300, 0.999), binary,
                                        "binary", LossSpec(family="sigmoid", from_logits=False))),
+        # the loss options: pre-steps per chunk, the z-term's logsumexp replayed
+        ("options", Case("t", x * 10, labels, "index", LossSpec(
+            temperature=0.7, logit_softcap=30.0, z_loss=1e-3))),
+        ("options weights smoothing mean", Case("t", x, np.array([450, 31]), "index", LossSpec(
+            class_weights=weights, label_smoothing=0.1, z_loss=1e-4, temperature=2.0))),
+        ("options ignore none", Case("t", x, np.array([-100, 500]), "index", LossSpec(
+            ignore_index=-100, reduction="none", logit_softcap=5.0, z_loss=0.5))),
+        ("options soft", Case("t", x, soft, "dense", LossSpec(z_loss=1e-2, logit_softcap=8.0))),
+        ("options sigmoid", Case("t", x, binary, "binary", LossSpec(
+            family="sigmoid", temperature=3.0, logit_softcap=2.0))),
     ]
 
 

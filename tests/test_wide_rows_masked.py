@@ -69,6 +69,10 @@ def _cases() -> list[tuple[str, Case]]:
         ("soft", Case("t", x, soft, "dense", LossSpec(class_weights=weights))),
         ("sigmoid", Case("t", x, binary, "binary", LossSpec(
             family="sigmoid", pos_weight=weights, class_weights=weights[::-1].copy()))),
+        # loss options: -inf / T stays masked; a soft-cap maps it to -CAP (unmasked)
+        ("index temperature zloss", Case("t", x, labels, "index", LossSpec(
+            reduction="none", temperature=2.0, z_loss=1e-3))),
+        ("index softcap", Case("t", x, labels, "index", LossSpec(logit_softcap=4.0))),
     ]
 
 

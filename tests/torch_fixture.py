@@ -13,7 +13,7 @@ import numpy as np
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_with_gradient
-from xentcheck.pipelines import textbook
+from xentcheck.pipelines import available
 from xentcheck.precision import Precision
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch_textbook_gradients.json"
@@ -45,7 +45,8 @@ def make_case(entry: dict[str, Any]) -> Case:
 def xentcheck_result(case: Case, pipeline_name: str, dtype: str,
                      block_elements: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """xentcheck's loss (the per-example array for ``none``) and gradient, in float64."""
-    pipeline = next(p for p in textbook(case.spec.family, True) if p.name == pipeline_name)
+    pipeline = next(p for p in available(case.spec.family, case.spec.from_logits, every=True)
+                    if p.name == pipeline_name)
     loss, _, gradient = run_with_gradient(pipeline, Precision(dtype), case, block_elements)
     assert gradient is not None
     return np.asarray(loss, dtype=np.float64), gradient

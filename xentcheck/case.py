@@ -12,6 +12,10 @@ Semantics follow PyTorch where frameworks differ, so that a number here can be c
   of counted elements; targets equal to ``ignore_index`` count nowhere.
 * ``from_logits: false``: the inputs are probabilities; softmax rows are renormalised to sum
   to 1 (Keras); the ``clipped`` pipeline also clips them to [1e-7, 1 - 1e-7].
+* loss options: the logits are divided by ``temperature``, then soft-capped
+  (``cap * tanh(x / cap)``), then the loss above is taken; ``z_loss`` adds
+  ``z_loss * logsumexp(x)^2`` to each counted example (unweighted); ``mean`` divides the
+  z-terms by the same denominator as the loss.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ LabelKind = Literal["index", "dense", "binary"]
 
 FAMILIES: tuple[str, ...] = ("softmax", "sigmoid")
 REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean")
+# Classes per chunk of the ``chunked`` formulation (Cut Cross-Entropy's vocabulary blocks).
+DEFAULT_CHUNK_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,50 @@ class LossSpec:
     label_smoothing: float = 0.0
     ignore_index: int | None = None
     reduction: Reduction = "mean"
+    # loss options (docs/scenarios.md): x -> x / temperature -> cap tanh(x / cap) -> the
+    # loss, plus z_loss * logsumexp(x'')^2 per counted example (softmax from logits only)
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
+    temperature: float = 1.0
+    # how the ``chunked`` formulation splits a row (the loss itself does not depend on it)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def transforms_logits(self) -> bool:
+        """Whether the logits are divided by a temperature or soft-capped first."""
+        return self.temperature != 1.0 or self.logit_softcap is not None
+
+    @property
+    def has_options(self) -> bool:
+        """Whether any loss option (temperature, soft-cap, z-loss) is in effect."""
+        return self.transforms_logits or self.z_loss != 0.0
+
+    def options(self) -> dict[str, float | None]:
+        """The options as given (reports echo them)."""
+        return {"z_loss": self.z_loss, "logit_softcap": self.logit_softcap,
+                "temperature": self.temperature}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss options alone, for cases that commands build (sweeps, limits): hashable,
+    so that limits are cached by them."""
+
+    temperature: float = 1.0
+    logit_softcap: float | None = None
+    z_loss: float = 0.0
+
+    @classmethod
+    def of(cls, spec: LossSpec) -> LossOptions:
+        return cls(spec.temperature, spec.logit_softcap, spec.z_loss)
+
+    def spec_fields(self, family: str) -> dict[str, float | None]:
+        """LossSpec fields (the z-loss applies to softmax only)."""
+        return {"temperature": self.temperature, "logit_softcap": self.logit_softcap,
+                "z_loss": self.z_loss if family == "softmax" else 0.0}
+
+
+NO_OPTIONS = LossOptions()
 
 
 @dataclass(frozen=True)

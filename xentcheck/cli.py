@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from rich.progress import Progress as RichProgress
 from . import __version__, execution
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
-from .case import Case
+from .case import DEFAULT_CHUNK_SIZE, Case, LossOptions
+from .cli_functions import function_options, load_functions, with_functions
 from .discovery import find_scenarios
 from .errors import UsageError, XentcheckError
 from .evaluator import Progress, evaluate, left_out
@@ -43,8 +45,9 @@ from .report_table import (
     render_table,
     render_verdict,
 )
-from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
+from .scenario import Scenario, ToleranceSpec, load_scenarios, loss_options, make_case
 from .sweep import PATTERNS, SweepSpec, run_sweep
+from .user_functions.loading import UserFunction
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json")
@@ -116,7 +119,8 @@ def evaluation_options(function: F) -> F:
                           f"(repeat or comma-separate; default: {', '.join(DEFAULT_DTYPES)})."),
         click.option("--pipeline", "pipelines", multiple=True, metavar="NAME",
                      help="Formulation(s) to run (default: the textbook ones and torch, "
-                          "those that apply; jax, fused and keras run when named)."),
+                          "those that apply; jax, fused, keras, accurate, online and chunked "
+                          "run when named)."),
         click.option("--accumulate", type=click.Choice(ACCUMULATE_CHOICES), default="default",
                      show_default=True,
                      help="Reduction accumulate dtype; 'same' is a running sum in the storage "
@@ -127,6 +131,28 @@ def evaluation_options(function: F) -> F:
         click.option("--atol", type=FiniteFloat(minimum=0.0), default=None,
                      help="Absolute tolerance for every dtype (default: 0)."),
     ])
+
+
+def loss_option_flags(function: F) -> F:
+    """``--z-loss``, ``--logit-softcap``, ``--temperature``: the loss options (scenario
+    keys ``z_loss``, ``logit_softcap``, ``temperature``; docs/scenarios.md)."""
+    return _apply(function, [
+        click.option("--z-loss", "z_loss", type=float, default=0.0,
+                     help="Add COEF * logsumexp(x)^2 per counted example (PaLM's z-loss; "
+                          "softmax from logits)."),
+        click.option("--logit-softcap", "logit_softcap", type=float, default=None,
+                     metavar="CAP", help="Soft-cap the logits to CAP * tanh(x / CAP) "
+                                         "first (Gemma 2)."),
+        click.option("--temperature", type=float, default=1.0, show_default=True,
+                     help="Divide the logits by T first."),
+    ])
+
+
+def _option_values(z_loss: float, logit_softcap: float | None, temperature: float,
+                   family: str = "softmax") -> LossOptions:
+    """The validated loss options of a command that builds its own cases."""
+    coef, cap, scale = loss_options(z_loss, logit_softcap, temperature, family, True)
+    return LossOptions(scale, cap, coef)
 
 
 def output_options(formats: Sequence[str]) -> Callable[[F], F]:
@@ -140,6 +166,14 @@ def output_options(formats: Sequence[str]) -> Callable[[F], F]:
                          help="Write the report to this file (the console gets a summary)."),
         ])
     return decorate
+
+
+def _failure(exc: XentcheckError, show_traceback: bool) -> InputFailure:
+    """The one-line error; with --traceback, the user's exception's traceback first."""
+    cause = getattr(exc, "cause", None)
+    if show_traceback and cause is not None:
+        click.echo("".join(traceback.format_exception(cause)).rstrip("\n"), err=True)
+    return InputFailure(str(exc))
 
 
 fail_on_option = click.option(
@@ -248,7 +282,12 @@ def cli() -> None:
               show_default=True, help="Batch reduction for --logits.")
 @click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere.")
 @click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax).")
+@loss_option_flags
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help=f"Classes per chunk of the chunked formulation, for --logits "
+                   f"(default {DEFAULT_CHUNK_SIZE}; a scenario file gives chunk_size).")
 @evaluation_options
+@function_options
 @fail_on_option
 @output_options(CHECK_FORMATS)
 def run(
@@ -265,11 +304,18 @@ def run(
     reduction: str,
     ignore_index: int | None,
     label_smoothing: float,
+    z_loss: float,
+    logit_softcap: float | None,
+    temperature: float,
+    chunk_size: int | None,
     dtypes: tuple[str, ...],
     pipelines: tuple[str, ...],
     accumulate: str,
     rtol: float | None,
     atol: float | None,
+    loss_fns: tuple[str, ...],
+    framework: str,
+    show_traceback: bool,
     fail_on: tuple[str, ...],
     output_format: str,
     output: str | None,
@@ -283,15 +329,19 @@ def run(
       xentcheck run configs/naive_overflow.yaml
       xentcheck run configs/*.yaml --dtype bfloat16,float32 --format json
       xentcheck run --logits logits.npy --labels labels.npy --loss softmax
+      xentcheck run examples/numpy_textbook.yaml --loss-fn examples/numpy_stable.py:loss
     """
     try:
         files = InputFiles(logits_file, logits_key, logits_dtype, labels_file, labels_key,
                            labels_dtype, label_column)
+        functions = load_functions(loss_fns, framework)
         loaded = _scenarios(scenarios, files, loss, probabilities, reduction, ignore_index,
-                            label_smoothing)
-        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
+                            label_smoothing, LossOptions(temperature, logit_softcap, z_loss),
+                            chunk_size)
+        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on,
+                             functions)
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _report(checked, output_format, output, summary_only=False)
     if not all(c.verdict.passed for c in checked):
         sys.exit(1)
@@ -300,6 +350,7 @@ def run(
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @evaluation_options
+@function_options
 @fail_on_option
 @output_options(CHECK_FORMATS)
 def check(
@@ -309,6 +360,9 @@ def check(
     accumulate: str,
     rtol: float | None,
     atol: float | None,
+    loss_fns: tuple[str, ...],
+    framework: str,
+    show_traceback: bool,
     fail_on: tuple[str, ...],
     output_format: str,
     output: str | None,
@@ -325,10 +379,12 @@ def check(
       xentcheck check --fail-on nan,inf@stable --format github
     """
     try:
+        functions = load_functions(loss_fns, framework)
         loaded = find_scenarios(paths or (Path("configs"),), note=_note)
-        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
+        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on,
+                             functions)
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _report(checked, output_format, output, summary_only=True)
     if not all(c.verdict.passed for c in checked):
         sys.exit(1)
@@ -341,15 +397,18 @@ def _note(message: str) -> None:
 def _check_all(
     loaded: Sequence[Scenario], dtypes: tuple[str, ...], pipelines: tuple[str, ...],
     accumulate: str, rtol: float | None, atol: float | None, fail_on: tuple[str, ...],
+    functions: Sequence[UserFunction] = (),
 ) -> list[Checked]:
-    """Evaluate each scenario and judge its expectations and the --fail-on rules."""
+    """Evaluate each scenario (with the --loss-fn ``functions`` beside its own) and judge
+    its expectations and the --fail-on rules."""
     rules = parse_fail_on(fail_on)
     override = None
     if rtol is not None or atol is not None:
         override = ToleranceSpec(everywhere=Tolerance(rel=rtol or 0.0, abs=atol or 0.0))
     checked = []
     for scenario in loaded:
-        result = _evaluate(scenario, _names(dtypes), _names(pipelines), accumulate, override)
+        result = _evaluate(scenario, _names(dtypes), _names(pipelines), accumulate, override,
+                           functions)
         expectations = (*scenario.expectations, *rules)
         verdict = check_expectations(result, expectations)
         checked.append(Checked(result, verdict, expectations))
@@ -377,6 +436,8 @@ class InputFiles:
 def _scenarios(
     paths: tuple[Path, ...], files: InputFiles, loss: str,
     probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
+    options: LossOptions,
+    chunk_size: int | None = None,
 ) -> list[Scenario]:
     logits_file, labels_file = files.logits, files.labels
     if paths and files.given():
@@ -386,6 +447,14 @@ def _scenarios(
             raise click.UsageError(f"{files.given()[0]} needs --logits FILE")
         raise click.UsageError("give a scenario file, or --logits FILE (and --labels FILE)")
     if logits_file is None:
+        given = [flag for flag, value in (("--z-loss", options.z_loss),
+                                          ("--logit-softcap", options.logit_softcap),
+                                          ("--temperature", options.temperature != 1.0),
+                                          ("--chunk-size", chunk_size is not None))
+                 if value]
+        if given:
+            raise click.UsageError(f"{given[0]} applies to --logits; a scenario file gives "
+                                   "the loss options as keys")
         return [s for path in paths for s in load_scenarios(path)]
     source = "<command line>"
     if files.label_column is not None:
@@ -411,12 +480,16 @@ def _scenarios(
         name=logits_file.name, logits=logits, labels=labels,
         family=loss, from_logits=not probabilities, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, source=str(logits_file),
+        z_loss=options.z_loss, logit_softcap=options.logit_softcap,
+        temperature=options.temperature,
+        chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
     )
     return [Scenario(case, None, None, None, str(logits_file), {})]
 
 
 def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accumulate: str,
-              override: ToleranceSpec | None) -> ScenarioResult:
+              override: ToleranceSpec | None,
+              functions: Sequence[UserFunction] = ()) -> ScenarioResult:
     case = scenario.case
     precisions = _precisions(dtypes, scenario.dtypes or DEFAULT_DTYPES, accumulate)
     named = pipelines or list(scenario.pipelines or ())
@@ -432,6 +505,8 @@ def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accum
             click.echo(f"xentcheck: note: {case.source}: {', '.join(whole)} left out of the "
                        f"default set for rows of {case.classes} classes (it would hold a whole "
                        f"row in memory); name it with --pipeline to run it", err=True)
+    chosen = with_functions(chosen, (*scenario.functions, *functions), case.spec.family,
+                            case.spec.from_logits, case.logits.ndim)
     spec = override or scenario.tolerance
     tolerances = None
     if spec is not None:
@@ -542,32 +617,43 @@ def _limit_pipelines(families: Sequence[str], names: list[str]) -> list[Pipeline
               show_default=True, help="Reduction accumulate dtype.")
 @click.option("--pipeline", "pipeline_names", multiple=True, metavar="NAME",
               help="Formulation(s), e.g. torch (default: those run by default).")
+@loss_option_flags
+@function_options
 @output_options(FORMATS)
 def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
-           pipeline_names: tuple[str, ...], output_format: str, output: str | None) -> None:
+           pipeline_names: tuple[str, ...], z_loss: float, logit_softcap: float | None,
+           temperature: float, loss_fns: tuple[str, ...], framework: str,
+           show_traceback: bool, output_format: str, output: str | None) -> None:
     """Print where each formulation breaks, per precision, for C classes.
 
     The largest safe logit (all C logits equal) and the largest safe spread (a target that
     far below the other C - 1 logits), found by bisection on each pipeline and shown next to
     the closed form derived from the format; "agree" checks one against the other.
 
+    A --loss-fn function's edges are found by bisection on the function itself (no
+    closed form); it is run as a softmax loss unless --loss sigmoid.
+
     \b
     Examples:
       xentcheck limits
       xentcheck limits --classes 50257 --dtype float16,bfloat16
       xentcheck limits --classes 128256 --loss softmax --pipeline stable,torch
+      xentcheck limits -C 3 --dtype float32 --loss-fn examples/numpy_textbook.py:loss
     """
     try:
+        functions = load_functions(loss_fns, framework)
         precisions = _precisions(dtypes, DEFAULT_DTYPES, accumulate)
         families = ("softmax", "sigmoid") if loss == "all" else (loss,)
-        chosen = _limit_pipelines(families, _names(pipeline_names))
+        options = _option_values(z_loss, logit_softcap, temperature)
+        chosen = with_functions(_limit_pipelines(families, _names(pipeline_names)), functions,
+                                 families[0], True)
         _refuse_named_pairs(chosen, precisions, bool(_names(pipeline_names)),
                             bool(_names(dtypes)), "limits")
-        rows = limit_rows(chosen, precisions, classes)
+        rows = limit_rows(chosen, precisions, classes, options)
         for item in left_out(chosen, precisions):
             _note(f"limits: {item.pipeline} left out in {item.dtype}: {item.reason}")
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _emit(output_format, output, lambda: render_limits_json(rows),
           lambda console: render_limits_table(rows, console))
 
@@ -593,11 +679,15 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write an image of error against magnitude, its format chosen by the "
                    "suffix: .png, .pdf, .svg, ... (needs matplotlib).")
+@loss_option_flags
 @evaluation_options
+@function_options
 @output_options(FORMATS)
 def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, points: int,
-          linear: bool, spread: float, seed: int, plot: Path | None, dtypes: tuple[str, ...],
+          linear: bool, spread: float, seed: int, plot: Path | None, z_loss: float,
+          logit_softcap: float | None, temperature: float, dtypes: tuple[str, ...],
           pipelines: tuple[str, ...], accumulate: str, rtol: float | None, atol: float | None,
+          loss_fns: tuple[str, ...], framework: str, show_traceback: bool,
           output_format: str, output: str | None) -> None:
     """Move the logits along a magnitude scale and show where each formulation breaks.
 
@@ -608,14 +698,17 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
     Examples:
       xentcheck sweep --dtype float32
       xentcheck sweep --classes 32000 --pattern normal --to 1e3 --plot sweep.png
+      xentcheck sweep --dtype float32 --pipeline naive --loss-fn examples/numpy_textbook.py:loss
     """
     try:
+        functions = load_functions(loss_fns, framework)
         if plot is not None:
             plot_format(plot)  # before computing anything
         spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
-                         points=points, log_scale=not linear, spread=spread, seed=seed)
+                         points=points, log_scale=not linear, spread=spread, seed=seed,
+                         options=_option_values(z_loss, logit_softcap, temperature, loss))
         precisions = _precisions(dtypes, DEFAULT_DTYPES, accumulate)
-        chosen = select(loss, True, _names(pipelines))
+        chosen = with_functions(select(loss, True, _names(pipelines)), functions, loss, True)
         _refuse_named_pairs(chosen, precisions, bool(_names(pipelines)), bool(_names(dtypes)),
                             "sweep")
         tolerances = None
@@ -627,7 +720,7 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
         if plot is not None:
             write_sweep_plot(result, plot)
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _emit(output_format, output, lambda: render_sweep_json(result),
           lambda console: render_sweep_table(result, console))
 

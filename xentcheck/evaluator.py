@@ -14,7 +14,8 @@ from functools import partial
 import numpy as np
 
 from . import reference as ref
-from .case import Case, softmax_coefficients, target_coefficients, valid_elements
+from . import reference_options as ref_options
+from .case import Case, LossOptions, softmax_coefficients, target_coefficients, valid_elements
 from .comparison import (
     errors,
     framework_comparisons,
@@ -74,39 +75,60 @@ def reference_block(block: Block, *, gradient: bool,
     """The block's reference losses and, with ``gradient``, the reference gradient of the
     per-example losses with respect to the logits (``(N, C)``; None for probability
     inputs), times ``gradient_scale`` (the upstream gradient of the reduction). Both come
-    from the same intermediates, computed once."""
+    from the same intermediates, computed once. With loss options the logits are first
+    transformed as double-double pairs, and the gradient carried back by the chain rule
+    (:mod:`xentcheck.reference_options`)."""
     case = block.case
     spec = case.spec
+    logits, low, derivative = block.logits, None, None
+    if spec.has_options and spec.from_logits:
+        (logits, low), derivative = ref_options.transformed(block.logits, spec)
     if spec.family == "sigmoid":
         counted = valid_elements(case, block.labels)
         loss_fn = ref.sigmoid_losses if spec.from_logits else ref.sigmoid_probability_losses
         pos = None if spec.pos_weight is None else block.per_class(spec.pos_weight)
         weights = None if spec.class_weights is None else block.per_class(spec.class_weights)
-        losses = loss_fn(block.logits, block.labels, pos, weights)
+        losses = loss_fn(logits, block.labels, pos, weights)
         grad = None
-        if gradient and spec.from_logits:
-            grad = np.where(counted, ref.sigmoid_gradients(
-                block.logits, block.labels, pos, weights), 0.0)
-            grad *= gradient_scale
-        return np.where(counted, losses, 0.0), grad
+        if spec.from_logits and (gradient or low is not None):
+            grad = ref.sigmoid_gradients(logits, block.labels, pos, weights)
+            if low is not None:  # the loss at x + low, to first order (low ~ 2**-53 x)
+                losses = losses + grad * low
+            grad = np.where(counted, grad, 0.0) * gradient_scale if gradient else None
+        return np.where(counted, losses, 0.0), _chained(grad, derivative)
     if not spec.from_logits:
         coef = softmax_coefficients(case, block.labels)
         return ref.softmax_probability_losses(block.logits, coef), None
-    parts = ref.shifted_log_sum(block.logits)
+    parts = ref.shifted_log_sum(logits, low)
     if _sparse_labels(block):
         target_weight = target_coefficients(case, block.labels)
-        losses = ref.softmax_index_losses(block.logits, block.target, target_weight, parts)
-        grad = ref.softmax_index_gradients(block.logits, block.target,
+        losses = ref.softmax_index_losses(logits, block.target, target_weight, parts)
+        grad = ref.softmax_index_gradients(logits, block.target,
                                            target_weight * gradient_scale,
                                            parts) if gradient else None
-        return losses, grad
-    coef = softmax_coefficients(case, block.labels)
-    losses = ref.softmax_losses(block.logits, coef, parts)
-    if not gradient:
-        return losses, None
-    grad = ref.softmax_gradients(block.logits, coef, parts)
-    grad *= gradient_scale
-    return losses, grad
+    else:
+        coef = softmax_coefficients(case, block.labels)
+        losses = ref.softmax_losses(logits, coef, parts)
+        grad = None
+        if gradient:
+            grad = ref.softmax_gradients(logits, coef, parts)
+            grad *= gradient_scale
+    if spec.z_loss:
+        z, lse = ref_options.z_terms(parts, (logits, low if low is not None
+                                             else np.zeros_like(logits)), spec.z_loss)
+        counted = block.valid.astype(np.float64)
+        losses = losses + np.where(block.valid, z, 0.0)
+        if grad is not None:
+            grad += ref_options.z_gradient(parts, lse, counted * spec.z_loss * gradient_scale)
+    return losses, _chained(grad, derivative)
+
+
+def _chained(grad: FloatArray | None, derivative: FloatArray | None) -> FloatArray | None:
+    """The gradient with respect to x'' carried back to the logits (dx''/dx elementwise)."""
+    if grad is None or derivative is None:
+        return grad
+    with np.errstate(invalid="ignore"):
+        return np.where(grad == 0, 0.0, grad * derivative)
 
 
 def rounded_block(block: Block, precision: Precision, rounded_case: Case) -> Block:
@@ -285,7 +307,9 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
                               rounded_cases, upstream)
 
     workers = worker_count()
-    for outcome in in_order(work, blocks(case, block_size(workers), release=False), workers):
+    whole = any(p.whole_case for p in pipelines)
+    for outcome in in_order(work, blocks(case, block_size(workers), release=False,
+                                         whole=whole), workers):
         for run, run_outcome in zip(collected.runs, outcome.runs, strict=True):
             run.absorb(run_outcome)
         for merged, measured in zip(collected.gradients, outcome.gradients, strict=True):
@@ -378,7 +402,7 @@ def _finding(case: Case, run: PipelineRun, collected: _Pass, truth: _Truth,
     abs_e, rel_e, ulp_e, worst = errors(computed, target, run.precision)
     arith_rel = errors(computed, rounded, run.precision)[1]
     limit = pipeline_limit(run.pipeline, run.precision, case.classes,
-                           float(case.spec.label_smoothing))
+                           float(case.spec.label_smoothing), LossOptions.of(case.spec))
     # The input as D holds it: the largest logit against the upper edge; from below,
     # sigmoid's smallest x, and for softmax the smallest logit whose probability is logged
     # (its exp must not vanish).
@@ -451,7 +475,7 @@ def evaluate(
     collected = _single_pass(case, precisions, pipelines, dtype_names, progress)
     truth, ref_per_example = _truth(case, collected, dtype_names)
     prefetch_limits([(run.pipeline, run.precision) for run in collected.runs], case.classes,
-                    float(case.spec.label_smoothing))
+                    float(case.spec.label_smoothing), LossOptions.of(case.spec))
     findings = [
         _finding(case, run, collected, truth, tolerances[run.precision.name], gradient)
         for run, gradient in zip(collected.runs, collected.gradients, strict=True)
@@ -498,6 +522,7 @@ def evaluate(
         left_out=left_out(pipelines, precisions),
         class_weights=None if case.spec.class_weights is None
         else tuple(float(w) for w in np.ravel(case.spec.class_weights)),
+        options=LossOptions.of(case.spec),
     )
 
 

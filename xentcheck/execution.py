@@ -20,6 +20,7 @@ from . import chunking
 from .arrays import release_pages
 from .case import Case
 from .pipelines import Block, Pipeline, Saved
+from .pipelines.options import quiet_transform, with_options
 from .precision import FloatArray, Precision
 from .stages import PassComplete, Replay, ReplayCursor, StageEvent, StageRunner
 
@@ -41,8 +42,10 @@ def split_width(case: Case, block_elements: int) -> int | None:
 
 
 def blocks(case: Case, block_elements: int | None = None, *,
-           release: bool = True) -> Iterator[Block]:
-    """The case's rows in consecutive blocks of about ``block_elements`` values.
+           release: bool = True, whole: bool = False) -> Iterator[Block]:
+    """The case's rows in consecutive blocks of about ``block_elements`` values; with
+    ``whole``, all of them in one block, its rows whole (a pipeline called once on the whole
+    case runs, :attr:`~xentcheck.pipelines.Pipeline.whole_case`).
 
     A row wider than that is a block of its own, run in column chunks of about that many
     values (:meth:`Block.column_chunks`), so the work and memory per step are bounded by
@@ -53,6 +56,8 @@ def blocks(case: Case, block_elements: int | None = None, *,
     size = BLOCK_ELEMENTS if block_elements is None else block_elements
     step = max(1, size // max(1, case.classes))
     split = split_width(case, size)
+    if whole:
+        step, split = max(1, case.rows), None
     for start in range(0, case.rows, step):
         stop = min(case.rows, start + step)
         block = Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start,
@@ -153,7 +158,9 @@ class PipelineRun:
     """One pipeline in one precision, fed block by block, then reduced."""
 
     def __init__(self, pipeline: Pipeline, precision: Precision) -> None:
-        self.pipeline = pipeline
+        # every pipeline applies the cases' loss options (temperature, soft-cap, z-loss)
+        self.pipeline = with_options(pipeline)
+        pipeline = self.pipeline
         self.precision = precision
         self.runner = StageRunner(precision, pipeline.all_stages)
         # the backward pass visits the stages in reverse: its "first bad stage" is the first
@@ -370,14 +377,19 @@ def row_values(case: Case, precision: Precision, stages: tuple[str, ...],
             runner.enter(ReplayCursor(replay), chunk.columns or (0, 0))
         return runner
 
+    def transformed(runner: StageRunner, chunk: Block) -> Outcome:
+        # the loss options' pre-steps first (temperature, soft-cap): the body recomputes
+        # a formulation's values from the logits it would be handed
+        return body(runner, quiet_transform(runner, chunk))
+
     for block in blocks(case, block_elements):
         if block.split is None:
-            yield body(runner_for(block), block)
+            yield transformed(runner_for(block), block)
             continue
         outputs: list[Outcome] = []
         replay = Replay()
         _replayed(list(block.column_chunks()), replay,
-                  partial(runner_for, replay=replay), body,
+                  partial(runner_for, replay=replay), transformed,
                   partial(_keep, outputs), 1)
         yield outputs[0]  # per-row values: every chunk's final pass computes them
 
@@ -408,7 +420,7 @@ def run_pipeline(
     """Run one pipeline in one precision over a whole case: (loss, per-example, runner)."""
     run = PipelineRun(pipeline, precision)
     denominators = Denominators(np.zeros(case.classes))
-    for block in blocks(case):
+    for block in blocks(case, whole=pipeline.whole_case):
         run.feed(case, block)
         denominators.add(case, block)
     loss, per_example = run.finish(case, denominators)
@@ -427,7 +439,7 @@ def run_with_gradient(
         denominators.add(case, block)
     run = PipelineRun(pipeline, precision)
     parts = []
-    for block in blocks(case, block_elements):
+    for block in blocks(case, block_elements, whole=pipeline.whole_case):
         outcome = run.run_block(case, block, denominators)
         run.absorb(outcome)
         if outcome.gradient is not None:

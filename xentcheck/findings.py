@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .case import NO_OPTIONS, LossOptions
 from .precision import FloatArray
 from .stages import StageEvent
 
@@ -197,6 +198,8 @@ class ScenarioResult:
     focus_index: tuple[int, ...] | None = None
     # per dtype, where framework pipelines ran: their answers side by side
     frameworks: tuple[FrameworkComparison, ...] = ()
+    # the loss options the case applies (temperature, soft-cap, z-loss)
+    options: LossOptions = NO_OPTIONS
     # (pipeline, dtype) pairs asked for that do not run, with why (a framework in float8)
     left_out: tuple[LeftOut, ...] = ()
 

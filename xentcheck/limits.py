@@ -41,7 +41,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .case import Case, LossSpec
+from .case import NO_OPTIONS, Case, LossOptions, LossSpec
 from .findings import Limit
 from .pipelines import Pipeline
 from .precision import FloatArray, Precision
@@ -60,6 +60,8 @@ _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _GRID = 9
 
 KeyTest = Callable[[list[int]], FloatArray]
+
+
 
 
 class _Line:
@@ -202,7 +204,8 @@ def _edge(test: KeyTest, known: dict[int, bool], start: int, end: int, direction
 
 
 def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
-                 labels: FloatArray, label_kind: str, label_smoothing: float = 0.0) -> FloatArray:
+                 labels: FloatArray, label_kind: str, label_smoothing: float = 0.0,
+                 options: LossOptions = NO_OPTIONS) -> FloatArray:
     from .execution import run_pipeline  # execution imports pipelines, as this module does
 
     case = Case(
@@ -211,7 +214,8 @@ def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
         labels=labels,
         label_kind=label_kind,  # type: ignore[arg-type]
         spec=LossSpec(family=pipeline.family, reduction="none",  # type: ignore[arg-type]
-                      label_smoothing=label_smoothing),
+                      label_smoothing=label_smoothing,
+                      **options.spec_fields(pipeline.family)),  # type: ignore[arg-type]
     )
     _, per_example, _ = run_pipeline(pipeline, precision, case)
     finite = np.isfinite(np.asarray(per_example, dtype=np.float64))
@@ -220,18 +224,19 @@ def _finite_rows(pipeline: Pipeline, precision: Precision, logits: FloatArray,
 
 @lru_cache(maxsize=256)
 def pipeline_limit(pipeline: Pipeline, precision: Precision, classes: int,
-                   label_smoothing: float = 0.0) -> Limit:
+                   label_smoothing: float = 0.0, options: LossOptions = NO_OPTIONS) -> Limit:
     """Edges of ``pipeline`` in ``precision`` for ``classes`` classes (with
-    ``label_smoothing``, for softmax), found on the pipeline; cached.
+    ``label_smoothing``, for softmax, and the loss ``options``), found on the pipeline;
+    cached.
 
     Each edge is a value of D where the worst-case input is finite, the next value of D
     beyond it is not (see the module docstring for the patterns).
     """
-    return find_limit(pipeline, precision, classes, label_smoothing)
+    return find_limit(pipeline, precision, classes, label_smoothing, options=options)
 
 
 def prefetch_limits(pairs: Sequence[tuple[Pipeline, Precision]], classes: int,
-                    label_smoothing: float = 0.0) -> None:
+                    label_smoothing: float = 0.0, options: LossOptions = NO_OPTIONS) -> None:
     """Find the limits of several (pipeline, precision) pairs on threads, into the cache of
     :func:`pipeline_limit`: for many classes each one evaluates a few whole rows of C
     logits, and numpy releases the GIL in its loops."""
@@ -242,12 +247,14 @@ def prefetch_limits(pairs: Sequence[tuple[Pipeline, Precision]], classes: int,
     if workers < 2:
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(lambda pair: pipeline_limit(*pair, classes, label_smoothing), pairs):
+        for _ in pool.map(lambda pair: pipeline_limit(*pair, classes, label_smoothing, options),
+                          pairs):
             pass
 
 
 def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
-               label_smoothing: float = 0.0, *, from_closed_form: bool = True) -> Limit:
+               label_smoothing: float = 0.0, *, from_closed_form: bool = True,
+               options: LossOptions = NO_OPTIONS) -> Limit:
     """:func:`pipeline_limit`, uncached; without ``from_closed_form`` the search bisects
     D's whole line instead of starting next to the closed form (the same edges, slower).
 
@@ -258,7 +265,8 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
     if not pipeline.from_logits:
         return Limit(None, None)  # probability inputs have no logit scale to run out of
     line = _Line(precision)
-    closed = closed_form_limit(pipeline, precision, classes) if from_closed_form else None
+    closed = (closed_form_limit(pipeline, precision, classes, options=options)
+              if from_closed_form else None)
     per_step = max(1, min(_MAX_CANDIDATES, _VALUES_PER_STEP // max(1, classes)))
     smoothing = label_smoothing if pipeline.family == "softmax" else 0.0
 
@@ -267,7 +275,7 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
             logits, labels, kind = make_rows(line.values(keys))
             # values of D: held in D's storage dtype they are exact, and cheaper to run
             logits = np.asarray(logits).astype(precision.storage_dtype)
-            return _finite_rows(pipeline, precision, logits, labels, kind, smoothing)
+            return _finite_rows(pipeline, precision, logits, labels, kind, smoothing, options)
         return test
 
     if pipeline.family == "sigmoid":
@@ -280,7 +288,11 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
             return np.repeat(values[:, None], classes, axis=1), np.zeros(len(values)), "index"
 
         # (None also where no value of D has an exp rounding to u: the others at 0 then)
-        level = _worst_target(precision) if pipeline.name == "naive" else None
+        level = (_worst_target(precision)
+                 if pipeline.name == "naive" or pipeline.every_limit_pattern else None)
+        if level is not None and options.temperature != 1.0:
+            # the worst level is one the pipeline sees after the division by T
+            level = float(precision.round(np.float64(level * options.temperature)))
 
         def one_below(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
             rows = np.zeros((len(values), classes))
@@ -511,9 +523,37 @@ def _equal_probability_vanishes(precision: Precision, classes: int) -> bool:
 
 
 def closed_form_limit(
-    pipeline: Pipeline, precision: Precision, classes: int, *, subnormals: bool = True
+    pipeline: Pipeline, precision: Precision, classes: int, *, subnormals: bool = True,
+    options: LossOptions = NO_OPTIONS,
 ) -> Limit | None:
     """The edges of ``pipeline`` derived from the format's parameters, where known.
+
+    With a temperature T alone, the pipeline sees ``x / T``: every edge is T times the
+    edge without options, within D's range. With a soft-cap or a z-loss there is none
+    here (a cap bounds the logits the pipeline sees, ``z_loss lse^2`` adds an edge of its
+    own): their edges are found on the pipeline alone.
+    """
+    if options == NO_OPTIONS:
+        return _closed_form_limit(pipeline, precision, classes, subnormals=subnormals)
+    if options.logit_softcap is not None or options.z_loss:
+        return None
+    plain = _closed_form_limit(pipeline, precision, classes, subnormals=subnormals)
+    if plain is None:
+        return None
+    top, t = precision.max, options.temperature
+
+    def scaled(edge: float | None) -> float | None:
+        return None if edge is None else max(-top, min(top, t * edge))
+
+    return Limit(scaled(plain.largest_safe_logit), scaled(plain.largest_safe_spread),
+                 scaled(plain.smallest_safe_logit), no_safe_logit=plain.no_safe_logit,
+                 no_safe_spread=plain.no_safe_spread)
+
+
+def _closed_form_limit(
+    pipeline: Pipeline, precision: Precision, classes: int, *, subnormals: bool = True
+) -> Limit | None:
+    """:func:`closed_form_limit` without loss options.
 
     naive softmax: largest logit ``ln(max + ulp/2) - ln C`` while the sum of C ones is
     exact (see :func:`_naive_top` for the sum as the pipeline rounds it); smallest logit
@@ -525,7 +565,11 @@ def closed_form_limit(
     while the sum of C ones is finite in D (none at all once it is not: p = 1/inf = 0); the
     spread edge of :func:`_spread_closed_form` (the shift puts the others at 0 whatever
     their level). stable: the format's range while the sum of C ones is finite, else none
-    (log_softmax = 0 - log(inf)). naive sigmoid:
+    (log_softmax = 0 - log(inf)). accurate: as stable, its sum of C equal logits being of the
+    C - 1 terms other than the max's. online and chunked: the format's range (their sums are float32
+    registers, finite for any C a row can have) while the largest loss, about max + ln C,
+    still rounds to a finite value of D; beyond that (float16 past C = e^16) no closed form.
+    naive sigmoid:
     ``1 + e`` rounds to 1 once ``e = round(e^-x) <= 2^-(p+1)`` (a tie, to the even 1), and
     e^-x rounds to at most 2^-(p+1) below 2^-(p+1) plus half the spacing above it, so
     ``x < (p + 1) ln 2 - ln(1 + 2^-(p+1))`` (the second term matters in the 8-bit formats:
@@ -545,10 +589,18 @@ def closed_form_limit(
             return Limit(-math.log(half_ulp_of_one) - math.log1p(half_ulp_of_one), None,
                          smallest_safe_logit=-_ln_overflow(precision))
         return Limit(top, None, smallest_safe_logit=-top)
+    if pipeline.name in ("online", "chunked"):
+        with np.errstate(over="ignore"):
+            if not np.isfinite(precision.round(np.float64(top + math.log(classes)))):
+                return None
+        return Limit(top, top if classes > 1 else None, -top)
+    # accurate's sum leaves the max's term out: C - 1 terms where stable sums C
+    terms = classes - 1 if pipeline.name == "accurate" else classes
     spread: float | None = None
     no_spread = False
     if classes > 1:
-        if pipeline.name == "stable":
+        if pipeline.name in ("stable", "accurate"):
+            # the C - 1 others equal (the max's among them for accurate: the gap's start)
             rest = float(_sums_of_copies(precision, [1.0], classes - 1)[0])
             spread = top if math.isfinite(rest) else None
         else:
@@ -570,7 +622,7 @@ def closed_form_limit(
                                                                                 classes):
             return Limit(None, spread, None, no_safe_logit=True, no_safe_spread=no_spread)
         return Limit(largest, spread, smallest, no_safe_spread=no_spread)
-    every = float(_sums_of_copies(precision, [1.0], classes)[0])
+    every = float(_sums_of_copies(precision, [1.0], terms)[0])
     if not math.isfinite(every):
         return Limit(None, spread, None, no_safe_logit=True, no_safe_spread=no_spread)
     return Limit(top, spread, -top, no_safe_spread=no_spread)
@@ -588,9 +640,11 @@ class LimitRow:
     closed_form: Limit | None
     spread_without_subnormals: float | None
     agrees: bool
+    options: LossOptions = NO_OPTIONS
 
 
-def _agree(found: float | None, closed: float | None, precision: Precision) -> bool:
+def _agree(found: float | None, closed: float | None, precision: Precision,
+           temperature: float = 1.0) -> bool:
     """Whether a closed form lies within the rounding slack of the edge found.
 
     The edge found is a value of D and the true edge lies before the next one; the closed
@@ -604,15 +658,21 @@ def _agree(found: float | None, closed: float | None, precision: Precision) -> b
         return found == closed
     compute_eps = float(np.finfo(precision.compute_dtype).eps)
     slack = float(precision.ulp(np.float64(found))) + 4 * compute_eps
+    if temperature != 1.0:
+        # the edge the pipeline sees is x / T, with the slack above; T times it, plus the
+        # rounding of the division (an ulp of the raw edge)
+        inner = float(precision.ulp(np.float64(found / temperature))) + 4 * compute_eps
+        slack = float(precision.ulp(np.float64(found))) + temperature * inner
     return abs(closed - found) <= slack
 
 
-def limits_agree(found: Limit, closed: Limit | None, precision: Precision) -> bool:
+def limits_agree(found: Limit, closed: Limit | None, precision: Precision,
+                 temperature: float = 1.0) -> bool:
     """Whether every edge of the closed form agrees with the one found on the pipeline,
-    absent edges included."""
+    absent edges included (with a temperature, within its scaled slack)."""
     return closed is not None and found.no_safe_logit == closed.no_safe_logit \
         and found.no_safe_spread == closed.no_safe_spread and all(
-            _agree(a, b, precision) for a, b in (
+            _agree(a, b, precision, temperature) for a, b in (
                 (found.largest_safe_logit, closed.largest_safe_logit),
                 (found.smallest_safe_logit, closed.smallest_safe_logit),
                 (found.largest_safe_spread, closed.largest_safe_spread),
@@ -620,20 +680,23 @@ def limits_agree(found: Limit, closed: Limit | None, precision: Precision) -> bo
 
 
 def limit_rows(
-    pipelines: Sequence[Pipeline], precisions: Sequence[Precision], classes: int
+    pipelines: Sequence[Pipeline], precisions: Sequence[Precision], classes: int,
+    options: LossOptions = NO_OPTIONS,
 ) -> list[LimitRow]:
     """Every (pipeline, precision) pair's edges, closed form next to bisection (pairs that
     do not run, a framework in float8, left out)."""
     rows = []
     pairs = [(p, q) for q in precisions for p in pipelines if p.unsupported(q) is None]
-    prefetch_limits(pairs, classes)
+    prefetch_limits(pairs, classes, 0.0, options)
     for pipeline, precision in pairs:
-        found = pipeline_limit(pipeline, precision, classes)
-        closed = closed_form_limit(pipeline, precision, classes)
+        found = pipeline_limit(pipeline, precision, classes, 0.0, options)
+        closed = closed_form_limit(pipeline, precision, classes, options=options)
         no_sub = None
         if closed is not None and closed.largest_safe_spread is not None \
-                and pipeline.name != "stable":
+                and pipeline.name != "stable" and options == NO_OPTIONS:
             no_sub = _spread_closed_form(precision, classes, subnormals=False)
         rows.append(LimitRow(pipeline.family, pipeline.name, precision.name, classes, found,
-                             closed, no_sub, limits_agree(found, closed, precision)))
+                             closed, no_sub,
+                             limits_agree(found, closed, precision, options.temperature),
+                             options))
     return rows

@@ -216,16 +216,24 @@ class ShiftedLogSum:
     log_t: FloatArray
 
 
-def shifted_log_sum(logits: FloatArray) -> ShiftedLogSum:
+def shifted_log_sum(logits: FloatArray, low: FloatArray | None = None) -> ShiftedLogSum:
     """The shared intermediates of a block of logits (any float dtype; rows with ``inf``
-    give NaN or ``inf`` downstream)."""
+    give NaN or ``inf`` downstream). With ``low``, the logits are the double-double pairs
+    ``logits + low`` (the loss options' transformed logits, :mod:`.reference_options`)."""
     x = np.asarray(logits)
     rows = np.arange(x.shape[0])
     top = np.argmax(x, axis=-1)  # exact in the input's own dtype: no float64 copy needed
     m = x[rows, top].astype(np.float64)[:, None]
     with np.errstate(invalid="ignore", over="ignore"):
         d_lo: FloatArray | None = None
-        if _differences_exact(x):
+        if low is not None:
+            # (x + low) - (m + m_low): the high parts' difference exactly, plus the low
+            # parts' (each far below an ulp of the high parts), renormalised
+            d_hi, d_lo = _two_sum(np.asarray(x, dtype=np.float64), -m)
+            d_lo += np.asarray(low) - np.asarray(low)[rows, top][:, None]
+            d_hi, d_lo = d_hi + d_lo, d_lo - ((d_hi + d_lo) - d_hi)
+            d_lo[~np.isfinite(d_hi)] = 0.0
+        elif _differences_exact(x):
             d_hi = np.subtract(x, m, dtype=np.float64)  # one pass, exact (see above)
         else:
             d_hi, d_lo = _two_sum(np.asarray(x, dtype=np.float64), -m)  # d <= 0

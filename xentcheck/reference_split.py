@@ -15,7 +15,7 @@ A chunk source is a callable returning, on each call, the row's chunks in order 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -251,6 +251,8 @@ def split_row_reference(block: Block, gradient_scale: float,
     chunk before use (to round its inputs to a dtype, one chunk at a time); the losses are
     then those of the prepared chunks (its case, with its class weights, is theirs)."""
     assert len(block.labels) == 1, "only a row wider than a block is split"
+    if block.case.spec.has_options and block.case.spec.from_logits:
+        return _whole_row_with_options(block, gradient_scale, prepare)
 
     def prepared() -> Iterator[Block]:
         for chunk in block.column_chunks():
@@ -277,6 +279,29 @@ def split_row_reference(block: Block, gradient_scale: float,
     row = split_softmax(chunks, case.classes, target if sparse else None,
                         weight if sparse else None)
     return row.losses, _softmax_gradient_chunk(row, target, weight, sparse, gradient_scale)
+
+
+def _whole_row_with_options(block: Block, gradient_scale: float,
+                            prepare: Callable[[Block], Block] | None) -> tuple[
+        FloatArray, Callable[[Block], FloatArray | None]]:
+    """With loss options the reference takes the row whole (its transformed logits as
+    double-double pairs: a dozen float64 copies of one row), and hands the gradient out
+    chunk by chunk."""
+    from .evaluator import reference_block  # the evaluator imports this module
+
+    whole = replace(block, split=None)
+    if prepare is not None:
+        whole = prepare(whole)
+    losses, grad = reference_block(whole, gradient=prepare is None,
+                                   gradient_scale=gradient_scale)
+
+    def gradient(chunk: Block) -> FloatArray | None:
+        if grad is None:
+            return None
+        start, stop = chunk.columns or (0, grad.shape[-1])
+        return grad[:, start:stop]
+
+    return losses, gradient
 
 
 def _softmax_gradient_chunk(row: SplitSoftmax, target: FloatArray, weight: FloatArray,

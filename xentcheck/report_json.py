@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .case import LossOptions
 from .expectations import Outcome, Verdict
 from .findings import Finding, Limit, Mismatch, ScenarioResult
 from .limits import LimitRow
@@ -117,6 +118,7 @@ def scenario_json(result: ScenarioResult) -> dict[str, Any]:
         "shape": list(result.shape),
         "classes": result.classes,
         "reduction": result.reduction,
+        "options": _options(result.options),
         "reference": reference,
         "results": [_result(f, result.reduction) for f in result.findings],
         "mismatches": [_mismatch(m) for m in result.mismatches],
@@ -198,6 +200,12 @@ def _limit(limit: Limit | None) -> dict[str, Any] | None:
             "no_safe_spread": limit.no_safe_spread}
 
 
+def _options(options: LossOptions) -> dict[str, Any]:
+    """The loss options, as given (defaults included: 0, null, 1)."""
+    return {"z_loss": options.z_loss, "logit_softcap": options.logit_softcap,
+            "temperature": options.temperature}
+
+
 def render_limits_json(rows: Sequence[LimitRow]) -> str:
     """The ``limits`` command's document: one entry per pipeline and dtype."""
     document = {
@@ -210,6 +218,7 @@ def render_limits_json(rows: Sequence[LimitRow]) -> str:
                 "pipeline": row.pipeline,
                 "dtype": row.dtype,
                 "classes": row.classes,
+                "options": _options(row.options),
                 **(_limit(row.bisected) or {}),
                 "closed_form": _limit(row.closed_form),
                 "spread_without_subnormals": number(row.spread_without_subnormals),
@@ -232,6 +241,7 @@ def render_sweep_json(result: SweepResult) -> str:
             "loss": spec.family, "classes": spec.classes, "pattern": spec.pattern,
             "start": spec.start, "stop": spec.stop, "points": spec.points,
             "log_scale": spec.log_scale, "spread": spec.spread, "seed": spec.seed,
+            "options": _options(spec.options),
             "magnitudes": [float(m) for m in result.magnitudes],
             "curves": [
                 {

@@ -9,6 +9,7 @@ from pathlib import PurePath
 from rich.console import Console
 from rich.text import Text
 
+from .case import NO_OPTIONS
 from .expectations import Verdict
 from .findings import Finding, Mismatch, ScenarioResult
 from .layout import Column, Row, fits, print_table, print_wrapped
@@ -95,8 +96,10 @@ def _first_bad(finding: Finding) -> Text:
     # a format without infinity (float8_e4m3fn) overflows to NaN: say so where it happens
     kind = "overflow to NaN" if event.kind == "overflow" and not Precision(
         finding.dtype).has_inf else event.kind
-    return Text(f"{event.stage}: {kind}{where}", style="red" if event.kind != "underflow"
-                else "yellow")
+    # a user's function: the line of their file that called the op
+    line = f" in {event.source}" if event.source else ""
+    return Text(f"{event.stage}: {kind}{where}{line}",
+                style="red" if event.kind != "underflow" else "yellow")
 
 
 def _gradient_text(finding: Finding) -> Text:
@@ -109,7 +112,9 @@ def _gradient_text(finding: Finding) -> Text:
     text = Text(" ".join(flags), style="bold red" if {"nan", "inf"} & set(flags) else "yellow")
     event = finding.grad_first_bad
     if event is not None:
-        text.append(f" @{event.stage} {_index(event.index)}", style="red")
+        where = f" {_index(event.index)}" if event.index else ""
+        line = f" in {event.source}" if event.source else ""
+        text.append(f" @{event.stage}{where}{line}", style="red")
     elif "nan" not in flags:
         text.append(f" err {_num(finding.grad_error, 2)}")
     return text
@@ -193,6 +198,15 @@ def _header(result: ScenarioResult, console: Console) -> None:
         f"{result.family} cross-entropy from {inputs}, {kind} · shape "
         f"{_index(result.shape)} · {result.classes} class"
         f"{'es' if result.classes != 1 else ''} · reduction {result.reduction}", 2)
+    options = result.options
+    if options != NO_OPTIONS:
+        given = [f"temperature {_num(options.temperature, 6)}"] if options.temperature != 1.0 \
+            else []
+        if options.logit_softcap is not None:
+            given.append(f"logit soft-cap {_num(options.logit_softcap, 6)}")
+        if options.z_loss:
+            given.append(f"z-loss {_num(options.z_loss, 6)}")
+        print_wrapped(console, "loss options: " + " · ".join(given), 2)
     print_wrapped(console, _reference_line(result), 2)
     if result.class_weights is not None:
         weights = ", ".join(_num(w, 4) for w in result.class_weights)

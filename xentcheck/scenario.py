@@ -18,18 +18,19 @@ import numpy as np
 import yaml
 
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels, release_pages
-from .case import FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
+from .case import DEFAULT_CHUNK_SIZE, FAMILIES, REDUCTIONS, Case, LabelKind, LossSpec
 from .errors import InputError, UsageError, XentcheckError
 from .expectations import Expectation, parse_expectations
 from .findings import Tolerance
 from .misuse import tagged
 from .pipelines import available, select
 from .precision import DTYPE_NAMES, FloatArray
+from .user_functions.loading import UserFunction, parse_functions
 
 KEYS: tuple[str, ...] = (
     "name", "description", "loss", "logits", "labels", "from_logits", "class_weights",
     "pos_weight", "label_smoothing", "ignore_index", "reduction", "dtypes", "pipelines",
-    "tolerance", "expect",
+    "functions", "z_loss", "logit_softcap", "temperature", "chunk_size", "tolerance", "expect",
 )
 
 
@@ -64,6 +65,8 @@ class Scenario:
     source: str
     lines: dict[str, int]
     expectations: tuple[Expectation, ...] = ()
+    # users' loss functions (``functions:``), run beside the pipelines
+    functions: tuple[UserFunction, ...] = ()
 
 
 def load_scenarios(path: str | Path, *, found: bool = False) -> list[Scenario]:
@@ -208,7 +211,11 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
             label_smoothing=data.get("label_smoothing", 0.0),
             ignore_index=data.get("ignore_index"),
             reduction=_choice(data.get("reduction", "mean"), REDUCTIONS, "reduction"),
+            chunk_size=data.get("chunk_size", DEFAULT_CHUNK_SIZE),
             source=source,
+            z_loss=data.get("z_loss", 0.0),
+            logit_softcap=data.get("logit_softcap"),
+            temperature=data.get("temperature", 1.0),
         )
         dtypes = _names(data.get("dtypes"), "dtypes")
         for name in dtypes or ():
@@ -220,14 +227,16 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
             except UsageError as exc:
                 raise InputError(str(exc), field="pipelines") from None
         tolerance = parse_tolerance(data.get("tolerance"))
+        functions = parse_functions(data.get("functions"), base)
         expectations: tuple[Expectation, ...] = ()
         if "expect" in data:
             names = [p.name for p in available(case.spec.family, case.spec.from_logits,
                                                    every=True)]
+            names += [f.spec for f in functions]
             expectations = parse_expectations(data["expect"], _item_lines(node, "expect"), names)
     except InputError as exc:
         raise exc.located(source) from None
-    return Scenario(case, dtypes, pipelines, tolerance, source, lines, expectations)
+    return Scenario(case, dtypes, pipelines, tolerance, source, lines, expectations, functions)
 
 
 def _item_lines(node: yaml.MappingNode, key: str) -> list[int | None]:
@@ -360,8 +369,12 @@ def make_case(
     label_smoothing: Any = 0.0,
     ignore_index: Any = None,
     reduction: str = "mean",
+    chunk_size: Any = DEFAULT_CHUNK_SIZE,
     source: str = "<inline>",
     description: str = "",
+    z_loss: Any = 0.0,
+    logit_softcap: Any = None,
+    temperature: Any = 1.0,
 ) -> Case:
     """Validate inputs and loss options and build a :class:`Case` (scenarios and CLI alike).
 
@@ -380,6 +393,10 @@ def make_case(
     if ignore_index is not None and (isinstance(ignore_index, bool)
                                      or not isinstance(ignore_index, (int, np.integer))):
         raise InputError(f"must be an integer, not {ignore_index!r}", field="ignore_index")
+    z_coef, cap, scale = loss_options(z_loss, logit_softcap, temperature, family, from_logits)
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+            or chunk_size < 1):
+        raise InputError(f"must be a positive integer, not {chunk_size!r}", field="chunk_size")
     labels, kind = _checked_labels(np.asarray(labels), logits, family, classes, ignore_index)
     if kind == "dense" and ignore_index is not None:
         raise InputError("applies to integer labels; these are one-hot or probability rows",
@@ -406,6 +423,10 @@ def make_case(
         label_smoothing=smoothing,
         ignore_index=None if ignore_index is None else int(ignore_index),
         reduction=reduction,  # type: ignore[arg-type]
+        z_loss=z_coef,
+        logit_softcap=cap,
+        temperature=scale,
+        chunk_size=int(chunk_size),
     )
     case = Case(name=name, logits=logits, labels=labels, label_kind=kind, spec=spec,
                 source=source, description=description)
@@ -414,6 +435,27 @@ def make_case(
         raise InputError("every label equals ignore_index: the mean is undefined",
                          field="labels")
     return case
+
+
+def loss_options(z_loss: Any, logit_softcap: Any, temperature: Any, family: str,
+                  from_logits: bool) -> tuple[float, float | None, float]:
+    """The validated loss options: ``z_loss >= 0`` (softmax from logits), ``logit_softcap >
+    0`` and ``temperature > 0`` (logits of either family), all finite."""
+    coef = _number(z_loss, "z_loss")
+    if coef < 0:
+        raise InputError("must be >= 0", field="z_loss")
+    if coef and (family != "softmax" or not from_logits):
+        raise InputError("applies to the softmax loss from logits only", field="z_loss")
+    cap = None if logit_softcap is None else _number(logit_softcap, "logit_softcap")
+    if cap is not None and cap <= 0:
+        raise InputError("must be > 0", field="logit_softcap")
+    scale = _number(temperature, "temperature")
+    if scale <= 0:
+        raise InputError("must be > 0", field="temperature")
+    for key, given in (("logit_softcap", cap is not None), ("temperature", scale != 1.0)):
+        if given and not from_logits:
+            raise InputError("applies to logits, not probabilities", field=key)
+    return coef, cap, scale
 
 
 def _first_index(mask: FloatArray) -> list[int]:

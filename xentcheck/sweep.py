@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .case import Case, LossSpec
+from .case import NO_OPTIONS, Case, LossOptions, LossSpec
 from .comparison import elementwise_errors
 from .errors import UsageError
 from .evaluator import evaluate
@@ -50,6 +50,8 @@ class SweepSpec:
     log_scale: bool = True
     spread: float = 10.0
     seed: int = 0
+    # loss options applied to every point (the magnitudes are the raw logits')
+    options: LossOptions = NO_OPTIONS
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -94,7 +96,8 @@ def sweep_case(spec: SweepSpec) -> Case:
             x = np.repeat(sign * m, spec.classes, axis=1)
             z = np.full(x.shape, 0.0 if spec.pattern == "bottom" else 1.0)
         return Case("sweep", _in_range(x, spec, rows=False), z, "binary",
-                    LossSpec(family="sigmoid", reduction="none"))
+                    LossSpec(family="sigmoid", reduction="none",
+                             **spec.options.spec_fields("sigmoid")))  # type: ignore[arg-type]
     steps = np.linspace(1.0, -1.0, spec.classes)[None, :]
     if spec.pattern == "normal":
         with np.errstate(over="ignore"):  # checked below
@@ -107,7 +110,8 @@ def sweep_case(spec: SweepSpec) -> Case:
         x = m * steps
         labels = np.full(spec.points, 0 if spec.pattern == "top" else spec.classes - 1)
     return Case("sweep", _in_range(x, spec, rows=True), labels.astype(np.int64), "index",
-                LossSpec(reduction="none"))
+                LossSpec(reduction="none",
+                         **spec.options.spec_fields("softmax")))  # type: ignore[arg-type]
 
 
 def _in_range(x: FloatArray, spec: SweepSpec, *, rows: bool) -> FloatArray:

@@ -1,7 +1,8 @@
 """Pipelines: each formulation of the loss, written once, generic over the precision.
 
 :mod:`.base` holds what every pipeline is built from (the block of rows, the interface, the
-shared batch reduction); :mod:`.textbook` the textbook formulations. Adding a formulation
+shared batch reduction); :mod:`.textbook` the textbook formulations; :mod:`.large_vocab` the
+log1p, online and chunked log-sum-exp of large-vocabulary losses. Adding a formulation
 means adding a class in a module of its own and registering it here; the evaluator, the
 reference and the reports do not change.
 """
@@ -13,6 +14,7 @@ from .base import Block, Pipeline, Saved, reduce_losses
 from .fused import SoftmaxFused
 from .jax_optax import SigmoidJax, SoftmaxJax
 from .keras3 import KerasSigmoid, KerasSoftmax, KerasSoftmaxProbabilities
+from .large_vocab import SoftmaxAccurate, SoftmaxChunked, SoftmaxOnline
 from .textbook import (
     KERAS_EPSILON,
     SigmoidNaive,
@@ -39,6 +41,9 @@ PIPELINES: tuple[Pipeline, ...] = (
     SoftmaxNaive(),
     SoftmaxShifted(),
     SoftmaxStable(),
+    SoftmaxAccurate(),
+    SoftmaxOnline(),
+    SoftmaxChunked(),
     SoftmaxProbabilitiesNaive(),
     SoftmaxProbabilitiesClipped(),
     SigmoidNaive(),
@@ -65,8 +70,9 @@ def available(family: str, from_logits: bool, *, every: bool = False) -> tuple[P
 
 
 def textbook(family: str, from_logits: bool) -> tuple[Pipeline, ...]:
-    """The textbook formulations that apply (no framework emulation), in display order."""
-    return tuple(p for p in available(family, from_logits, every=True) if not p.framework)
+    """The textbook formulations that apply (run by default, no framework emulation), in
+    display order; the large-vocabulary ones (:mod:`.large_vocab`) run when named."""
+    return tuple(p for p in available(family, from_logits) if not p.framework)
 
 
 def select(family: str, from_logits: bool, names: list[str] | None) -> tuple[Pipeline, ...]:

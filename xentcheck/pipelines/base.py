@@ -152,6 +152,15 @@ class Pipeline(ABC):
     # whether it keeps the replay contract below, so that a row wider than a block runs in
     # column chunks; one that does not runs such a row whole (right, memory not bounded)
     splittable: ClassVar[bool] = True
+    # called once on the whole case (a user's loss function, in the case's own shape): an
+    # input it runs on is one block, not streamed in blocks of rows
+    whole_case: ClassVar[bool] = False
+    # an opaque formulation (a user's function): its limits try every worst-case pattern,
+    # nothing saying which one binds
+    every_limit_pattern: ClassVar[bool] = False
+    # whether xentcheck applies the case's loss options (temperature, soft-cap, z-loss)
+    # around it; a user's function computes the whole loss from the inputs as given
+    takes_options: ClassVar[bool] = True
     # a framework pipeline in the 8-bit formats: why it does not run there (the library's
     # float8 behaviour is not emulated; see :meth:`unsupported`)
     fp8_note: ClassVar[str] = "its library's float8 arithmetic is not emulated"

@@ -28,6 +28,8 @@ two reductions are stored separately) are in ``docs/frameworks-fused.md``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from ..case import Case
@@ -56,12 +58,17 @@ class SoftmaxFused(Pipeline):
     from_logits = True
     formula = ("float32: z = x - max x; log_softmax = z - log(sum(exp(z))); "
                "loss = -sum(y * log_softmax); stored in D once")
-    stages = ("cast", "sum", "log", "log_softmax", "nll")
+    stages: ClassVar[tuple[str, ...]] = ("cast", "sum", "log", "log_softmax", "nll")
 
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
         x = run.cast("cast", block.logits)
-        log_softmax = run.save("log_softmax", self._log_softmax(run, x))
-        loss = self._loss(run, block, log_softmax)
+        log_softmax = run.save("log_softmax", self._log_softmax(run, block, x))
+        return self._output(run, block, self._loss(run, block, log_softmax))
+
+    @staticmethod
+    def _output(run: StageRunner, block: Block, loss: FloatArray) -> FloatArray:
+        """The float32 losses as the kernel leaves them: ignored rows 0, stored in D for
+        ``reduction='none'``."""
         keep = block.valid
         if block.case.spec.reduction == "none":
             # the kernel's output: each loss stored in D, one rounding
@@ -69,8 +76,9 @@ class SoftmaxFused(Pipeline):
         # a reduced loss never stores the per-example losses: they stay float32
         return run.fused("nll", lambda v: np.where(keep, v, 0), loss, round_result=False)
 
-    @staticmethod
-    def _log_softmax(run: StageRunner, x: FloatArray) -> FloatArray:
+    def _log_softmax(self, run: StageRunner, block: Block, x: FloatArray) -> FloatArray:
+        """The float32 log-softmax of the cast logits ``x``, kept in registers (a subclass
+        forms the log-sum-exp its own way: :mod:`.large_vocab`)."""
         top = run.max("sum", x)
         # watched as a row sum (one value per row), then kept as a trailing axis
         total = run.fused("sum", lambda a, m: np.sum(np.exp(a - m), axis=-1),
@@ -156,7 +164,7 @@ class SoftmaxFused(Pipeline):
         if log_softmax is None:
             quiet = StageRunner(run.precision, self.all_stages).bind(
                 run.valid_rows, run.row_offset)
-            log_softmax = self._log_softmax(quiet, quiet.cast("cast", block.logits))
+            log_softmax = self._log_softmax(quiet, block, quiet.cast("cast", block.logits))
         compute = run.precision.compute_dtype
         scale = np.asarray(upstream, dtype=compute)
         case = block.case

@@ -84,7 +84,8 @@ def _keras_reduce(run: StageRunner, per_example: FloatArray, reduction: str,
     are weighted by ``N / counted`` first where some are not counted (``apply_mask``'s
     weight for ``ignore_class``); sigmoid rows are averaged over their K elements first
     (``BinaryCrossentropy``'s ``ops.mean(..., axis=-1)``)."""
-    values = np.asarray(per_example, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a float64 loss past float32's range is inf there
+        values = np.asarray(per_example, dtype=np.float32)
     if reduction == "none":
         return values
     run.bind(np.ones(1, dtype=bool))
