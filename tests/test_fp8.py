@@ -335,3 +335,21 @@ def test_torch_has_no_float8_cross_entropy() -> None:
     big = torch.tensor([500.0, float("inf")])
     assert big.to(torch.float8_e4m3fn).float().tolist() == [448.0, 448.0]
     assert np.isnan(Precision("float8_e4m3fn").round(big.numpy()).astype(np.float32)).all()
+
+
+def test_a_soft_cap_cannot_save_a_logit_e4m3fn_cannot_store() -> None:
+    """The cap is applied in D, after the cast: configs/lm_softcap_zloss.yaml's logit near
+    3000 is NaN in float8_e4m3fn before tanh could bring it to 30 (float8_e5m2 stores it,
+    as 3072, and the capped loss is finite). The z-loss gradient's non-finite product is
+    watched in its own shape."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "lm_softcap_zloss.yaml"
+    result = CliRunner().invoke(cli, ["run", str(path), "--dtype", "float8_e4m3fn,float8_e5m2",
+                                      "--pipeline", "stable", "--format", "json"])
+    assert result.exit_code in (0, 1), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    doc = json.loads(result.stdout)["scenarios"][0]
+    e4m3, e5m2 = doc["results"]
+    assert (e4m3["dtype"], e4m3["loss"], e4m3["first_bad_stage"], e4m3["first_bad_kind"]) == (
+        "float8_e4m3fn", "nan", "cast", "overflow")
+    assert e5m2["dtype"] == "float8_e5m2" and isinstance(e5m2["loss"], float)
+    assert float(np.float32(2998).astype(ml_dtypes.float8_e5m2)) == 3072.0

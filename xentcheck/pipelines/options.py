@@ -217,7 +217,8 @@ class WithOptions(Pipeline):
         x = run.cast("cast", capped.logits)
         gap = run.subtract("z_logsumexp", x, lse[:, None], blame=[])
         weight = run.exp("z_logsumexp", gap, blame=[])
-        return run.multiply("z_logsumexp", g[:, None], weight, blame=[g])
+        column = g[:, None]  # blamed in the product's own shape (a watch broadcasts it)
+        return run.multiply("z_logsumexp", column, weight, blame=[column])
 
     def _pre_backward(self, run: StageRunner, block: Block, grad: FloatArray,
                       saved: Saved) -> FloatArray:
