@@ -32,7 +32,6 @@ STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
 DTYPE_NAMES: tuple[str, ...] = tuple(STORAGE_DTYPES)
 # The dtypes run when none is named: the 8-bit formats run when named.
 DEFAULT_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
-FP8_NAMES: tuple[str, ...] = ("float8_e4m3fn", "float8_e5m2")
 # All exponent bits set means inf or NaN.
 _EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
@@ -131,9 +130,9 @@ ACCUMULATE_CHOICES: tuple[str, ...] = ("default", "same", "float32", "float64")
 DEFAULT_TOLERANCE_EPS = 8.0
 # The 8-bit formats carry 3 (e4m3fn) or 2 (e5m2) stored bits: 8 eps would be a relative error
 # of 1 or 2, which passes anything. 2 eps (0.25 and 0.5) admits the final rounding of the
-# loss (up to eps / 2) and the rounding of the log-sum-exp it is computed from, carried
-# through a subtraction that loses about a bit (the loss of [1, 2, 3], label 0, in e4m3fn
-# is 2.5 for 2.4076: 0.3 eps), and flags a result that kept no correct bit.
+# loss (up to eps / 2) and the rounding of the log-sum-exp it is computed from (stable's loss
+# of [1, 2, 3], label 0, in e4m3fn is 2.5 for 2.4076: 0.3 eps; bench/fp8_errors.py measures
+# at most 0.85 eps on well-conditioned rows), and flags a result that kept no correct bit.
 FP8_TOLERANCE_EPS = 2.0
 
 
