@@ -186,7 +186,7 @@ def test_a_scalar_loss_gets_the_upstream_as_is(losses: tuple[Any, Path]) -> None
 @pytest.mark.parametrize(("name", "message"), [
     ("raises", r"the function raised IndexError: index 7 is out of bounds .* at .*"),
     ("returns_numpy", r"^returned a numpy.ndarray, not a torch tensor$"),
-    ("returns_integers", r"^returned a torch.int64 tensor; losses must be floating$"),
+    ("returns_integers", r"^returned a tensor of torch.int64; losses must be floating$"),
     ("returns_wrong_shape", r"^returned shape \(2, 3\); expected the logits' leading shape "
                             r"\(2,\) \(one loss per example\) or a scalar$"),
     ("detached", r"^returned losses that do not depend on the logits through autograd"),

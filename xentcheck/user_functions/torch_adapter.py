@@ -17,12 +17,9 @@ torch is imported only when a torch function is run.
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import sys
-import traceback
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,8 @@ import numpy as np
 
 from ..errors import InputError
 from .adapter import CallResult, LossFunction
-from .watch import OpWatcher, _Candidate
+from .locate import not_an_array, raised, same_file, source, wrong_shape
+from .watch import Flush, OpWatcher
 
 # numpy dtype name -> (torch dtype attribute, integer numpy view of the same width); the
 # narrow formats move over bit for bit through the integer view, as torch has no numpy
@@ -44,36 +42,6 @@ _DTYPES: dict[str, tuple[str, type[np.generic] | None]] = {
     "float8_e5m2": ("float8_e5m2", np.uint8),
 }
 _FRAME = re.compile(r'File "(?P<file>.*)", line (?P<line>\d+)')
-
-
-def _same_file(user_file: Path | None) -> Callable[[str], bool]:
-    """A test of a frame's file name against the user's file (real paths compared)."""
-    if user_file is None:
-        return lambda name: False
-    target = os.path.realpath(user_file)
-    cache: dict[str, bool] = {}
-
-    def test(name: str) -> bool:
-        if name not in cache:
-            cache[name] = os.path.realpath(name) == target
-        return cache[name]
-
-    return test
-
-
-def user_line_of_exception(exc: BaseException, user_file: Path | None) -> str | None:
-    """``FILE:LINE`` of the innermost frame of ``exc``'s traceback in the user's file."""
-    in_user = _same_file(user_file)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if in_user(f.filename)]
-    return f"{user_file}:{frames[-1].lineno}" if frames else None
-
-
-def raised(exc: BaseException, user_file: Path | None, during: str) -> InputError:
-    """The one-line error for a user's function that raised."""
-    where = user_line_of_exception(exc, user_file)
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return InputError(f"{during} raised {text}" + (f" at {where}" if where else ""))
 
 
 def to_tensor(torch: Any, values: np.ndarray[Any, Any]) -> Any:
@@ -110,14 +78,11 @@ def to_numpy(torch: Any, tensor: Any) -> np.ndarray[Any, Any]:
 def checked_losses(torch: Any, out: Any, leading: tuple[int, ...]) -> Any:
     """``out`` if it is a floating torch tensor of the leading shape or a scalar."""
     if not isinstance(out, torch.Tensor):
-        kind = type(out)
-        raise InputError(f"returned a {kind.__module__}.{kind.__qualname__}, not a torch "
-                         f"tensor")
+        raise not_an_array(out, "a torch tensor")
     if not out.is_floating_point():
-        raise InputError(f"returned a {out.dtype} tensor; losses must be floating")
+        raise InputError(f"returned a tensor of {out.dtype}; losses must be floating")
     if tuple(out.shape) not in (leading, ()):
-        raise InputError(f"returned shape {tuple(out.shape)}; expected the logits' leading "
-                         f"shape {leading} (one loss per example) or a scalar")
+        raise wrong_shape(tuple(out.shape), leading)
     return out
 
 
@@ -128,12 +93,12 @@ class _Watch:
     def __init__(self, torch: Any, user_file: Path | None) -> None:
         self.torch = torch
         self.user_file = user_file
-        self.in_user = _same_file(user_file)
+        self.in_user = same_file(user_file)
         self.forward = OpWatcher()
         self.backward = OpWatcher()
-        self._taints: dict[int, tuple[weakref.ref[Any], _Candidate]] = {}
+        self._taints: dict[int, tuple[weakref.ref[Any], Flush]] = {}
 
-    def _taint(self, tensor: Any) -> _Candidate | None:
+    def _taint(self, tensor: Any) -> Flush | None:
         entry = self._taints.get(id(tensor))
         if entry is None or entry[0]() is not tensor:
             return None
@@ -143,7 +108,7 @@ class _Watch:
         frame = sys._getframe(1)
         while frame is not None:
             if self.in_user(frame.f_code.co_filename):
-                return f"{self.user_file}:{frame.f_lineno}"
+                return source(self.user_file, frame.f_lineno)
             frame = frame.f_back  # type: ignore[assignment]
         return None
 
@@ -154,7 +119,7 @@ class _Watch:
             for match in _FRAME.finditer(str(entry)):
                 if self.in_user(match["file"]):
                     found = match["line"]
-        return f"{self.user_file}:{found}" if found is not None else None
+        return source(self.user_file, found)
 
     def _floating(self, value: Any) -> np.ndarray[Any, Any] | None:
         torch = self.torch

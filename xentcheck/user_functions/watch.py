@@ -67,7 +67,7 @@ def _as_float64(value: Array) -> Array:
 
 
 @dataclass
-class _Candidate:
+class Flush:
     """A flush to zero that becomes an ``underflow`` event once a pole meets its zero."""
 
     order: int
@@ -98,9 +98,9 @@ class OpWatcher:
         op: str,
         operands: Sequence[Array | None],
         outputs: Sequence[Array],
-        taints: Sequence[_Candidate | None],
+        taints: Sequence[Flush | None],
         locate: Callable[[], str | None],
-    ) -> _Candidate | None:
+    ) -> Flush | None:
         """Check one operation. ``operands``: the floating operands as numpy arrays (None for
         a non-floating or non-array operand, kept so positions match the operation's own);
         ``taints``: for each operand, the flush to zero it carries (what this method
@@ -119,7 +119,7 @@ class OpWatcher:
 
         taints = [t if t is not None and t.owner is self else None for t in taints]
         carried = next((t for t in taints if t is not None), None)
-        result: _Candidate | None = None
+        result: Flush | None = None
         for raw in outputs:
             out = _as_float64(raw)
             if not out.size:
@@ -163,7 +163,7 @@ class OpWatcher:
                     clean &= ~per_output(lambda o: o == 0)
                 index = _first(zeros & clean)
                 if index is not None and result is None:
-                    result = _Candidate(order, OpEvent(op, "underflow", index, where()), self)
+                    result = Flush(order, OpEvent(op, "underflow", index, where()), self)
             if result is None and carried is not None:
                 result = carried  # the zero travels on (an index, a view, a copy)
         return result
