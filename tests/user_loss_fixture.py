@@ -13,11 +13,7 @@ LOSSES = Path(__file__).parent / "user_losses"
 def load(name: str) -> tuple[ModuleType, Path]:
     """The module ``tests/user_losses/<name>.py`` and its path."""
     path = LOSSES / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"user_losses_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, path
+    return load_file(path), path
 
 
 def line_of(path: Path, text: str) -> str:
@@ -25,3 +21,12 @@ def line_of(path: Path, text: str) -> str:
     lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line]
     assert len(lines) == 1, (text, lines)
     return f"{path}:{lines[0]}"
+
+
+def load_file(path: Path) -> ModuleType:
+    """The module of the file ``path`` (an example's), as ``--loss-fn FILE.py:NAME`` loads."""
+    spec = importlib.util.spec_from_file_location(f"user_loss_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
