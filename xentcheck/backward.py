@@ -373,7 +373,7 @@ def trace_entry(pipeline: Pipeline, precision: Precision, block: Block, column: 
     pipeline.backward(tracer, block, upstream, {})
     event = tracer.first_event()
     if event is not None:
-        return StageEvent(event.stage, event.kind, (block.start, column))
+        return StageEvent(event.stage, event.kind, (block.start, column), event.source)
     flush = tracer.row_flush
     if flush is None:
         return None

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from . import __version__, execution
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import Case
+from .cli_functions import function_options, load_functions, with_functions
 from .discovery import find_scenarios
 from .errors import UsageError, XentcheckError
 from .evaluator import Progress, evaluate
@@ -45,6 +47,7 @@ from .report_table import (
 )
 from .scenario import Scenario, ToleranceSpec, load_scenarios, make_case
 from .sweep import PATTERNS, SweepSpec, run_sweep
+from .user_functions.loading import UserFunction
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json")
@@ -139,6 +142,14 @@ def output_options(formats: Sequence[str]) -> Callable[[F], F]:
                          help="Write the report to this file (the console gets a summary)."),
         ])
     return decorate
+
+
+def _failure(exc: XentcheckError, show_traceback: bool) -> InputFailure:
+    """The one-line error; with --traceback, the user's exception's traceback first."""
+    cause = getattr(exc, "cause", None)
+    if show_traceback and cause is not None:
+        click.echo("".join(traceback.format_exception(cause)).rstrip("\n"), err=True)
+    return InputFailure(str(exc))
 
 
 fail_on_option = click.option(
@@ -247,6 +258,7 @@ def cli() -> None:
 @click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere.")
 @click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax).")
 @evaluation_options
+@function_options
 @fail_on_option
 @output_options(CHECK_FORMATS)
 def run(
@@ -268,6 +280,9 @@ def run(
     accumulate: str,
     rtol: float | None,
     atol: float | None,
+    loss_fns: tuple[str, ...],
+    framework: str,
+    show_traceback: bool,
     fail_on: tuple[str, ...],
     output_format: str,
     output: str | None,
@@ -281,15 +296,18 @@ def run(
       xentcheck run configs/naive_overflow.yaml
       xentcheck run configs/*.yaml --dtype bfloat16,float32 --format json
       xentcheck run --logits logits.npy --labels labels.npy --loss softmax
+      xentcheck run examples/numpy_textbook.yaml --loss-fn examples/numpy_stable.py:loss
     """
     try:
         files = InputFiles(logits_file, logits_key, logits_dtype, labels_file, labels_key,
                            labels_dtype, label_column)
+        functions = load_functions(loss_fns, framework)
         loaded = _scenarios(scenarios, files, loss, probabilities, reduction, ignore_index,
                             label_smoothing)
-        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
+        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on,
+                             functions)
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _report(checked, output_format, output, summary_only=False)
     if not all(c.verdict.passed for c in checked):
         sys.exit(1)
@@ -298,6 +316,7 @@ def run(
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @evaluation_options
+@function_options
 @fail_on_option
 @output_options(CHECK_FORMATS)
 def check(
@@ -307,6 +326,9 @@ def check(
     accumulate: str,
     rtol: float | None,
     atol: float | None,
+    loss_fns: tuple[str, ...],
+    framework: str,
+    show_traceback: bool,
     fail_on: tuple[str, ...],
     output_format: str,
     output: str | None,
@@ -323,10 +345,12 @@ def check(
       xentcheck check --fail-on nan,inf@stable --format github
     """
     try:
+        functions = load_functions(loss_fns, framework)
         loaded = find_scenarios(paths or (Path("configs"),), note=_note)
-        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on)
+        checked = _check_all(loaded, dtypes, pipelines, accumulate, rtol, atol, fail_on,
+                             functions)
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _report(checked, output_format, output, summary_only=True)
     if not all(c.verdict.passed for c in checked):
         sys.exit(1)
@@ -339,15 +363,18 @@ def _note(message: str) -> None:
 def _check_all(
     loaded: Sequence[Scenario], dtypes: tuple[str, ...], pipelines: tuple[str, ...],
     accumulate: str, rtol: float | None, atol: float | None, fail_on: tuple[str, ...],
+    functions: Sequence[UserFunction] = (),
 ) -> list[Checked]:
-    """Evaluate each scenario and judge its expectations and the --fail-on rules."""
+    """Evaluate each scenario (with the --loss-fn ``functions`` beside its own) and judge
+    its expectations and the --fail-on rules."""
     rules = parse_fail_on(fail_on)
     override = None
     if rtol is not None or atol is not None:
         override = ToleranceSpec(everywhere=Tolerance(rel=rtol or 0.0, abs=atol or 0.0))
     checked = []
     for scenario in loaded:
-        result = _evaluate(scenario, _names(dtypes), _names(pipelines), accumulate, override)
+        result = _evaluate(scenario, _names(dtypes), _names(pipelines), accumulate, override,
+                           functions)
         expectations = (*scenario.expectations, *rules)
         verdict = check_expectations(result, expectations)
         checked.append(Checked(result, verdict, expectations))
@@ -414,7 +441,8 @@ def _scenarios(
 
 
 def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accumulate: str,
-              override: ToleranceSpec | None) -> ScenarioResult:
+              override: ToleranceSpec | None,
+              functions: Sequence[UserFunction] = ()) -> ScenarioResult:
     case = scenario.case
     precisions = _precisions(dtypes, scenario.dtypes or DTYPE_NAMES, accumulate)
     named = pipelines or list(scenario.pipelines or ())
@@ -428,6 +456,8 @@ def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accum
             click.echo(f"xentcheck: note: {case.source}: {', '.join(whole)} left out of the "
                        f"default set for rows of {case.classes} classes (it would hold a whole "
                        f"row in memory); name it with --pipeline to run it", err=True)
+    chosen = with_functions(chosen, (*scenario.functions, *functions), case.spec.family,
+                             case.spec.from_logits)
     spec = override or scenario.tolerance
     tolerances = None
     if spec is not None:
@@ -523,28 +553,36 @@ def _limit_pipelines(families: Sequence[str], names: list[str]) -> list[Pipeline
               show_default=True, help="Reduction accumulate dtype.")
 @click.option("--pipeline", "pipeline_names", multiple=True, metavar="NAME",
               help="Formulation(s), e.g. torch (default: those run by default).")
+@function_options
 @output_options(FORMATS)
 def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
-           pipeline_names: tuple[str, ...], output_format: str, output: str | None) -> None:
+           pipeline_names: tuple[str, ...], loss_fns: tuple[str, ...], framework: str,
+           show_traceback: bool, output_format: str, output: str | None) -> None:
     """Print where each formulation breaks, per precision, for C classes.
 
     The largest safe logit (all C logits equal) and the largest safe spread (a target that
     far below the other C - 1 logits), found by bisection on each pipeline and shown next to
     the closed form derived from the format; "agree" checks one against the other.
 
+    A --loss-fn function's edges are found by bisection on the function itself (no
+    closed form); it is run as a softmax loss unless --loss sigmoid.
+
     \b
     Examples:
       xentcheck limits
       xentcheck limits --classes 50257 --dtype float16,bfloat16
       xentcheck limits --classes 128256 --loss softmax --pipeline stable,torch
+      xentcheck limits -C 3 --dtype float32 --loss-fn examples/numpy_textbook.py:loss
     """
     try:
+        functions = load_functions(loss_fns, framework)
         precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
         families = ("softmax", "sigmoid") if loss == "all" else (loss,)
-        rows = limit_rows(_limit_pipelines(families, _names(pipeline_names)), precisions,
-                          classes)
+        chosen = with_functions(_limit_pipelines(families, _names(pipeline_names)), functions,
+                                 families[0], True)
+        rows = limit_rows(chosen, precisions, classes)
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _emit(output_format, output, lambda: render_limits_json(rows),
           lambda console: render_limits_table(rows, console))
 
@@ -571,10 +609,12 @@ def limits(classes: int, loss: str, dtypes: tuple[str, ...], accumulate: str,
               help="Also write an image of error against magnitude, its format chosen by the "
                    "suffix: .png, .pdf, .svg, ... (needs matplotlib).")
 @evaluation_options
+@function_options
 @output_options(FORMATS)
 def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, points: int,
           linear: bool, spread: float, seed: int, plot: Path | None, dtypes: tuple[str, ...],
           pipelines: tuple[str, ...], accumulate: str, rtol: float | None, atol: float | None,
+          loss_fns: tuple[str, ...], framework: str, show_traceback: bool,
           output_format: str, output: str | None) -> None:
     """Move the logits along a magnitude scale and show where each formulation breaks.
 
@@ -585,14 +625,16 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
     Examples:
       xentcheck sweep --dtype float32
       xentcheck sweep --classes 32000 --pattern normal --to 1e3 --plot sweep.png
+      xentcheck sweep --dtype float32 --pipeline naive --loss-fn examples/numpy_textbook.py:loss
     """
     try:
+        functions = load_functions(loss_fns, framework)
         if plot is not None:
             plot_format(plot)  # before computing anything
         spec = SweepSpec(family=loss, classes=classes, pattern=pattern, start=start, stop=stop,
                          points=points, log_scale=not linear, spread=spread, seed=seed)
         precisions = _precisions(dtypes, DTYPE_NAMES, accumulate)
-        chosen = select(loss, True, _names(pipelines))
+        chosen = with_functions(select(loss, True, _names(pipelines)), functions, loss, True)
         tolerances = None
         if rtol is not None or atol is not None:
             tolerances = {p.name: Tolerance(rel=rtol or 0.0, abs=atol or 0.0) for p in precisions}
@@ -600,7 +642,7 @@ def sweep(loss: str, classes: int, pattern: str, start: float, stop: float, poin
         if plot is not None:
             write_sweep_plot(result, plot)
     except XentcheckError as exc:
-        raise InputFailure(str(exc)) from None
+        raise _failure(exc, show_traceback) from None
     _emit(output_format, output, lambda: render_sweep_json(result),
           lambda console: render_sweep_table(result, console))
 

@@ -14,10 +14,14 @@ class InputError(XentcheckError):
     array at fault, so that the one-line message points at what to fix.
     """
 
-    def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None,
+                 cause: BaseException | None = None):
         self.message = message
         self.source = source
         self.field = field
+        # the exception a user's code raised (a loss function's), kept through
+        # :meth:`located` for ``--traceback``
+        self.cause = cause
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -27,7 +31,8 @@ class InputError(XentcheckError):
     def located(self, source: str | None = None, field: str | None = None) -> InputError:
         """The same error with a source and/or field filled in where still missing."""
         return InputError(
-            self.message, source=self.source or source, field=self.field or field
+            self.message, source=self.source or source, field=self.field or field,
+            cause=self.cause,
         )
 
 

@@ -283,7 +283,9 @@ def _single_pass(case: Case, precisions: Sequence[Precision], pipelines: Sequenc
                               rounded_cases, upstream)
 
     workers = worker_count()
-    for outcome in in_order(work, blocks(case, block_size(workers), release=False), workers):
+    whole = any(p.whole_case for p in pipelines)
+    for outcome in in_order(work, blocks(case, block_size(workers), release=False,
+                                         whole=whole), workers):
         for run, run_outcome in zip(collected.runs, outcome.runs, strict=True):
             run.absorb(run_outcome)
         for merged, measured in zip(collected.gradients, outcome.gradients, strict=True):

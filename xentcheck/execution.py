@@ -41,8 +41,10 @@ def split_width(case: Case, block_elements: int) -> int | None:
 
 
 def blocks(case: Case, block_elements: int | None = None, *,
-           release: bool = True) -> Iterator[Block]:
-    """The case's rows in consecutive blocks of about ``block_elements`` values.
+           release: bool = True, whole: bool = False) -> Iterator[Block]:
+    """The case's rows in consecutive blocks of about ``block_elements`` values; with
+    ``whole``, all of them in one block, its rows whole (a pipeline called once on the whole
+    case runs, :attr:`~xentcheck.pipelines.Pipeline.whole_case`).
 
     A row wider than that is a block of its own, run in column chunks of about that many
     values (:meth:`Block.column_chunks`), so the work and memory per step are bounded by
@@ -53,6 +55,8 @@ def blocks(case: Case, block_elements: int | None = None, *,
     size = BLOCK_ELEMENTS if block_elements is None else block_elements
     step = max(1, size // max(1, case.classes))
     split = split_width(case, size)
+    if whole:
+        step, split = max(1, case.rows), None
     for start in range(0, case.rows, step):
         stop = min(case.rows, start + step)
         block = Block(case, case.logits_rows(start, stop), case.labels_rows(start, stop), start,
@@ -408,7 +412,7 @@ def run_pipeline(
     """Run one pipeline in one precision over a whole case: (loss, per-example, runner)."""
     run = PipelineRun(pipeline, precision)
     denominators = Denominators(np.zeros(case.classes))
-    for block in blocks(case):
+    for block in blocks(case, whole=pipeline.whole_case):
         run.feed(case, block)
         denominators.add(case, block)
     loss, per_example = run.finish(case, denominators)
@@ -427,7 +431,7 @@ def run_with_gradient(
         denominators.add(case, block)
     run = PipelineRun(pipeline, precision)
     parts = []
-    for block in blocks(case, block_elements):
+    for block in blocks(case, block_elements, whole=pipeline.whole_case):
         outcome = run.run_block(case, block, denominators)
         run.absorb(outcome)
         if outcome.gradient is not None:

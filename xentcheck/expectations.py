@@ -13,6 +13,8 @@ A scenario's ``expect:`` is a list of mappings. Each selects findings by ``pipel
     lower bounds on the pipeline's limits.
 ``first_bad_stage``
     the stage where trouble must begin (``null`` for none).
+``first_bad_source``
+    for a user's loss function: the ``FILE:LINE`` of its source where trouble must begin.
 
 An item may instead hold ``no_mismatch: [a, b, ...]``: no mismatch between those pipelines
 (in the selected dtypes). Unknown keys are errors; so is a selector that matches nothing.
@@ -42,7 +44,8 @@ LIMITS = {
     "min_largest_safe_logit": "largest_safe_logit",
     "min_largest_safe_spread": "largest_safe_spread",
 }
-CONDITIONS = ("loss", "flags", "no_flags", "first_bad_stage", *BOUNDS, *LIMITS)
+CONDITIONS = ("loss", "flags", "no_flags", "first_bad_stage", "first_bad_source", *BOUNDS,
+              *LIMITS)
 KEYS = ("pipeline", "dtype", "no_mismatch", *CONDITIONS)
 # Every registered pipeline name, whatever the family or input kind: a --fail-on rule applies
 # to every scenario, so a name is known if any scenario could run it.
@@ -191,6 +194,10 @@ def _expectation(item: dict[str, Any], line: int | None,
             if raw is not None and not isinstance(raw, str):
                 raise InputError("must be a stage name or null", field=key)
             conditions[key] = raw
+        elif key == "first_bad_source":
+            if raw is not None and not isinstance(raw, str):
+                raise InputError("must be FILE:LINE or null", field=key)
+            conditions[key] = raw
         elif key in BOUNDS or key in LIMITS:
             conditions[key] = _bound(raw, key)
     no_mismatch = (_names(item["no_mismatch"], "no_mismatch", pipelines)
@@ -220,7 +227,8 @@ def parse_fail_on(rules: Sequence[str]) -> tuple[Expectation, ...]:
             what = f"unknown flag {unknown[0]!r}" if unknown else "no flag named"
             raise UsageError(f"--fail-on {rule!r}: {what}; flags are {', '.join(FLAGS)}")
         pipes = tuple(p.strip() for p in pipes_part.split(",") if p.strip())
-        unknown = [p for p in pipes if p not in PIPELINE_NAMES]
+        # a name with a colon is a user function's SPEC (--loss-fn, functions:)
+        unknown = [p for p in pipes if p not in PIPELINE_NAMES and ":" not in p]
         if unknown or (not pipes and "@" in rule):
             what = f"unknown pipeline {unknown[0]!r}" if unknown else "no pipeline after '@'"
             raise UsageError(f"--fail-on {rule!r}: {what}; pipelines are "
@@ -280,6 +288,9 @@ def _check_finding(expectation: Expectation, finding: Finding) -> list[Outcome]:
         elif key == "first_bad_stage":
             outcome("first_bad_stage", finding.first_bad_stage == wanted, str(wanted),
                     str(finding.first_bad_stage))
+        elif key == "first_bad_source":
+            outcome("first_bad_source", finding.first_bad_source == wanted, str(wanted),
+                    str(finding.first_bad_source))
         elif key in BOUNDS:
             measured = float(getattr(finding, BOUNDS[key]))
             outcome(BOUNDS[key], measured <= wanted, f"<= {wanted:g}", _fmt(measured))

@@ -277,7 +277,8 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
         def equal_rows(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
             return np.repeat(values[:, None], classes, axis=1), np.zeros(len(values)), "index"
 
-        level = _worst_target(precision) if pipeline.name == "naive" else None
+        level = (_worst_target(precision)
+                 if pipeline.name == "naive" or pipeline.every_limit_pattern else None)
 
         def one_below(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
             rows = np.zeros((len(values), classes))

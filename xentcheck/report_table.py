@@ -87,8 +87,10 @@ def _first_bad(finding: Finding) -> Text:
     if event is None:
         return Text("—", style="dim")
     where = f" at {_index(event.index)}" if event.index else ""
-    return Text(f"{event.stage}: {event.kind}{where}", style="red" if event.kind != "underflow"
-                else "yellow")
+    # a user's function: the line of their file that called the op
+    line = f" in {event.source}" if event.source else ""
+    return Text(f"{event.stage}: {event.kind}{where}{line}",
+                style="red" if event.kind != "underflow" else "yellow")
 
 
 def _gradient_text(finding: Finding) -> Text:
@@ -101,7 +103,9 @@ def _gradient_text(finding: Finding) -> Text:
     text = Text(" ".join(flags), style="bold red" if {"nan", "inf"} & set(flags) else "yellow")
     event = finding.grad_first_bad
     if event is not None:
-        text.append(f" @{event.stage} {_index(event.index)}", style="red")
+        where = f" {_index(event.index)}" if event.index else ""
+        line = f" in {event.source}" if event.source else ""
+        text.append(f" @{event.stage}{where}{line}", style="red")
     elif "nan" not in flags:
         text.append(f" err {_num(finding.grad_error, 2)}")
     return text

@@ -190,6 +190,13 @@ class StageRunner:
                 self._seen.add((event.stage, event.kind))
                 self.events.append(event)
 
+    def note(self, event: StageEvent) -> None:
+        """Record an event another watcher found: an operation of a user's loss function,
+        which its framework's adapter watched (its stage is the op's name, not one the
+        pipeline declared). The first of each (stage, kind) is kept; such events keep the
+        order they were noted in (execution order) and come before declared stages'."""
+        self.absorb([event])
+
     def save(self, name: str, value: FloatArray) -> FloatArray:
         """Keep a forward value of this block for the backward pass (as autograd does)."""
         self.saved[name] = value
@@ -623,13 +630,18 @@ class StageRunner:
         return self._round(np.where(condition, a, b))
 
     def ordered_events(self) -> list[StageEvent]:
-        """Events in pipeline order: by stage, then position, then kind.
+        """Events in pipeline order: by stage, then position, then kind (noted events first,
+        in the order they were noted: :meth:`note`).
 
         The order does not depend on how the rows were split into blocks.
         """
         order = {name: i for i, name in enumerate(self.stages)}
+        noted = {id(e): i for i, e in enumerate(self.events) if e.stage not in order}
+        # noted events (a user function's ops, :meth:`note`) in the order they were noted,
+        # before every declared stage
         return sorted(
-            self.events, key=lambda e: (order[e.stage], e.index, EVENT_KINDS.index(e.kind))
+            self.events, key=lambda e: (order.get(e.stage, -1), noted.get(id(e), 0),
+                                        e.index, EVENT_KINDS.index(e.kind))
         )
 
     def first_event(self) -> StageEvent | None:

@@ -152,6 +152,12 @@ class Pipeline(ABC):
     # whether it keeps the replay contract below, so that a row wider than a block runs in
     # column chunks; one that does not runs such a row whole (right, memory not bounded)
     splittable: ClassVar[bool] = True
+    # called once on the whole case (a user's loss function, in the case's own shape): an
+    # input it runs on is one block, not streamed in blocks of rows
+    whole_case: ClassVar[bool] = False
+    # an opaque formulation (a user's function): its limits try every worst-case pattern,
+    # nothing saying which one binds
+    every_limit_pattern: ClassVar[bool] = False
 
     @abstractmethod
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:

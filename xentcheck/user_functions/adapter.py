@@ -29,12 +29,17 @@ class OpEvent:
     ``op`` names the operation as the framework does (``aten::exp``, ``exp``); ``kind`` is
     one of :data:`xentcheck.stages.EVENT_KINDS`; ``index`` the first offending position in
     the operation's output; ``source`` the ``FILE:LINE`` of the innermost frame in the user's
-    file (None where the framework does not say)."""
+    file (None where the framework does not say), FILE being ``user_file`` as given to
+    :meth:`Adapter.call` (``str(user_file)``: the pipeline shows it as the user wrote it).
+    ``shape`` is the shape of the operation's output: where it starts with the inputs'
+    leading shape, the index is a position in the input and is reported as one (None, or
+    another shape: the position is not reported)."""
 
     op: str
     kind: str
     index: tuple[int, ...]
     source: str | None
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -78,7 +83,8 @@ class Adapter(Protocol):
 
         A function that raises, returns something other than a floating array of the
         framework (a value of another framework, an integer array), or a shape other than
-        the leading shape or a scalar raises :class:`xentcheck.errors.InputError` with one
+        the leading shape, the logits' own shape (a sigmoid loss: one loss per element) or
+        a scalar raises :class:`xentcheck.errors.InputError` with one
         line naming what went wrong (for a raise: the exception's type, message and the
         user's ``FILE:LINE``)."""
         ...
