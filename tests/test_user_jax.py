@@ -48,6 +48,7 @@ def test_the_textbook_loss_overflows_at_its_exp_line(losses: tuple[Any, Path]) -
     assert not np.isfinite(result.losses).any()
     first = result.events[0]
     assert (first.op, first.kind, first.index) == ("exp", "overflow", (0, 0))
+    assert first.shape == (1, 3)  # exp's output: the logits' shape
     assert first.source == line_of(losses[1], "# overflows past ln(max)")
     assert (result.events[1].op, result.events[1].kind) == ("div", "nan")
     assert result.events[1].source == line_of(losses[1], "p = e / e.sum(")
@@ -178,8 +179,9 @@ def test_a_scalar_loss_gets_the_upstream_as_is(losses: tuple[Any, Path]) -> None
     ("python_branch", r"^the function raised TracerBoolConversionError: .* at .*"),
     ("returns_float", r"^returned a builtins.float, not a jax array$"),
     ("returns_integers", r"^returned an array of int64; losses must be floating$"),
-    ("returns_wrong_shape", r"^returned shape \(2, 3\); expected the logits' leading shape "
-                            r"\(2,\) \(one loss per example\) or a scalar$"),
+    ("returns_wrong_shape", r"^returned shape \(3, 2\); expected the logits' leading shape "
+                            r"\(2,\) \(one loss per example\), their shape \(2, 3\) \(one per "
+                            r"element\) or a scalar$"),
 ])
 def test_a_function_that_misbehaves_is_one_line(losses: tuple[Any, Path], name: str,
                                                 message: str) -> None:

@@ -53,6 +53,7 @@ def test_the_textbook_loss_overflows_at_its_exp_line(losses: tuple[Any, Path]) -
     assert not np.isfinite(result.losses).any()
     first = result.events[0]
     assert (first.op, first.kind, first.index) == ("aten::exp", "overflow", (0, 0))
+    assert first.shape == (1, 3)  # exp's output: the logits' shape
     assert first.source == line_of(losses[1], "e = torch.exp(logits)")
     # then inf / inf: the division's NaN, at its own line
     assert (result.events[1].op, result.events[1].kind) == ("aten::div", "nan")
@@ -187,8 +188,9 @@ def test_a_scalar_loss_gets_the_upstream_as_is(losses: tuple[Any, Path]) -> None
     ("raises", r"the function raised IndexError: index 7 is out of bounds .* at .*"),
     ("returns_numpy", r"^returned a numpy.ndarray, not a torch tensor$"),
     ("returns_integers", r"^returned a tensor of torch.int64; losses must be floating$"),
-    ("returns_wrong_shape", r"^returned shape \(2, 3\); expected the logits' leading shape "
-                            r"\(2,\) \(one loss per example\) or a scalar$"),
+    ("returns_wrong_shape", r"^returned shape \(3, 2\); expected the logits' leading shape "
+                            r"\(2,\) \(one loss per example\), their shape \(2, 3\) \(one per "
+                            r"element\) or a scalar$"),
     ("detached", r"^returned losses that do not depend on the logits through autograd"),
 ])
 def test_a_function_that_misbehaves_is_one_line(losses: tuple[Any, Path], name: str,

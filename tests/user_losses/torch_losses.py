@@ -51,7 +51,7 @@ def returns_integers(logits, labels):
 
 
 def returns_wrong_shape(logits, labels):
-    return logits.exp()
+    return logits.t().exp()  # neither (2,), (2, 3) nor ()
 
 
 def detached(logits, labels):

@@ -135,14 +135,15 @@ class _Evaluator:
         return outputs, flush
 
 
-def _checked(jax: Any, out: Any, leading: tuple[int, ...]) -> Any:
-    """``out`` if it is a floating jax array of the leading shape or a scalar."""
+def _checked(jax: Any, out: Any, leading: tuple[int, ...], whole: tuple[int, ...]) -> Any:
+    """``out`` if it is a floating jax array of the leading shape, the logits' whole shape
+    (a sigmoid loss: one per element) or a scalar."""
     if not isinstance(out, jax.Array):
         raise _Returned(not_an_array(out, "a jax array"))
     if not _is_float(out.dtype):
         raise _Returned(InputError(f"returned an array of {out.dtype}; losses must be floating"))
-    if tuple(out.shape) not in (leading, ()):
-        raise _Returned(wrong_shape(tuple(out.shape), leading))
+    if tuple(out.shape) not in (leading, whole, ()):
+        raise _Returned(wrong_shape(tuple(out.shape), leading, whole))
     return out
 
 
@@ -183,7 +184,7 @@ class JaxAdapter:
         leading = tuple(logits.shape[:-1])
 
         def checked(a: Any, b: Any) -> Any:
-            return _checked(jax, fn(a, b), leading)
+            return _checked(jax, fn(a, b), leading, tuple(logits.shape))
 
         try:
             traced = jax.make_jaxpr(checked)(x, y)

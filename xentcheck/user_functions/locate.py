@@ -54,7 +54,10 @@ def not_an_array(value: object, expected: str) -> InputError:
     return InputError(f"returned a {kind.__module__}.{kind.__qualname__}, not {expected}")
 
 
-def wrong_shape(shape: tuple[int, ...], leading: tuple[int, ...]) -> InputError:
-    """The error for losses of neither the logits' leading shape nor a scalar's."""
+def wrong_shape(shape: tuple[int, ...], leading: tuple[int, ...],
+                whole: tuple[int, ...]) -> InputError:
+    """The error for losses of neither the logits' leading shape, nor their whole shape,
+    nor a scalar's."""
     return InputError(f"returned shape {shape}; expected the logits' leading shape {leading} "
-                      f"(one loss per example) or a scalar")
+                      f"(one loss per example), their shape {whole} (one per element) or "
+                      f"a scalar")

@@ -75,14 +75,16 @@ def to_numpy(torch: Any, tensor: Any) -> np.ndarray[Any, Any]:
     return np.asarray(t.numpy())
 
 
-def checked_losses(torch: Any, out: Any, leading: tuple[int, ...]) -> Any:
-    """``out`` if it is a floating torch tensor of the leading shape or a scalar."""
+def checked_losses(torch: Any, out: Any, leading: tuple[int, ...],
+                   whole: tuple[int, ...]) -> Any:
+    """``out`` if it is a floating torch tensor of the leading shape, the logits' whole
+    shape (a sigmoid loss: one per element) or a scalar."""
     if not isinstance(out, torch.Tensor):
         raise not_an_array(out, "a torch tensor")
     if not out.is_floating_point():
         raise InputError(f"returned a tensor of {out.dtype}; losses must be floating")
-    if tuple(out.shape) not in (leading, ()):
-        raise wrong_shape(tuple(out.shape), leading)
+    if tuple(out.shape) not in (leading, whole, ()):
+        raise wrong_shape(tuple(out.shape), leading, whole)
     return out
 
 
@@ -204,7 +206,7 @@ class TorchAdapter:
                 raise
             except Exception as exc:
                 raise raised(exc, user_file, "the function") from exc
-            losses = checked_losses(torch, out, leading)
+            losses = checked_losses(torch, out, leading, tuple(logits.shape))
             result = CallResult(losses=to_numpy(torch, losses).astype(np.float64),
                                 events=watch.forward.events)
             if upstream is None:

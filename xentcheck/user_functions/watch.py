@@ -146,13 +146,13 @@ class OpWatcher:
                         taint = taints[pole_operand] if pole_operand < len(taints) else None
                         if taint is not None:
                             self._emit(taint.order, taint.event)
-                        self._emit(order, OpEvent(op, pole_kind, index, where()))
+                        self._emit(order, OpEvent(op, pole_kind, index, where(), out.shape))
                     new_nan &= ~at_pole
                     new_inf &= ~at_pole
                 for kind, mask in (("overflow", new_inf), ("nan", new_nan)):
                     index = _first(mask)
                     if index is not None:
-                        self._emit(order, OpEvent(op, kind, index, where()))
+                        self._emit(order, OpEvent(op, kind, index, where(), out.shape))
 
             zeros = out == 0
             if not zeros.any():
@@ -163,7 +163,8 @@ class OpWatcher:
                     clean &= ~per_output(lambda o: o == 0)
                 index = _first(zeros & clean)
                 if index is not None and result is None:
-                    result = Flush(order, OpEvent(op, "underflow", index, where()), self)
+                    result = Flush(order, OpEvent(op, "underflow", index, where(), out.shape),
+                                   self)
             if result is None and carried is not None:
                 result = carried  # the zero travels on (an index, a view, a copy)
         return result
