@@ -63,6 +63,7 @@ def test_the_readme_shows_commands() -> None:
 def test_readme_command_runs(command: str, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
     write_examples(tmp_path)
     monkeypatch.chdir(tmp_path)
     words = shlex.split(command)[1:]

@@ -457,7 +457,7 @@ def _evaluate(scenario: Scenario, dtypes: list[str], pipelines: list[str], accum
                        f"default set for rows of {case.classes} classes (it would hold a whole "
                        f"row in memory); name it with --pipeline to run it", err=True)
     chosen = with_functions(chosen, (*scenario.functions, *functions), case.spec.family,
-                             case.spec.from_logits)
+                            case.spec.from_logits, case.logits.ndim)
     spec = override or scenario.tolerance
     tolerances = None
     if spec is not None:

@@ -43,9 +43,11 @@ def load_functions(specs: Sequence[str], framework: str) -> list[UserFunction]:
 
 
 def with_functions(pipelines: Sequence[Pipeline], functions: Sequence[UserFunction],
-                   family: str, from_logits: bool) -> tuple[Pipeline, ...]:
-    """The pipelines, then a pipeline for each user function (each SPEC once)."""
+                   family: str, from_logits: bool, rank: int = 2) -> tuple[Pipeline, ...]:
+    """The pipelines, then a pipeline for each user function (each SPEC once), called with
+    logits of ``rank`` axes (a case's own; limits and sweeps: rows of classes)."""
     unique = {f.spec: f for f in functions}
-    return (*pipelines, *(user_pipeline(f, family, from_logits) for f in unique.values()))
+    return (*pipelines, *(user_pipeline(f, family, from_logits, rank)
+                          for f in unique.values()))
 
 

@@ -204,8 +204,8 @@ def _attribute(module: ModuleType, name: str, spec: str, shown: str) -> LossFunc
             raise InputError(f"{shown} has no {name!r}{suggestion}", source=spec)
         value = getattr(value, part)
     if not callable(value):
-        raise InputError(f"{name!r} in {shown} is a {type(value).__name__}, not a function",
-                         source=spec)
+        raise InputError(f"{name!r} in {shown} is not a function (a value of type "
+                         f"{type(value).__name__})", source=spec)
     function: LossFunction = value
     return function
 

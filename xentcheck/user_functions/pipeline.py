@@ -50,9 +50,12 @@ class UserPipeline(Pipeline):
     whole_case = True
     every_limit_pattern = True
 
-    def __init__(self, function: UserFunction, adapter: Adapter) -> None:
+    def __init__(self, function: UserFunction, adapter: Adapter, rank: int) -> None:
         self.function = function
         self.adapter = adapter
+        # the number of axes of the logits the function is given (a batch of rows from a
+        # limit search or a sweep is framed to it: (rows, 1, ..., C))
+        self.rank = rank
         # whether the function returns a scalar, by the shape of the inputs it was given
         self._scalar: dict[tuple[int, ...], bool] = {}
 
@@ -64,16 +67,31 @@ class UserPipeline(Pipeline):
         (a part of the case: a batch of its rows), the shape of their losses, and the
         leading axes the case's rows flatten."""
         case = block.case
-        framed = _framed_shape(case, len(block.labels))
+        framed = self._framed_shape(case, len(block.labels))
         with np.errstate(all="ignore"):  # rounding may overflow: the function sees inf
             logits = precision.round(block.logits).astype(precision.dtype).reshape(framed)
             if case.label_kind == "index":
                 labels = np.asarray(block.labels).astype(np.int64).reshape(framed[:-1])
             else:
                 labels = precision.round(block.labels).astype(precision.dtype).reshape(framed)
-        losses = framed[:-1] if case.spec.family == "softmax" else framed
-        one_dimensional_sigmoid = case.logits.ndim == 1 and case.spec.family == "sigmoid"
-        return logits, labels, losses, framed if one_dimensional_sigmoid else framed[:-1]
+        if case.spec.family == "softmax":
+            return logits, labels, framed[:-1], framed[:-1]
+        return logits, labels, framed, framed if len(framed) == 1 else framed[:-1]
+
+    def _framed_shape(self, case: Case, rows: int) -> tuple[int, ...]:
+        """The shape the function is called with: the case's own for all its rows; else
+        ``rows`` rows as a batch, with the function's rank (other leading axes of length
+        one; a 1-D sigmoid's elements in a row)."""
+        if rows == case.rows and case.logits.ndim == self.rank:
+            return case.shape
+        if self.rank == 1:
+            return (case.classes,) if case.spec.family == "softmax" else (rows * case.classes,)
+        return (rows, *(1,) * (self.rank - 2), case.classes)
+
+    def _one_call(self, block: Block) -> bool:
+        """Whether one call can take the block's rows (a 1-D softmax function takes one)."""
+        return not (self.rank == 1 and block.case.spec.family == "softmax"
+                    and len(block.labels) > 1)
 
     def _call(self, logits: Any, labels: Any, upstream: float | None) -> CallResult:
         try:
@@ -114,6 +132,8 @@ class UserPipeline(Pipeline):
     # -- the pipeline ---------------------------------------------------------------------
 
     def per_example(self, run: StageRunner, block: Block) -> FloatArray:
+        if not self._one_call(block):
+            return self._one_by_one(run, block)
         logits, labels, expected, leading = self._inputs(run.precision, block)
         result = self._call(logits, labels, None)
         losses = self._losses(result, expected)
@@ -148,8 +168,8 @@ class UserPipeline(Pipeline):
         case = block.case
         if not case.spec.from_logits:
             return None  # probability inputs: no gradient to check, as for every pipeline
-        if self._scalar.get(case.shape) and (case.spec.reduction == "none"
-                                             or len(block.labels) != case.rows):
+        if not self._one_call(block) or (self._scalar.get(case.shape) and (
+                case.spec.reduction == "none" or len(block.labels) != case.rows)):
             return self._backward_one_by_one(run, block, upstream)
         logits, labels, _, leading = self._inputs(run.precision, block)
         result = self._call(logits, labels, upstream)
@@ -183,16 +203,6 @@ class UserPipeline(Pipeline):
         return np.asarray(self._call(logits, labels, None).losses, dtype=np.float64)
 
 
-def _framed_shape(case: Case, rows: int) -> tuple[int, ...]:
-    """The shape a function is called with: the case's own for all its rows; else ``rows``
-    rows as a batch, the case's other leading axes of length one."""
-    if rows == case.rows:
-        return case.shape
-    if case.logits.ndim == 1 and case.spec.family == "sigmoid":
-        return (rows,)
-    return (rows, *(1,) * (len(case.shape) - 2), case.classes)
-
-
 def _rows(block: Block, losses: FloatArray) -> FloatArray:
     """Losses in the evaluator's row layout: ``(N,)`` softmax, ``(N, K)`` sigmoid."""
     if block.case.spec.family == "softmax":
@@ -214,9 +224,11 @@ def _row_first(event: OpEvent, leading: tuple[int, ...], row_offset: int) -> tup
 
 
 @cache
-def user_pipeline(function: UserFunction, family: str, from_logits: bool) -> Pipeline:
-    """The pipeline that runs ``function`` on cases of ``family`` (one object per function
-    and kind of case, so that the limits found on it are cached like any pipeline's)."""
+def user_pipeline(function: UserFunction, family: str, from_logits: bool,
+                  rank: int = 2) -> Pipeline:
+    """The pipeline that runs ``function`` on cases of ``family`` whose logits have ``rank``
+    axes (one object per function and kind of case, so that the limits found on it are
+    cached like any pipeline's; their rows reach it framed to that rank)."""
     adapter = adapter_for(function.framework)
     attributes = {
         "name": function.spec,
@@ -225,5 +237,5 @@ def user_pipeline(function: UserFunction, family: str, from_logits: bool) -> Pip
         "formula": f"{function.spec} ({function.framework})",
     }
     cls = type(f"UserPipeline_{family}", (UserPipeline,), attributes)
-    pipeline: Pipeline = cls(function, adapter)
+    pipeline: Pipeline = cls(function, adapter, rank)
     return pipeline
