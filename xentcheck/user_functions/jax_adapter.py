@@ -41,6 +41,7 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
 _INT32 = np.iinfo(np.int32)
+_TRACES_KEPT = 64  # traces of (function, pass, input shapes) one adapter keeps
 
 
 class _Returned(Exception):
@@ -84,9 +85,11 @@ class _Evaluator:
         return None
 
     def evaluate(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-                 taints: Sequence[Flush | None] | None = None) -> tuple[list[Any],
-                                                                       list[Flush | None]]:
-        """The outputs of ``jaxpr`` on ``args`` (and the flushes to zero they carry)."""
+                 taints: Sequence[Flush | None] | None = None,
+                 judged: bool = False) -> tuple[list[Any], list[Flush | None]]:
+        """The outputs of ``jaxpr`` on ``args`` (and the flushes to zero they carry).
+        ``judged``: every equation is watched (the inside of a watched call); else those
+        :attr:`watches` picks."""
         from jax.extend.core import Literal
 
         values: dict[Any, Any] = {}
@@ -103,32 +106,40 @@ class _Evaluator:
         for eqn in jaxpr.eqns:
             inputs = [read(v) for v in eqn.invars]
             carried = [None if isinstance(v, Literal) else flushes.get(v) for v in eqn.invars]
-            outputs, out_flush = self._equation(eqn, inputs, carried)
+            watched = judged or self.watches(eqn)
+            outputs, out_flush = self._equation(eqn, inputs, carried, watched)
             for var, value in zip(eqn.outvars, outputs, strict=True):
                 values[var] = value
                 flushes[var] = out_flush
         return [read(v) for v in jaxpr.outvars], [
             None if isinstance(v, Literal) else flushes.get(v) for v in jaxpr.outvars]
 
-    def _equation(self, eqn: Any, inputs: list[Any],
-                  carried: list[Flush | None]) -> tuple[list[Any], Flush | None]:
+    def watches(self, eqn: Any) -> bool:
+        """Whether an equation of the outer jaxpr is watched: every one in the forward; in
+        the backward only those transposition made (the rest recompute the forward)."""
+        return self.suffix == "" or "transpose" in str(eqn.source_info.name_stack)
+
+    def _equation(self, eqn: Any, inputs: list[Any], carried: list[Flush | None],
+                  watched: bool) -> tuple[list[Any], Flush | None]:
         name = eqn.primitive.name
         inner = eqn.params.get(_CALLS.get(name, ""))
         if inner is not None:
             closed = hasattr(inner, "consts")
             jaxpr = inner.jaxpr if closed else inner
             outputs, flushes = self.evaluate(jaxpr, inner.consts if closed else (), inputs,
-                                             carried)
+                                             carried, watched)
             return outputs, next((f for f in flushes if f is not None), None)
         if name == "cond":
             branch = eqn.params["branches"][int(np.asarray(inputs[0]))]
             outputs, flushes = self.evaluate(branch.jaxpr, branch.consts, inputs[1:],
-                                             carried[1:])
+                                             carried[1:], watched)
             return outputs, next((f for f in flushes if f is not None), None)
         params = eqn.primitive.get_bind_params(eqn.params)
         with eqn.ctx.manager:  # the equation's own context, as jax's eval_jaxpr does
             out = eqn.primitive.bind(*inputs, **params)
         outputs = list(out) if eqn.primitive.multiple_results else [out]
+        if not watched:
+            return outputs, None
         floating = [a for a in (_numpy(o) for o in outputs) if a is not None]
         flush = self.watcher.inspect(name + self.suffix, [_numpy(i) for i in inputs],
                                      floating, carried, lambda: self._locate(eqn))
@@ -165,6 +176,9 @@ class JaxAdapter:
 
     framework = "jax"
 
+    def __init__(self) -> None:
+        self._traces: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
     def call(self, fn: LossFunction, logits: np.ndarray[Any, Any],
              labels: np.ndarray[Any, Any], *, user_file: Path | None,
              upstream: float | None) -> CallResult:
@@ -187,7 +201,7 @@ class JaxAdapter:
             return _checked(jax, fn(a, b), leading, tuple(logits.shape))
 
         try:
-            traced = jax.make_jaxpr(checked)(x, y)
+            traced = self._trace(jax, ("forward", fn, x, y), checked, x, y)
         except _Returned as exc:
             raise exc.error from None
         except Exception as exc:
@@ -201,17 +215,35 @@ class JaxAdapter:
         result = CallResult(losses=np.asarray(out).astype(np.float64), events=forward.events)
         if upstream is None:
             return result
+        # the upstream gradient reaches the losses in their own dtype
+        seed = jnp.full(out.shape, upstream, dtype=out.dtype)
+
+        def pulled_back(a: Any, b: Any, cotangent: Any) -> Any:
+            return jax.vjp(lambda u: fn(u, b), a)[1](cotangent)
+
+        backward = OpWatcher()
         try:
-            losses, pullback = jax.vjp(lambda a: fn(a, y), x)
-            # the upstream gradient reaches the losses in their own dtype
-            seed = jnp.full(losses.shape, upstream, dtype=losses.dtype)
-            backward_jaxpr = jax.make_jaxpr(pullback)(seed)
-            backward = OpWatcher()
+            joint = self._trace(jax, ("backward", fn, x, y), pulled_back, x, y, seed)
             (gradient,), _ = _Evaluator(user_file, backward, " (backward)").evaluate(
-                backward_jaxpr.jaxpr, backward_jaxpr.consts, [seed])
+                joint.jaxpr, joint.consts, [x, y, seed])
         except Exception as exc:
             raise raised(exc, user_file, "the backward pass") from exc
         result.gradient = np.asarray(gradient).astype(np.float64)
         result.gradient_events = backward.events
         return result
 
+    def _trace(self, jax: Any, key: tuple[Any, ...], fn: Any, *args: Any) -> Any:
+        """``jax.make_jaxpr(fn)(*args)``, traced once per user function, pass and argument
+        shapes and dtypes (as ``jax.jit`` caches its traces): limits and sweeps call a
+        function many times on inputs of one shape."""
+        what, user_fn, *arrays = key
+        cache_key = (what, id(user_fn), bool(jax.config.jax_enable_x64),
+                     *((a.shape, a.dtype.name) for a in arrays))
+        entry = self._traces.get(cache_key)
+        if entry is not None and entry[0] is user_fn:
+            return entry[1]
+        traced = jax.make_jaxpr(fn)(*args)
+        if len(self._traces) >= _TRACES_KEPT:
+            self._traces.pop(next(iter(self._traces)))
+        self._traces[cache_key] = (user_fn, traced)
+        return traced
