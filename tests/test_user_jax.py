@@ -207,3 +207,21 @@ def test_a_value_of_another_framework_is_refused(losses: tuple[Any, Path]) -> No
     with pytest.raises(InputError, match=r"^returned a torch.Tensor, not a jax array$"):
         JaxAdapter().call(torch_loss, ISSUE, np.array([0]), user_file=losses[1],
                           upstream=None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_a_sigmoid_loss_gets_float_targets_in_d(losses: tuple[Any, Path], dtype: Any) -> None:
+    jax = require("jax")
+    optax = require("optax")
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((4, 5)) * 6).astype(dtype)
+    targets = rng.random((4, 5)).astype(dtype)
+    result = _call(losses, "binary", logits, targets, upstream=1.0)
+    with jax.enable_x64(dtype == np.float64):
+        t = jax.numpy.asarray(targets)
+        expected, pullback = jax.vjp(lambda a: optax.sigmoid_binary_cross_entropy(a, t),
+                                     jax.numpy.asarray(logits))
+        (gradient,) = pullback(jax.numpy.ones_like(expected))
+    assert result.losses.shape == logits.shape and expected.dtype == logits.dtype
+    np.testing.assert_array_equal(result.losses, np.asarray(expected).astype(np.float64))
+    np.testing.assert_array_equal(result.gradient, np.asarray(gradient).astype(np.float64))

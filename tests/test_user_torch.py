@@ -235,3 +235,19 @@ def test_float8_ops_torch_lacks_are_one_line(losses: tuple[Any, Path]) -> None:
     logits = np.array([[1.0, 2.0, 3.0]]).astype(ml_dtypes.float8_e4m3fn)
     with pytest.raises(InputError, match=r"the function raised NotImplementedError: .*exp"):
         _call(losses, "textbook", logits, np.array([0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_a_sigmoid_loss_gets_float_targets_in_d(losses: tuple[Any, Path], dtype: Any) -> None:
+    torch = require("torch")
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((4, 5)) * 6).astype(dtype)
+    targets = rng.random((4, 5)).astype(dtype)
+    result = _call(losses, "binary", logits, targets, upstream=1.0)
+    x = _tensor(torch, logits).requires_grad_(True)
+    t = _tensor(torch, targets)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+    (gradient,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
+    assert result.losses.shape == logits.shape  # one loss per element
+    np.testing.assert_array_equal(result.losses, expected.detach().double().numpy())
+    np.testing.assert_array_equal(result.gradient, gradient.double().numpy())

@@ -60,3 +60,7 @@ def detached(logits, labels):
 
 def mean(logits, labels):
     return F.cross_entropy(logits, labels)
+
+
+def binary(logits, targets):
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
