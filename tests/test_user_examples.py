@@ -101,3 +101,20 @@ def test_float16_edge_of_the_subtle_torch_loss() -> None:
     grid = np.float16(25 * math.log(2))
     assert float(grid) <= 25 * math.log(2) < edge <= float(np.nextafter(grid, np.float16(99)))
     assert "17.34 in float16" in (EXAMPLES / "torch_subtle.py").read_text()
+
+
+def test_jax_functions_are_evaluated_as_eager_jax_not_as_jit() -> None:
+    # the adapter's values are jax's without jax.jit, bit for bit; under jax.jit XLA fuses
+    # the bfloat16 steps (float32 in between) and some losses differ (docs/user-functions.md)
+    jax = require("jax")
+    ml_dtypes = require("ml_dtypes")
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((200, 50)) * 8).astype(ml_dtypes.bfloat16)
+    labels = rng.integers(0, 50, 200)
+    result, path = _run("jax", "stable", logits, labels, upstream=None)
+    module = load_file(path)
+    x, y = jax.numpy.asarray(logits), jax.numpy.asarray(labels.astype(np.int32))
+    eager = np.asarray(module.loss(x, y)).astype(np.float64)
+    jitted = np.asarray(jax.jit(module.loss)(x, y)).astype(np.float64)
+    np.testing.assert_array_equal(result.losses, eager)
+    assert (result.losses != jitted).any()
