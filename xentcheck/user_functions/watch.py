@@ -62,8 +62,10 @@ def _first(mask: Array) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.unravel_index(int(flat[0]), mask.shape))
 
 
-def _as_float64(value: Array) -> Array:
-    return np.asarray(value).astype(np.float64, copy=False)
+def _as_array(value: Array) -> Array:
+    # judged in its own dtype (numpy's and ml_dtypes' isfinite, isnan and == 0 work on every
+    # format): a float64 copy of each operand would cost more than the operation
+    return np.asarray(value)
 
 
 @dataclass
@@ -109,7 +111,7 @@ class OpWatcher:
         self._order += 1
         order = self._order
         name = base_name(op)
-        present = [_as_float64(o) for o in operands if o is not None and np.size(o)]
+        present = [_as_array(o) for o in operands if o is not None and np.size(o)]
         source: list[str | None] = []
 
         def where() -> str | None:
@@ -121,7 +123,7 @@ class OpWatcher:
         carried = next((t for t in taints if t is not None), None)
         result: Flush | None = None
         for raw in outputs:
-            out = _as_float64(raw)
+            out = _as_array(raw)
             if not out.size:
                 continue
             elementwise = all(_broadcasts(o.shape, out.shape) for o in present)
@@ -183,7 +185,7 @@ class OpWatcher:
         operand = operands[which] if which < len(operands) else None
         if operand is None or not _broadcasts(np.shape(operand), shape):
             return None, np.zeros(shape, dtype=bool), -1
-        return kind, np.broadcast_to(_as_float64(operand) == 0, shape), which
+        return kind, np.broadcast_to(_as_array(operand) == 0, shape), which
 
 
 def _broadcasts(operand: tuple[int, ...], out: tuple[int, ...]) -> bool:
