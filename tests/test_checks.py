@@ -227,7 +227,8 @@ def test_a_scenario_with_a_typo_still_fails_in_a_folder(write: Write, tmp_path: 
     assert result.stderr == (f"xentcheck: error: {typo}: lables (line 2): unknown key; did "
                              "you mean 'labels'? (keys: name, description, loss, logits, "
                              "labels, from_logits, class_weights, pos_weight, label_smoothing, "
-                             "ignore_index, reduction, dtypes, pipelines, tolerance, expect)\n")
+                             "ignore_index, reduction, dtypes, pipelines, functions, tolerance, "
+                             "expect)\n")
 
 
 def test_a_file_named_is_always_read_as_a_scenario(write: Write, tmp_path: Path) -> None:

@@ -256,6 +256,30 @@ def test_what_escapes_the_watched_arrays_is_caught_by_numpys_flags(write: Write,
     assert (np.geterr(), np.geterrcall()) == before  # numpy's state restored
 
 
+def test_numpys_flags_name_the_kind(write: Write, tmp_path: Path) -> None:
+    """The second net's kinds: numpy's 'invalid value' is nan, 'divide by zero' a pole
+    (log_of_zero where the expression is a log)."""
+    path = module_file(write, "flags.py", """
+        import numpy as np
+        def loss(logits, labels):
+            plain = np.array(logits).view(np.ndarray)
+            gap = plain[..., 0] - plain[..., 0]
+            inf = np.exp(plain[..., 1])
+            nan = inf - inf
+            return np.log(gap) + nan + 1 / gap
+    """)
+    loaded = load_function("flags.py:loss", base=tmp_path)
+    result = call(loaded, np.array([[1.0, 1000.0]]), np.array([0]))
+    lines = {n: line_of(path, text) for n, text in
+             (("exp", "np.exp"), ("nan", "inf - inf"), ("log", "np.log(gap)"))}
+    assert [(e.op, e.kind, e.source) for e in result.events] == [
+        ("exp", "overflow", f"{loaded.file}:{lines['exp']}"),
+        ("subtract", "nan", f"{loaded.file}:{lines['nan']}"),
+        ("log", "log_of_zero", f"{loaded.file}:{lines['log']}"),
+        ("divide", "division_by_zero", f"{loaded.file}:{lines['log']}"),
+    ]
+
+
 def test_a_function_that_raises(write: Write, tmp_path: Path) -> None:
     path = module_file(write, "raises.py", """
         def helper(x):

@@ -101,6 +101,9 @@ def test_the_issues_case_one_example_of_three_logits(examples: Path) -> None:
         assert (theirs["first_bad_stage"], theirs["first_bad_index"]) == (
             ours["first_bad_stage"], ours["first_bad_index"]) == ("exp", [0])
         assert theirs["first_bad_source"] == f"numpy_textbook.py:{exp_line(examples)}"
+        # its limits: limit rows reach it one at a time, shaped (3,) like the case
+        for key in ("largest_safe_logit", "largest_safe_spread", "smallest_safe_logit"):
+            assert theirs[key] == ours[key], (theirs["dtype"], key)
 
 
 def test_the_table_shows_the_users_line(examples: Path) -> None:
@@ -219,7 +222,7 @@ def write_module(folder: Path, name: str, source: str) -> str:
      "raised IndexError: invalid index to scalar variable. (bad.py:2)"),
     ("import numpy as np\ndef loss(logits, labels):\n    return np.zeros((5,), logits.dtype)\n",
      "returned an array of shape [5] for logits of shape [1, 3]; expected [1] (one loss per "
-     "example) or a scalar"),
+     "example), [1, 3] (sigmoid: one per element) or a scalar"),
     ("import numpy as np\ndef loss(logits, labels):\n    return labels\n",
      "returned an array of int64, not floating point"),
     ("def loss(logits, labels):\n    return None\n", "returned a NoneType, not a numpy array "

@@ -257,3 +257,32 @@ def test_a_function_that_raises_names_the_spec(write: Write, tmp_path: Path) -> 
         evaluate(case, [FLOAT32], [pipeline])
     assert str(raised.value) == ("oops.py:loss: raised AttributeError: 'Watched' object has no "
                                  "attribute 'no_such_method' (oops.py:3)")
+
+
+def test_a_case_of_many_blocks_is_one_call(write: Write, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are streamed in blocks for the built-in pipelines; a user function sees the
+    whole case in one call (and the built-ins' answers do not change)."""
+    import xentcheck.execution as execution
+
+    pipeline = written(write, tmp_path, "counted", """
+        import numpy as np
+        SHAPES = []
+        def loss(logits, labels):
+            SHAPES.append(logits.shape)
+            e = np.exp(logits)
+            p = e / e.sum(axis=-1, keepdims=True)
+            return -np.log(np.take_along_axis(p, labels[..., None], axis=-1)[..., 0])
+    """)
+    shapes = pipeline.function.function.__globals__["SHAPES"]  # type: ignore[attr-defined]
+    rng = np.random.default_rng(3)
+    case = make_case(name="many", logits=rng.normal(0, 4, (40, 4)),
+                     labels=rng.integers(0, 4, 40), reduction="none")
+    whole = evaluate(case, [FLOAT32], [naive()])
+    monkeypatch.setattr(execution, "BLOCK_ELEMENTS", 16)  # 4 rows a block
+    assert len(list(execution.blocks(case, execution.block_size(1)))) == 10
+    result = evaluate(case, [FLOAT32], [naive(), pipeline])
+    assert shapes[0] == (40, 4)
+    mine, ours = finding(result, pipeline.name), finding(result, "naive")
+    assert np.array_equal(mine.per_example, ours.per_example)
+    assert np.array_equal(ours.per_example, finding(whole, "naive").per_example)

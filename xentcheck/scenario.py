@@ -25,8 +25,7 @@ from .findings import Tolerance
 from .misuse import tagged
 from .pipelines import available, select
 from .precision import DTYPE_NAMES, FloatArray
-from .user_functions import FRAMEWORK_CHOICES
-from .user_functions.loading import UserFunction, load_function
+from .user_functions.loading import UserFunction, parse_functions
 
 KEYS: tuple[str, ...] = (
     "name", "description", "loss", "logits", "labels", "from_logits", "class_weights",
@@ -234,42 +233,6 @@ def _scenario(data: Any, node: yaml.Node, file: Path, source: str, default_name:
     except InputError as exc:
         raise exc.located(source) from None
     return Scenario(case, dtypes, pipelines, tolerance, source, lines, expectations, functions)
-
-
-FUNCTION_FORM = ("a SPEC (path/to/file.py:NAME, relative to the scenario file, or "
-                 "package.module:NAME), {spec: SPEC, framework: " + "|".join(FRAMEWORK_CHOICES)
-                 + "}, or a list of them")
-
-
-def parse_functions(value: Any, base: Path) -> tuple[UserFunction, ...]:
-    """``functions:``: users' loss functions, each imported (running its module's code) and
-    its framework settled (``auto`` unless the item says)."""
-    if value is None:
-        return ()
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise InputError(f"must be {FUNCTION_FORM}", field="functions")
-    loaded: dict[str, UserFunction] = {}
-    for item in items:
-        if isinstance(item, dict):
-            unknown = set(item) - {"spec", "framework"}
-            if unknown or not isinstance(item.get("spec"), str):
-                raise InputError(f"each item must be {FUNCTION_FORM}", field="functions")
-            spec, framework = item["spec"], item.get("framework", "auto")
-            if framework not in FRAMEWORK_CHOICES:
-                raise InputError(f"framework {framework!r} is not one of "
-                                 f"{', '.join(FRAMEWORK_CHOICES)}", field="functions")
-        elif isinstance(item, str):
-            spec, framework = item, "auto"
-        else:
-            raise InputError(f"each item must be {FUNCTION_FORM}", field="functions")
-        try:
-            loaded[spec] = load_function(spec, framework, base)
-        except InputError as exc:
-            raise InputError(str(exc), field="functions", cause=exc.cause) from None
-        except UsageError as exc:
-            raise InputError(str(exc).removeprefix("--loss-fn "), field="functions") from None
-    return tuple(loaded.values())
 
 
 def _item_lines(node: yaml.MappingNode, key: str) -> list[int | None]:

@@ -244,3 +244,39 @@ def detect_framework(module: ModuleType, spec: str) -> str:
                          "the function uses with --framework torch or --framework jax (in a "
                          "scenario: functions: [{spec: ..., framework: ...}])")
     return found.pop() if found else "numpy"
+
+
+FUNCTION_FORM = ("a SPEC (path/to/file.py:NAME, relative to the scenario file, or "
+                 "package.module:NAME), {spec: SPEC, framework: " + "|".join(FRAMEWORK_CHOICES)
+                 + "}, or a list of them")
+
+
+def parse_functions(value: Any, base: Path) -> tuple[UserFunction, ...]:
+    """``functions:``: users' loss functions, each imported (running its module's code) and
+    its framework settled (``auto`` unless the item says)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise InputError(f"must be {FUNCTION_FORM}", field="functions")
+    loaded: dict[str, UserFunction] = {}
+    for item in items:
+        if isinstance(item, dict):
+            unknown = set(item) - {"spec", "framework"}
+            if unknown or not isinstance(item.get("spec"), str):
+                raise InputError(f"each item must be {FUNCTION_FORM}", field="functions")
+            spec, framework = item["spec"], item.get("framework", "auto")
+            if framework not in FRAMEWORK_CHOICES:
+                raise InputError(f"framework {framework!r} is not one of "
+                                 f"{', '.join(FRAMEWORK_CHOICES)}", field="functions")
+        elif isinstance(item, str):
+            spec, framework = item, "auto"
+        else:
+            raise InputError(f"each item must be {FUNCTION_FORM}", field="functions")
+        try:
+            loaded[spec] = load_function(spec, framework, base)
+        except InputError as exc:
+            raise InputError(str(exc), field="functions", cause=exc.cause) from None
+        except UsageError as exc:
+            raise InputError(str(exc).removeprefix("--loss-fn "), field="functions") from None
+    return tuple(loaded.values())

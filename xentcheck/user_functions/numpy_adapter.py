@@ -232,7 +232,8 @@ class NumpyAdapter:
         if losses.shape not in expected:
             raise InputError(f"returned an array of shape {list(losses.shape)} for logits of "
                              f"shape {list(logits.shape)}; expected "
-                             f"{list(logits.shape[:-1])} (one loss per example) or a scalar")
+                             f"{list(logits.shape[:-1])} (one loss per example), "
+                             f"{list(logits.shape)} (sigmoid: one per element) or a scalar")
         result = CallResult(np.asarray(losses, dtype=np.float64), watch.events)
         gradient = getattr(fn, "gradient", None)
         if upstream is None or gradient is None:

@@ -23,6 +23,7 @@ How a call fits the evaluator:
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from typing import Any, ClassVar
 
@@ -37,11 +38,16 @@ from . import adapter_for
 from .adapter import Adapter, CallResult, OpEvent
 from .loading import UserFunction
 
+# One call of a user's function at a time, whichever thread asks (the evaluator measures
+# blocks, and finds limits, on several): neither the user's code nor a framework's global
+# switches (autograd's anomaly mode) are assumed safe to run concurrently.
+_CALLS = threading.Lock()
+
 
 class UserPipeline(Pipeline):
     """A user's function, run through its framework's :class:`Adapter`. One subclass per
-    (function, family, input kind) is made by :func:`user_pipeline`, which sets the class
-    attributes every pipeline has."""
+    (function, family, input kind, rank) is made by :func:`user_pipeline`, which sets the
+    class attributes every pipeline has."""
 
     stages: ClassVar[tuple[str, ...]] = ()  # the framework's ops, named as they run
     framework = True  # set side by side with the frameworks' answers; no closed-form limits
@@ -95,8 +101,9 @@ class UserPipeline(Pipeline):
 
     def _call(self, logits: Any, labels: Any, upstream: float | None) -> CallResult:
         try:
-            return self.adapter.call(self.function.function, logits, labels,
-                                     user_file=self.function.file, upstream=upstream)
+            with _CALLS:
+                return self.adapter.call(self.function.function, logits, labels,
+                                         user_file=self.function.file, upstream=upstream)
         except InputError as exc:
             message, file = exc.message, self.function.file
             if file is not None:  # the user's file as they wrote it
