@@ -167,3 +167,19 @@ def test_a_torch_function_that_raises_is_one_line(folder: Path) -> None:
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "broken.py:loss" in lines[0] and "IndexError" in lines[0]
     assert lines[0].endswith("broken.py:5")
+
+
+def test_a_sweep_of_the_torch_textbook_loss_breaks_where_naive_does(folder: Path) -> None:
+    require("torch")
+    result = invoke("sweep", "-C", "3", "--dtype", "float32", "--pattern", "top", "--to",
+                    "1000", "--points", "9", "--pipeline", "naive", "--loss-fn",
+                    "torch_textbook.py:loss", "--format", "json")
+    assert result.exit_code == 0, result.output
+    curves = {c["pipeline"]: c for c in json.loads(result.stdout)["sweep"]["curves"]}
+    torch_curve, naive = curves["torch_textbook.py:loss"], curves["naive"]
+    # the same formula in the same precision: the loss goes non-finite at the same point,
+    # the first magnitude of the sweep's grid past ln(FLT_MAX) - ln 3
+    assert torch_curve["first_nonfinite"] == naive["first_nonfinite"]
+    magnitudes = json.loads(result.stdout)["sweep"]["magnitudes"]
+    assert magnitudes.index(torch_curve["first_nonfinite"]) == next(
+        i for i, m in enumerate(magnitudes) if m > math.log(FLT_MAX) - math.log(3))
