@@ -5,15 +5,18 @@ primitive at a time (``primitive.bind`` on concrete arrays), entering the jaxprs
 ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``cond`` carry, and hands every
 equation's operands and outputs to :class:`~.watch.OpWatcher`. An operation is named by its
 primitive (``exp``, ``log``, ``div``) and located at the innermost frame of the user's file
-in the equation's ``source_info`` traceback. The gradient is ``jax.vjp``'s: the backward
-function is traced too (``make_jaxpr`` of the vjp function, its residuals as constants) and
-evaluated the same way; transposition keeps each forward equation's source info on the
-backward equations it gives, so a bad backward operation is located at the forward line it
-differentiates, and named ``div (backward)``.
+in the equation's ``source_info`` traceback. The gradient is ``jax.vjp``'s: the function
+``(x, labels, cotangent) -> vjp(fn, x)[1](cotangent)`` is traced and evaluated the same way,
+watching only the equations transposition made (their name stack says ``transpose``; the
+others recompute the forward and its derivative factors); transposition keeps each forward
+equation's source info on the backward equations it gives, so a bad backward operation is
+located at the forward line it differentiates, and named ``div (backward)``. Traces are
+kept per function, pass and input shape, as ``jax.jit`` keeps its own.
 
 Semantics: eager, op by op, as JAX runs the function without ``jax.jit`` (a ``jit`` inside
-the function is entered, not compiled). Under ``jax.jit`` XLA may fuse operations and
-round differently (and flushes subnormals on CPU either way); those values are not these.
+the function is entered, not compiled): the values are those of the function called
+without ``jax.jit``, bit for bit. Under ``jax.jit`` XLA fuses operations and may round
+differently (a bfloat16 batch does); XLA on CPU flushes subnormals either way.
 The function must be traceable, as ``jax.jit`` requires (no Python branch on an array's
 value). Labels are int32 (JAX's default integers: int64 needs ``jax_enable_x64``, which
 would change the function's own default dtypes); float64 inputs are run with
