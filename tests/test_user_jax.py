@@ -225,3 +225,14 @@ def test_a_sigmoid_loss_gets_float_targets_in_d(losses: tuple[Any, Path], dtype:
     assert result.losses.shape == logits.shape and expected.dtype == logits.dtype
     np.testing.assert_array_equal(result.losses, np.asarray(expected).astype(np.float64))
     np.testing.assert_array_equal(result.gradient, np.asarray(gradient).astype(np.float64))
+
+
+def test_a_loop_runs_whole_and_is_named_at_its_line(losses: tuple[Any, Path]) -> None:
+    jax = require("jax")
+    result = _call(losses, "chunked", ISSUE, np.array([0]))
+    first = result.events[0]
+    assert (first.op, first.kind) == ("scan", "overflow")
+    assert first.source == line_of(losses[1], "# scan")
+    module = losses[0]
+    direct = module.chunked(jax.numpy.asarray(ISSUE), jax.numpy.asarray([0]))
+    np.testing.assert_array_equal(result.losses, np.asarray(direct).astype(np.float64))
