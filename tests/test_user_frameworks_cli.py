@@ -183,3 +183,20 @@ def test_a_sweep_of_the_torch_textbook_loss_breaks_where_naive_does(folder: Path
     magnitudes = json.loads(result.stdout)["sweep"]["magnitudes"]
     assert magnitudes.index(torch_curve["first_nonfinite"]) == next(
         i for i, m in enumerate(magnitudes) if m > math.log(FLT_MAX) - math.log(3))
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_3d_case_locates_the_op_in_the_inputs_coordinates(folder: Path,
+                                                             framework: str) -> None:
+    require(framework)
+    logits = np.zeros((2, 2, 3))
+    logits[1, 0] = [1000.0, 2000.0, 2500.0]  # batch 1, position 0 overflows
+    np.save(folder / "x3.npy", logits)
+    np.save(folder / "y3.npy", np.array([[0, 1], [2, 0]]))
+    spec = f"{framework}_textbook.py:loss"
+    rows = _results(invoke("run", "--logits", "x3.npy", "--labels", "y3.npy", "--loss-fn",
+                           spec, "--pipeline", "naive", "--dtype", "float32", "--format",
+                           "json"))
+    # the function saw the (2, 2, 3) array; its exp overflowed at [1, 0, 0], where naive's
+    assert rows[spec]["first_bad_index"] == rows["naive"]["first_bad_index"] == [1, 0, 0]
+    assert rows[spec]["grad_first_bad_index"] == [1, 0, 0]
