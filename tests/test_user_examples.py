@@ -118,3 +118,18 @@ def test_jax_functions_are_evaluated_as_eager_jax_not_as_jit() -> None:
     jitted = np.asarray(jax.jit(module.loss)(x, y)).astype(np.float64)
     np.testing.assert_array_equal(result.losses, eager)
     assert (result.losses != jitted).any()
+
+
+def test_the_jax_textbook_loss_flushes_its_division_before_exp_overflows() -> None:
+    # three equal logits of 86.5: the sum 1.1e38 is finite, but XLA divides through its
+    # reciprocal, 9e-39, subnormal, flushed: every probability is 0 (torch's is 1/3)
+    logits = np.full((1, 3), 86.5, dtype=np.float32)
+    result, path = _run("jax", "textbook", logits, np.array([0]), upstream=None)
+    assert result.losses.tolist() == [np.inf]
+    flush, pole = result.events[:2]
+    assert (flush.op, flush.kind) == ("div", "underflow")
+    assert flush.source == line_of(path, "p = e / e.sum(")
+    assert (pole.op, pole.kind) == ("log", "log_of_zero")
+    torch_result, _ = _run("torch", "textbook", logits, np.array([0]), upstream=None)
+    assert torch_result.losses.tolist() == [pytest.approx(math.log(3))]
+    assert torch_result.events == []
