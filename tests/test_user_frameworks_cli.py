@@ -92,12 +92,19 @@ def test_limits_of_the_torch_textbook_loss_are_naives(folder: Path) -> None:
 
 def test_limits_of_the_jax_textbook_loss_show_the_flushed_reciprocal(folder: Path) -> None:
     require("jax")
-    row = _limits("jax_textbook.py:loss")["jax_textbook.py:loss"]
+    rows = _limits("jax_textbook.py:loss")
+    row, naive = rows["jax_textbook.py:loss"], rows["naive"]
     # a division by a broadcast sum past 2**126 flushes to 0 (the docstring says so):
     # three equal logits past 126 ln 2 - ln 3; and exp below -126 ln 2 is flushed itself
     assert row["largest_safe_logit"] == pytest.approx(126 * math.log(2) - math.log(3),
                                                       abs=1e-5)
     assert row["smallest_safe_logit"] == pytest.approx(-126 * math.log(2), abs=1e-5)
+    # its spread edge is naive's with subnormals flushed (the target's exp, past the
+    # smallest normal number, is 0): not "no safe value" from a worst level below its
+    # own lower edge
+    assert row["no_safe_spread"] is False
+    assert row["largest_safe_spread"] == pytest.approx(naive["spread_without_subnormals"],
+                                                       abs=1e-5)
     text = (folder / "jax_textbook.py").read_text()
     assert f"126 ln 2 - ln C ({126 * math.log(2) - math.log(3):.2f} for C = 3" in text
     assert f"lasts\nto {math.log(FLT_MAX) - math.log(3):.2f})" in text

@@ -278,6 +278,7 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
             return _finite_rows(pipeline, precision, logits, labels, kind, smoothing, options)
         return test
 
+    level: float | None = None
     if pipeline.family == "sigmoid":
         def sigmoid_rows(values: FloatArray) -> tuple[FloatArray, FloatArray, str]:
             logits = np.repeat(values[:, None], 2, axis=1)
@@ -336,6 +337,10 @@ def find_limit(pipeline: Pipeline, precision: Precision, classes: int,
         hint_high=hint(closed.largest_safe_logit if closed else None, True),
         hint_low=hint(closed.smallest_safe_logit if closed else None, False),
         want_low=True, expect_none=no_logit)
+    if level is not None and logits is not None and level < line.value(logits[0]):
+        # a target below the lower edge breaks at every spread; an opaque formulation whose
+        # lower edge is above naive's (jax's flushed subnormals) gets its worst level there
+        level = line.value(logits[0])
     spread: tuple[int, int] | None = None
     if spread_test is not None and classes > 1:
         spread_hint = closed.largest_safe_spread if closed else None
