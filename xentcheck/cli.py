@@ -24,6 +24,7 @@ from . import __version__, execution
 from .allocator import keep_freed_memory
 from .arrays import RAW_DTYPES, load_array, load_csv_with_labels
 from .case import DEFAULT_CHUNK_SIZE, Case, LossOptions
+from .case_validation import loss_options, make_case
 from .cli_functions import function_options, load_functions, with_functions
 from .discovery import find_scenarios
 from .errors import UsageError, XentcheckError
@@ -45,7 +46,7 @@ from .report_table import (
     render_table,
     render_verdict,
 )
-from .scenario import Scenario, ToleranceSpec, load_scenarios, loss_options, make_case
+from .scenario import Scenario, ToleranceSpec, load_scenarios
 from .sweep import PATTERNS, SweepSpec, run_sweep
 from .user_functions.loading import UserFunction
 
