@@ -46,7 +46,9 @@ def split_names(values: Sequence[str]) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
-def _apply(function: F, decorators: list[Callable[[F], F]]) -> F:
+def apply_options(function: F, decorators: list[Callable[[F], F]]) -> F:
+    """``function`` under ``decorators``, the first outermost (as if stacked above it, so
+    ``--help`` lists the options in this order)."""
     for decorator in reversed(decorators):
         function = decorator(function)
     return function
@@ -54,7 +56,7 @@ def _apply(function: F, decorators: list[Callable[[F], F]]) -> F:
 
 def evaluation_options(function: F) -> F:
     """Options shared by the commands that evaluate cases."""
-    return _apply(function, [
+    return apply_options(function, [
         click.option("--dtype", "dtypes", multiple=True, metavar="NAME",
                      help=f"Storage dtype(s) to evaluate in: {', '.join(DTYPE_NAMES)} "
                           f"(repeat or comma-separate; default: {', '.join(DEFAULT_DTYPES)})."),
@@ -77,7 +79,7 @@ def evaluation_options(function: F) -> F:
 def loss_option_flags(function: F) -> F:
     """``--z-loss``, ``--logit-softcap``, ``--temperature``: the loss options (scenario
     keys ``z_loss``, ``logit_softcap``, ``temperature``; docs/scenarios.md)."""
-    return _apply(function, [
+    return apply_options(function, [
         click.option("--z-loss", "z_loss", type=float, default=0.0,
                      help="Add COEF * logsumexp(x)^2 per counted example (PaLM's z-loss; "
                           "softmax from logits)."),
@@ -99,7 +101,7 @@ def loss_option_values(z_loss: float, logit_softcap: float | None, temperature: 
 def output_options(formats: Sequence[str]) -> Callable[[F], F]:
     """``--format`` (from ``formats``, the first the default) and ``--output``."""
     def decorate(function: F) -> F:
-        return _apply(function, [
+        return apply_options(function, [
             click.option("--format", "output_format", type=click.Choice(formats),
                          default=formats[0], show_default=True, help="Report format."),
             click.option("--output", type=click.Path(dir_okay=False, writable=True),
