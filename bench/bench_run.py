@@ -146,11 +146,11 @@ def xentcheck_process(logits: Path, labels: Path, dtype: str, pipeline: str) -> 
 
 def diagnostic(logits: Path, labels: Path, dtype: str, pipeline: str) -> None:
     from xentcheck.arrays import load_array
+    from xentcheck.case_validation import make_case
     from xentcheck.evaluator import evaluate
     from xentcheck.limits import pipeline_limit
     from xentcheck.pipelines import select
     from xentcheck.precision import Precision
-    from xentcheck.scenario import make_case
 
     pipeline_limit.cache_clear()  # the limits' bisection is part of the cost
     case = make_case(

@@ -133,7 +133,7 @@ def test_bad_files_are_one_input_error(tmp_path: Path, kind: str, message: str) 
 def test_streamed_validation_finds_the_first_bad_value(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float, shown: str
 ) -> None:
-    from xentcheck import scenario
+    from xentcheck import case_validation as scenario
 
     x = np.zeros((50, 7), dtype=np.float32)
     x[37, 4] = bad
@@ -149,10 +149,10 @@ def test_memory_mapped_input_gives_the_in_memory_findings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from xentcheck import execution
+    from xentcheck.case_validation import make_case
     from xentcheck.evaluator import evaluate
     from xentcheck.pipelines import textbook
     from xentcheck.precision import precisions_for
-    from xentcheck.scenario import make_case
 
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((300, 64)) * 30).astype(np.float32)

@@ -267,7 +267,7 @@ def test_progress_is_reported_block_by_block(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal() -> None:
-    from xentcheck.cli import PROGRESS_WORK, progress_bar
+    from xentcheck.cli_output import PROGRESS_WORK, progress_bar
 
     x = np.zeros((PROGRESS_WORK // 4 + 1, 4))
     case = softmax_case(x[:1], [0])

@@ -260,11 +260,11 @@ def test_the_rounded_reference_and_bfloat16_losses_of_the_reported_row() -> None
     from xentcheck.evaluator import evaluate
     from xentcheck.pipelines import select
 
-    mpmath.mp.dps = 40
     x = np.array([[1 + 2.0**-8 + 2.0**-40, 0.0]])
     case = Case("t", x, np.array([1]), "index", LossSpec())
     result = evaluate(case, [Precision("bfloat16")], select("softmax", True, ["stable"]))
-    rounded_truth = mpmath.log(1 + mpmath.exp(mpmath.mpf(1.0078125)))
+    with mpmath.workdps(40):  # not mpmath's global precision: later tests rely on theirs
+        rounded_truth = mpmath.log(1 + mpmath.exp(mpmath.mpf(1.0078125)))
     assert result.reference.rounded["bfloat16"] == pytest.approx(float(rounded_truth),
                                                                  rel=4 * 2.0**-53)
     # the double-rounded input 1.0 would give log(1 + e) = 1.3133, a bfloat16 ulp lower

@@ -33,7 +33,7 @@ from jax_fixture import (
 
 from xentcheck.pipelines import available, select
 from xentcheck.precision import Precision
-from xentcheck.stages import flush_subnormals
+from xentcheck.subnormals import flush_subnormals
 
 KEYS = ("loss", "per_example", "grad")
 ENTRIES = [(entry, dtype) for entry in recorded()["cases"] for dtype in DTYPES]

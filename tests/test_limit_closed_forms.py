@@ -10,7 +10,9 @@ import pytest
 
 from xentcheck.case import Case, LossSpec
 from xentcheck.execution import run_pipeline
-from xentcheck.limits import _worst_target, closed_form_limit, find_limit, pipeline_limit
+from xentcheck.limit_closed_forms import closed_form_limit
+from xentcheck.limit_closed_forms import worst_target as _worst_target
+from xentcheck.limits import find_limit, pipeline_limit
 from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from xentcheck.cli import cli
 from xentcheck.findings import Limit
-from xentcheck.limits import closed_form_limit, limit_rows, limits_agree, pipeline_limit
+from xentcheck.limit_closed_forms import closed_form_limit
+from xentcheck.limits import limit_rows, limits_agree, pipeline_limit
 from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision, precisions_for
 

@@ -11,8 +11,8 @@ import pytest
 
 from xentcheck.case import Case, LossOptions, LossSpec
 from xentcheck.execution import run_pipeline
+from xentcheck.limit_closed_forms import closed_form_limit
 from xentcheck.limits import (
-    closed_form_limit,
     find_limit,
     limit_rows,
     pipeline_limit,

@@ -21,10 +21,10 @@ import pytest
 from frameworks import recording_script, require
 from torch_fixture import bits, from_hex, ulp_distance
 
+from xentcheck.case_validation import make_case
 from xentcheck.execution import run_with_gradient
 from xentcheck.pipelines import select
 from xentcheck.precision import Precision
-from xentcheck.scenario import make_case
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch_options.json"
 RECORDED: dict[str, Any] = json.loads(FIXTURE.read_text(encoding="utf-8"))

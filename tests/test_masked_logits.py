@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from xentcheck import reference as ref
 from xentcheck.case import Case, LossSpec
+from xentcheck.case_validation import make_case
 from xentcheck.cli import cli
 from xentcheck.errors import InputError
 from xentcheck.evaluator import evaluate
@@ -28,7 +29,6 @@ from xentcheck.findings import ScenarioResult
 from xentcheck.misuse import RULES, explain
 from xentcheck.pipelines import select, textbook
 from xentcheck.precision import Precision, precisions_for
-from xentcheck.scenario import make_case
 from xentcheck.stages import StageRunner
 
 mpmath.mp.dps = 50
@@ -187,7 +187,7 @@ def test_probability_inputs_still_reject_minus_inf() -> None:
 def test_streamed_validation_looks_past_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               dtype: str) -> None:
     """Blocks holding -inf are screened in, and a NaN after them is still found first."""
-    from xentcheck import scenario
+    from xentcheck import case_validation as scenario
     from xentcheck.arrays import load_array
 
     x = np.zeros((50, 7), dtype=dtype)

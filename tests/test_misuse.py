@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from xentcheck.case_validation import make_case
 from xentcheck.cli import cli
 from xentcheck.errors import InputError
 from xentcheck.evaluator import evaluate
 from xentcheck.misuse import RULES
 from xentcheck.pipelines import textbook
 from xentcheck.precision import precisions_for
-from xentcheck.scenario import make_case
 
 Write = Callable[[str, str], Path]
 

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xentcheck import reference_options as ro
+from xentcheck.case_validation import make_case
 from xentcheck.evaluator import reference_block
 from xentcheck.execution import blocks
-from xentcheck.scenario import make_case
 
 mpmath.mp.dps = 60
 

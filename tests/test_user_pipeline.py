@@ -13,6 +13,7 @@ import mpmath
 import numpy as np
 import pytest
 
+from xentcheck.case_validation import make_case
 from xentcheck.errors import InputError
 from xentcheck.evaluator import evaluate
 from xentcheck.execution import run_with_gradient
@@ -20,7 +21,6 @@ from xentcheck.findings import Finding, ScenarioResult
 from xentcheck.limits import find_limit
 from xentcheck.pipelines import Pipeline, select
 from xentcheck.precision import Precision
-from xentcheck.scenario import make_case
 from xentcheck.sweep import SweepSpec, run_sweep
 from xentcheck.user_functions.loading import load_function
 from xentcheck.user_functions.pipeline import user_pipeline

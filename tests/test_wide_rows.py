@@ -18,7 +18,8 @@ import mpmath
 import numpy as np
 import pytest
 
-from xentcheck import chunking, execution, scenario
+from xentcheck import case_validation as scenario
+from xentcheck import chunking, execution
 from xentcheck.arrays import load_array
 from xentcheck.case import Case, LossSpec
 from xentcheck.chunking import chunk_sums, combine_chunk_sums, row_sum

@@ -3,23 +3,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import click
 
+from .cli_options import F, apply_options
 from .errors import UsageError
 from .pipelines import Pipeline
 from .user_functions import FRAMEWORK_CHOICES
 from .user_functions.loading import UserFunction, load_function
 from .user_functions.pipeline import user_pipeline
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 
 def function_options(function: F) -> F:
     """``--loss-fn``, ``--framework`` and ``--traceback``: users' own loss functions."""
-    for option in reversed([
+    return apply_options(function, [
         click.option("--loss-fn", "loss_fns", multiple=True, metavar="SPEC",
                      help="Your own loss function, run beside the pipelines: "
                           "path/to/file.py:NAME or package.module:NAME, called as "
@@ -30,9 +28,7 @@ def function_options(function: F) -> F:
                           "when the function's module imports it, else numpy."),
         click.option("--traceback", "show_traceback", is_flag=True,
                      help="When a --loss-fn function fails, also print its traceback."),
-    ]):
-        function = option(function)
-    return function
+    ])
 
 
 def load_functions(specs: Sequence[str], framework: str) -> list[UserFunction]:

@@ -22,7 +22,8 @@ from .case import Case
 from .pipelines import Block, Pipeline, Saved
 from .pipelines.options import quiet_transform, with_options
 from .precision import FloatArray, Precision
-from .stages import PassComplete, Replay, ReplayCursor, StageEvent, StageRunner
+from .replay import PassComplete, Replay, ReplayCursor
+from .stages import StageEvent, StageRunner
 
 # Values per block: large enough that numpy's per-call overhead vanishes, small enough that
 # a block and its temporaries (a dozen float64 copies) stay within a few hundred MiB.

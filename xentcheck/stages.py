@@ -26,46 +26,19 @@ an ignored padding row is not reported.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .precision import AccumulateName, FloatArray, Operand, Precision
+from .replay import PassComplete, ReplayCursor
+from .subnormals import flush_subnormals
 
 EVENT_KINDS = ("overflow", "nan", "underflow", "log_of_zero", "division_by_zero")
 
 Mask = Any  # boolean array broadcastable to a stage's output, or None for "everywhere"
-
-# (bit-pattern view, exponent field) of the formats whose subnormals a flushing runner zeroes
-_EXPONENT_FIELDS: dict[str, tuple[Any, int]] = {
-    "bfloat16": (np.uint16, 0x7F80),
-    "float32": (np.uint32, 0x7F800000),
-    "float64": (np.uint64, 0x7FF0000000000000),
-}
-
-
-def flush_subnormals(values: FloatArray) -> FloatArray:
-    """``values`` with every subnormal replaced by a zero of its sign, as a CPU computes with
-    flush-to-zero and denormals-are-zero set (XLA's CPU code does). float16 arrays are left
-    alone: their subnormals are normal float32 numbers, where float16 arithmetic happens."""
-    array = np.asarray(values)
-    field = _EXPONENT_FIELDS.get(array.dtype.name)
-    if field is None or not array.size:
-        return values
-    view, exponent = field
-    sign = view(1) << view(8 * array.dtype.itemsize - 1)
-    magnitude = array.view(view) & ~sign
-    smallest_normal = view(exponent & -exponent)
-    if magnitude.min() >= smallest_normal:  # the common case: no zero, no subnormal
-        return values
-    with np.errstate(over="ignore"):  # a scalar's wrap-around warns where an array's is silent
-        magnitude = magnitude - view(1)  # zeros wrap around to the top: only subnormals stay below
-    subnormal = magnitude < smallest_normal - view(1)
-    if not subnormal.any():
-        return values
-    return np.where(subnormal, array.view(view) & sign, array.view(view)).view(array.dtype)
 
 
 # Steps whose result is subnormal only where an operand is (flushed already, when flushing):
@@ -82,39 +55,6 @@ class StageEvent:
     kind: str
     index: tuple[int, ...]
     source: str | None = None
-
-
-class PassComplete(Exception):
-    """Raised by the reduction a pass collects: this chunk's part of it is taken (``step``
-    folds it into the state of the chunks before, None at the first; ``finish`` turns the
-    state of all chunks into the whole-row result), the rest of the pass over this chunk
-    is not needed."""
-
-    def __init__(self, step: Callable[[Any], Any], finish: Callable[[Any], Any]) -> None:
-        super().__init__("a row reduction's part is taken")
-        self.step, self.finish = step, finish
-
-
-@dataclass
-class Replay:
-    """A row split across its classes, run chunk by chunk, in passes (see :class:`StageRunner`).
-
-    Pass ``k`` runs the pipeline over each chunk up to its ``k``-th row reduction, which
-    hands over the chunk's part (:class:`PassComplete`); the reductions before it return the
-    whole-row results of the earlier passes (``results``). When a pass runs to its end on
-    every chunk, every reduction is known and that pass computes (and watches) everything,
-    chunk by chunk. Chunks of one pass are independent: they may run on several threads.
-    """
-
-    results: list[Any] = field(default_factory=list)
-
-
-@dataclass
-class ReplayCursor:
-    """One chunk's way through a pass: which of the row's reductions comes next."""
-
-    replay: Replay
-    counter: int = 0
 
 
 class StageRunner:

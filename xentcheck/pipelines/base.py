@@ -115,7 +115,7 @@ class Pipeline(ABC):
 
     A row wider than a block (:func:`xentcheck.execution.blocks`) is run in column chunks
     (:meth:`Block.column_chunks`), in passes that replay the row's reductions
-    (:class:`~xentcheck.stages.Replay`), so that every loss, event and gradient entry is
+    (:class:`~xentcheck.replay.Replay`), so that every loss, event and gradient entry is
     the unsplit row's, bit for bit. That holds only if :meth:`per_example` and
     :meth:`backward` keep these rules (``tests/test_wide_rows.py`` and
     ``tests/test_wide_rows_masked.py`` run every registered pipeline split and whole):

@@ -48,7 +48,8 @@ import numpy as np
 
 from ..case import Case, valid_elements, valid_rows
 from ..precision import FloatArray, Precision
-from ..stages import StageRunner, flush_subnormals
+from ..stages import StageRunner
+from ..subnormals import flush_subnormals
 from .base import Block, Pipeline, Saved
 from .jax_backward import sigmoid_backward, softmax_backward
 
