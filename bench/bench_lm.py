@@ -10,9 +10,10 @@ Run it from the repository root (it needs safetensors: ``pip install -e '.[safet
     python bench/bench_lm.py               # 1 GiB of bfloat16 logits: 10 to 20 minutes
     python bench/bench_lm.py --rows 256    # a quick look (both files scaled down)
 
-The logits look like a language model's: standard normal times 3, a tenth of the rows with a
-confident target (20 above the rest), and a few large logits (up to 60) per row. The labels
-are int64, stored in the same file. The files go to a temporary folder, removed at the end.
+The logits look like a language model's: standard normal times 3, half the rows with a
+confident target (20 above the rest), one row in fifty with a large logit (30 to 60). The
+labels are int64, stored in the same file. The files go to a temporary folder, removed at
+the end.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def write_lm_logits(path: Path, rows: int, vocab: int, seed: int = 0) -> None:
         stop = min(rows, start + step)
         block = rng.standard_normal((stop - start, vocab), dtype=np.float32) * 3
         local = np.arange(stop - start)
-        confident = rng.random(stop - start) < 0.1
+        confident = rng.random(stop - start) < 0.5
         block[local[confident], labels[start:stop][confident]] += 20
-        large = rng.integers(0, vocab, (stop - start, 4))
-        block[local[:, None], large] = rng.uniform(30, 60, (stop - start, 4))
+        large = local[rng.random(stop - start) < 0.02]
+        block[large, rng.integers(0, vocab, len(large))] = rng.uniform(30, 60, len(large))
         out[start:stop] = block.astype(ml_dtypes.bfloat16)
     out.flush()
     del out

@@ -5,10 +5,10 @@ their scalar comparisons: a bfloat16 ``max`` costs about 4.5 ns a value and a fl
 8.5, against 0.15 for float32 (measured on the machine named in the README's bench
 section). Every value of these formats is a float32 number, so the reduction is done on a
 float32 copy and its result taken back to the array's dtype, exactly: the same values, NaN
-propagating as numpy's own reduction propagates it (and a zero result, whose sign depends
-on the order the comparisons are made in, left to numpy's own reduction). A language model's bfloat16 logits
-go through several such reductions per block (the input's checks and extremes, the row
-maxima of the shifted formulations), which is why this exists.
+propagating as numpy's own reduction propagates it (a zero result, whose sign depends on
+the order the comparisons are made in, is left to numpy's own reduction). A language
+model's bfloat16 logits go through several such reductions per block (the input's checks
+and extremes, the row maxima of the shifted formulations), which is why this exists.
 """
 
 from __future__ import annotations
