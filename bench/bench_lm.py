@@ -19,6 +19,7 @@ the end.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def main() -> None:
         print(f"input: {args.rows} x {args.vocab} bfloat16 = {size:.3f} GiB (.safetensors); "
               f"float32 benchmark: {args.rows} x {FLOAT32_VOCAB} float32 = "
               f"{f32_values * 4 / 2**30:.3f} GiB (.npy)")
+        print(f"load average (1 min) at the start: {os.getloadavg()[0]:.1f}")
         lm_runs, f32_runs = [], []
         for _ in range(args.repeat):  # alternating, so that both see the same load
             f32_runs.append(full_matrix(f32_logits, f32_labels))
@@ -102,6 +104,7 @@ def main() -> None:
         print(f"float32 default matrix:  {f32_seconds:.1f} s = {f32_per:.0f} ns per value; "
               f"peak resident memory {f32_peak:.0f} MiB")
         print(f"per-value time, bfloat16 / float32: {lm_per / f32_per:.2f} (goal: at most 1)")
+        print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
         if args.repeat > 1:
             print("all runs (s): bfloat16 " + ", ".join(f"{s:.1f}" for s, _ in lm_runs)
                   + "; float32 " + ", ".join(f"{s:.1f}" for s, _ in f32_runs))
