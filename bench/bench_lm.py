@@ -7,7 +7,7 @@ same command, so that the ratio of the two times per value comes from one run on
 
 Run it from the repository root (it needs safetensors: ``pip install -e '.[safetensors]'``):
 
-    python bench/bench_lm.py               # 1 GiB of bfloat16 logits: 10 to 20 minutes
+    python bench/bench_lm.py --repeat 2    # 1 GiB of bfloat16 logits: about 8 minutes
     python bench/bench_lm.py --rows 256    # a quick look (both files scaled down)
 
 The logits look like a language model's: standard normal times 3, half the rows with a
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from bench_run import full_matrix, machine, write_inputs
+from bench_run import best_of, full_matrix, machine, write_inputs
 
 VOCAB = 131072
 FLOAT32_VOCAB = 32768  # the float32 benchmark's width
@@ -66,6 +66,20 @@ def write_lm_logits(path: Path, rows: int, vocab: int, seed: int = 0) -> None:
     del out
 
 
+def reductions() -> str:
+    """The row maxima of one block (2**20 values), per value: numpy's own reduction on
+    bfloat16 (a value at a time) and on float32, and xentcheck's bfloat16 one (through
+    float32, :mod:`xentcheck.extrema`)."""
+    from xentcheck import extrema
+
+    x = np.random.default_rng(0).standard_normal((8, VOCAB), dtype=np.float32) * 3
+    b = x.astype(ml_dtypes.bfloat16)
+    times = [best_of(5, lambda f=f, v=v: f(v, axis=-1)) / x.size * 1e9
+             for f, v in ((np.max, b), (np.max, x), (extrema.maximum, b))]
+    return (f"row maxima of 2**20 values, per value: numpy on bfloat16 {times[0]:.2f} ns, "
+            f"on float32 {times[1]:.2f} ns; xentcheck.extrema on bfloat16 {times[2]:.2f} ns")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096,
@@ -90,6 +104,7 @@ def main() -> None:
               f"float32 benchmark: {args.rows} x {FLOAT32_VOCAB} float32 = "
               f"{f32_values * 4 / 2**30:.3f} GiB (.npy)")
         print(f"load average (1 min) at the start: {os.getloadavg()[0]:.1f}")
+        print(reductions())
         lm_runs, f32_runs = [], []
         for _ in range(args.repeat):  # alternating, so that both see the same load
             f32_runs.append(full_matrix(f32_logits, f32_labels))

@@ -1,14 +1,15 @@
 """Maxima and minima of arrays in narrow float formats, at the speed of float32's.
 
 numpy reduces float16 and ml_dtypes' formats (bfloat16, fp8) one value at a time through
-their scalar comparisons: a bfloat16 ``max`` costs about 4.5 ns a value and a float16 one
-8.5, against 0.15 for float32 (measured on the machine named in the README's bench
-section). Every value of these formats is a float32 number, so the reduction is done on a
-float32 copy and its result taken back to the array's dtype, exactly: the same values, NaN
-propagating as numpy's own reduction propagates it (a zero result, whose sign depends on
-the order the comparisons are made in, is left to numpy's own reduction). A language
-model's bfloat16 logits go through several such reductions per block (the input's checks
-and extremes, the row maxima of the shifted formulations), which is why this exists.
+their scalar comparisons: a bfloat16 ``max`` costs about 4 ns a value against 0.15 for
+float32, and about 0.5 through a float32 copy (``bench/bench_lm.py`` prints all three;
+float16's is slower still). Every value of these formats is a float32 number, so the
+reduction is done on a float32 copy and its result taken back to the array's dtype,
+exactly: the same values, NaN propagating as numpy's own reduction propagates it (a zero
+result, whose sign depends on the order the comparisons are made in, is left to numpy's
+own reduction). A language model's bfloat16 logits go through several such reductions per
+block (the input's checks and extremes, the row maxima of the shifted formulations), which
+is why this exists.
 """
 
 from __future__ import annotations
