@@ -42,7 +42,7 @@ def write_examples(folder: Path) -> None:
         np.save(folder / f"{name}.npy", labels)
     from safetensors.numpy import save_file
 
-    save_file({"logits": logits}, str(folder / "dump.safetensors"))
+    save_file({"logits": logits, "labels": labels}, str(folder / "dump.safetensors"))
     header = ",".join(f"c{i}" for i in range(10)) + ",label"
     rows = [",".join(map(str, row)) + f",{label}" for row, label in zip(logits, labels,
                                                                          strict=True)]

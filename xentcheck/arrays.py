@@ -7,7 +7,9 @@ field; nothing is ever unpickled (``allow_pickle=False``).
 from __future__ import annotations
 
 import csv
+import json
 import mmap
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -248,7 +250,22 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+# safetensors' dtype names (always little-endian) that numpy (with ml_dtypes) can map; a
+# tensor of any other type is read through the library instead.
+_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"), "U64": np.dtype("<u8"), "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
 def _load_safetensors(path: Path, key: str | None, fail: Any) -> FloatArray:
+    """A memory map of one tensor of a .safetensors file (read as it is used, like a .npy:
+    a language model's 1 GiB of logits is never in memory whole), after the library has
+    checked the header (offsets in order, sizes matching shapes and dtypes)."""
     try:
         from safetensors import safe_open
     except ImportError:
@@ -259,10 +276,27 @@ def _load_safetensors(path: Path, key: str | None, fail: Any) -> FloatArray:
         raise fail(f"cannot read it ({_first_line(exc)})") from None
     with handle as tensors:
         name = _pick(list(tensors.keys()), key, fail)
+        mapped = _map_safetensor(path, name)
+        if mapped is not None:
+            return mapped
         try:
             return np.asarray(tensors.get_tensor(name))
         except Exception as exc:
             raise fail(f"cannot read tensor {name!r} ({_first_line(exc)})") from None
+
+
+def _map_safetensor(path: Path, name: str) -> FloatArray | None:
+    """Tensor ``name`` of a header the library accepted, memory-mapped; None where a map
+    cannot hold it (an empty tensor, a dtype numpy lacks, a big-endian machine)."""
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        entry = json.loads(handle.read(length))[name]
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    shape = tuple(int(n) for n in entry["shape"])
+    begin, end = (int(n) for n in entry["data_offsets"])
+    if dtype is None or begin == end or sys.byteorder != "little":
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + length + begin, shape=shape)
 
 
 def release_pages(mapped: FloatArray, view: FloatArray) -> None:

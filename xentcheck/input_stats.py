@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import extrema
 from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .findings import MaskedInputs
 from .misuse import SUM_TOLERANCE, masked_inputs, merge_masked
@@ -65,9 +66,9 @@ def block_stats(block: Block, dtype_names: Sequence[str] = ()) -> BlockStats:
         return _split_stats(block, dtype_names)
     x = np.asarray(block.logits)
     masked = block.masked
-    top = x.max(axis=-1).astype(np.float64)  # in the input's own dtype: no float64 copy
-    bottom = np.asarray(x.min(axis=-1) if masked is None
-                        else np.min(x, axis=-1, where=~masked, initial=np.inf),
+    top = extrema.maximum(x, axis=-1).astype(np.float64)  # no float64 copy of the block
+    bottom = np.asarray(extrema.minimum(x, axis=-1) if masked is None
+                        else extrema.minimum(x, axis=-1, where=~masked, initial=np.inf),
                         dtype=np.float64)
     largest, smallest = float(top.max()), float(bottom.min())
     distributions = masked is None and smallest >= 0 and largest <= 1 and bool(
@@ -127,9 +128,9 @@ def _split_stats(block: Block, dtype_names: Sequence[str]) -> BlockStats:
         x = np.asarray(chunk.logits)
         masked = chunk.masked
         any_masked |= masked is not None
-        top = max(top, float(x.max()))
-        bottom = min(bottom, float(x.min() if masked is None
-                                   else np.min(x, where=~masked, initial=np.inf)))
+        top = max(top, float(extrema.maximum(x)))
+        bottom = min(bottom, float(extrema.minimum(x) if masked is None
+                                   else extrema.minimum(x, where=~masked, initial=np.inf)))
         if case.label_kind == "index" and spec.family == "softmax":
             inside, column = _chunk_column(chunk, int(block.target[0]))
             if inside:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import extrema
 from .chunking import chunk_sums, combine_chunk_sums, row_sum
 from .precision import AccumulateName, FloatArray, Operand, Precision
 from .replay import PassComplete, ReplayCursor
@@ -432,8 +433,8 @@ class StageRunner:
     def max(self, stage: str, x: FloatArray, *, axis: int = -1) -> FloatArray:
         """Row maximum, kept as a trailing axis of length one. Exact in any dtype."""
         if self.replay is None:
-            return np.max(x, axis=axis, keepdims=True)
-        part = np.max(x, axis=-1, keepdims=True)
+            return extrema.maximum(x, axis=axis, keepdims=True)
+        part = extrema.maximum(x, axis=-1, keepdims=True)
         result: FloatArray = self._reduce(
             lambda state: part if state is None else np.maximum(state, part), lambda s: s)
         return result

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import extrema
 from ..arrays import release_pages
 from ..case import Case, softmax_coefficients, valid_elements, valid_rows
 from ..precision import FloatArray, Precision
@@ -94,7 +95,7 @@ class Block:
         if not self.case.spec.from_logits:
             return None
         x = np.asarray(self.logits)
-        if not x.size or not bool(np.min(x) == -np.inf):
+        if not x.size or not bool(extrema.minimum(x) == -np.inf):
             return None
         return np.asarray(x == -np.inf)
 
