@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from xentcheck.case import Case, LossSpec
-from xentcheck.cli import progress_bar
+from xentcheck.cli_output import progress_bar
 
 
 def lm_case(rows: int, vocab: int) -> Case:
