@@ -245,3 +245,33 @@ def test_array_options_that_do_not_apply_are_errors(
         args = [a.replace(placeholder, path) for a in args]
         message = message.replace(placeholder, path)
     assert message in one_line_error(invoke("run", *args))
+
+
+@pytest.mark.parametrize("option", [["--loss", "sigmoid"], ["--probabilities"],
+                                    ["--reduction", "sum"], ["--ignore-index", "0"],
+                                    ["--label-smoothing", "0.1"], ["--temperature", "2"],
+                                    ["--chunk-size", "8"]])
+def test_loss_options_with_a_scenario_file_are_a_usage_error(write: Write,
+                                                              option: list[str]) -> None:
+    """A scenario file says its loss with keys: a --logits option given beside it would be
+    ignored, so it is refused, naming the option (even given with its default value)."""
+    path = write("s.yaml", NAIVE_OVERFLOW)
+    result = CliRunner().invoke(cli, ["run", str(path), *option])
+    assert result.exit_code == 2
+    assert f"{option[0]} applies to --logits" in result.stderr
+    assert "Traceback" not in result.output
+    if option[0] == "--reduction":  # the default value, said explicitly, is refused too
+        again = CliRunner().invoke(cli, ["run", str(path), "--reduction", "mean"])
+        assert again.exit_code == 2 and "--reduction applies to --logits" in again.stderr
+
+
+def test_loss_options_apply_to_logits_files(tmp_path: Path) -> None:
+    logits, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(logits, np.array([[0.0, 3.0, -1.0], [2.0, 2.0, 0.5]]))
+    np.save(labels, np.array([1, -1]))
+    result = invoke("run", "--logits", str(logits), "--labels", str(labels), "--reduction",
+                    "sum", "--ignore-index", "-1", "--dtype", "float64", "--pipeline", "stable",
+                    "--format", "json")
+    [finding] = json.loads(result.stdout)["scenarios"][0]["results"]
+    # the second row is ignored; the first's loss log(1 + e^-3 + e^-4) is the sum
+    assert finding["loss"] == pytest.approx(np.log1p(np.exp(-3.0) + np.exp(-4.0)), rel=1e-15)

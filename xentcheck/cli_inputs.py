@@ -32,6 +32,22 @@ class InputFiles:
                 if value is not None]
 
 
+# ``run``'s options that describe the loss of --logits; a scenario file says it with keys,
+# and a value given for a scenario file would otherwise be silently ignored
+LOSS_PARAMETERS = ("loss", "probabilities", "reduction", "ignore_index", "label_smoothing")
+
+
+def _given_on_command_line(names: tuple[str, ...]) -> list[str]:
+    """Of the current command's parameters ``names``, those the user gave (on the command
+    line or through the environment), as flags; none outside a click command."""
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return []
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return [f"--{name.replace('_', '-')}" for name in names
+            if context.get_parameter_source(name) in given]
+
+
 def input_scenarios(
     paths: tuple[Path, ...], files: InputFiles, loss: str,
     probabilities: bool, reduction: str, ignore_index: int | None, label_smoothing: float,
@@ -52,7 +68,7 @@ def input_scenarios(
                                           ("--logit-softcap", options.logit_softcap),
                                           ("--temperature", options.temperature != 1.0),
                                           ("--chunk-size", chunk_size is not None))
-                 if value]
+                 if value] + _given_on_command_line(LOSS_PARAMETERS)
         if given:
             raise click.UsageError(f"{given[0]} applies to --logits; a scenario file gives "
                                    "the loss options as keys")
