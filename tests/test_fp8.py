@@ -353,3 +353,33 @@ def test_a_soft_cap_cannot_save_a_logit_e4m3fn_cannot_store() -> None:
         "float8_e4m3fn", "nan", "cast", "overflow")
     assert e5m2["dtype"] == "float8_e5m2" and isinstance(e5m2["loss"], float)
     assert float(np.float32(2998).astype(ml_dtypes.float8_e5m2)) == 3072.0
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_logits_from_safetensors_are_their_values(tmp_path: Path, name: str) -> None:
+    """A .safetensors dump of fp8 logits (F8_E4M3, F8_E5M2) is read as its values: every
+    number of the report is the one the same values give as float32 (held exactly)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal((6, 5)) * 4).astype(getattr(ml_dtypes, name))
+    labels = rng.integers(0, 5, 6)
+    save_file({"logits": values, "labels": labels}, str(tmp_path / "dump.safetensors"))
+    np.save(tmp_path / "x.npy", values.astype(np.float32))
+    np.save(tmp_path / "y.npy", labels)
+    runs = []
+    for logits, labels_file, keys in (
+            ("dump.safetensors", "dump.safetensors", ["--logits-key", "logits", "--labels-key",
+                                                      "labels"]),
+            ("x.npy", "y.npy", [])):
+        result = CliRunner().invoke(cli, [
+            "run", "--logits", str(tmp_path / logits), "--labels", str(tmp_path / labels_file),
+            *keys, "--dtype", f"{name},bfloat16,float32", "--pipeline", "naive,stable",
+            "--format", "json"])
+        assert result.exit_code == 0, result.output
+        scenario = json.loads(result.stdout)["scenarios"][0]
+        runs.append((scenario["reference"], scenario["results"]))
+    assert runs[0] == runs[1]
+    # held exactly in D = its own format: no input rounding, and the loss is a number
+    fp8 = [r for r in runs[0][1] if r["dtype"] == name]
+    assert fp8 and all("input_rounding" not in r["flags"] for r in fp8)

@@ -26,6 +26,14 @@ KEYED_SUFFIXES = (".npz", ".safetensors")
 # Dtypes that raw 2-byte values (.npy's |V2, all numpy can write for ml_dtypes' bfloat16)
 # may be read as.
 RAW_DTYPES: tuple[str, ...] = ("bfloat16", "float16")
+# ml_dtypes' floating types an input may hold (numpy calls their kind "V"): a .safetensors
+# file names them (BF16, F8_E4M3, F8_E5M2)
+ML_FLOAT_TYPES: frozenset[str] = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})
+
+
+def is_float(dtype: np.dtype[Any]) -> bool:
+    """Whether values of ``dtype`` are floating-point numbers (numpy's or ml_dtypes')."""
+    return dtype.kind == "f" or dtype.name in ML_FLOAT_TYPES
 
 
 def load_array(
@@ -99,7 +107,7 @@ def load_array(
         raise fail(f"holds raw 2-byte values (|V2): probably bfloat16 saved with numpy and "
                    f"ml_dtypes, a type .npy cannot name; say so with {hint} (or float16), or "
                    "save it as .safetensors, which names bfloat16")
-    if array.dtype.kind not in "fiub" and array.dtype != np.dtype(ml_dtypes.bfloat16):
+    if array.dtype.kind not in "iub" and not is_float(array.dtype):
         raise fail(f"holds {array.dtype} values; numbers are needed")
     return array
 

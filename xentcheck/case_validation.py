@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import extrema, fields
-from .arrays import release_pages
+from .arrays import is_float, release_pages
 from .case import DEFAULT_CHUNK_SIZE, Case, LabelKind, LossSpec
 from .errors import InputError
 from .misuse import tagged
@@ -184,7 +184,7 @@ def _checked_logits(logits: FloatArray, family: str, from_logits: bool) -> Float
     array = logits if isinstance(logits, np.memmap) else np.asarray(logits)
     if array.dtype.kind in "iu" and not isinstance(logits, np.memmap):
         array = array.astype(np.float64)  # inline integer lists
-    if array.dtype.kind not in "f" and array.dtype.name != "bfloat16":
+    if not is_float(array.dtype):
         raise InputError(f"must be floating point, not {array.dtype}", field=key)
     if array.ndim == 0 or array.size == 0:
         raise InputError("must be a non-empty array (a list of logits per example)", field=key)
@@ -219,7 +219,7 @@ def _checked_labels(
     key = "labels"
     if labels.size == 0:
         raise InputError("must not be empty", field=key)
-    if labels.dtype.kind not in "iuf" and labels.dtype.name != "bfloat16":
+    if labels.dtype.kind not in "iu" and not is_float(labels.dtype):
         raise InputError(f"must be numbers, not {labels.dtype}", field=key)
     where = _find_first(labels, lambda v: ~np.isfinite(v), _may_hold_nonfinite)
     if where is not None:
