@@ -15,7 +15,7 @@ from xentcheck.findings import Finding, ScenarioResult
 from xentcheck.pipelines import textbook
 from xentcheck.precision import Precision, precisions_for
 
-mpmath.mp.dps = 50
+MPMATH_DPS = 50  # this module's tests run at it (conftest.py)
 ALL = precisions_for(["float16", "bfloat16", "float32", "float64"])
 
 

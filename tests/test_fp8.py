@@ -32,7 +32,7 @@ from xentcheck.stages import StageRunner
 
 Write = Callable[[str, str], Path]
 FP8 = ["float8_e4m3fn", "float8_e5m2"]
-mpmath.mp.dps = 50
+MPMATH_DPS = 50  # this module's tests run at it (conftest.py)
 
 
 def pipeline(name: str):  # type: ignore[no-untyped-def]

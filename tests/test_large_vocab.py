@@ -24,15 +24,15 @@ from xentcheck.pipelines import select
 from xentcheck.pipelines.large_vocab import liger_block_size
 from xentcheck.precision import Precision, precisions_for
 
-mpmath.mp.prec = 200
+MPMATH_PREC = 200  # this module's tests run at it (conftest.py)
 LARGE = ["accurate", "online", "chunked"]
 
 
 def mp_losses(x: np.ndarray, target: np.ndarray) -> list[mpmath.mpf]:
     """``log(sum exp x) - x_t`` per row, in 200-bit arithmetic (masked -inf entries left out)."""
     out = []
-    # its own precision: a test that sets mpmath's global one (40 digits) runs before this
-    # one, and 40 digits round log(e^48 + e^-43) - 48 = 3.0e-40 to 0
+    # its own precision, whoever calls it: 40 digits round log(e^48 + e^-43) - 48 = 3.0e-40
+    # to 0
     with mpmath.workprec(200):
         for row, t in zip(np.asarray(x, dtype=np.float64), target, strict=True):
             kept = [mpmath.mpf(float(v)) for v in row if v != -np.inf]

@@ -20,7 +20,7 @@ from xentcheck.execution import run_with_gradient
 from xentcheck.pipelines import available, textbook
 from xentcheck.precision import Precision, precisions_for
 
-mpmath.mp.dps = 60
+MPMATH_DPS = 60  # this module's tests run at it (conftest.py)
 
 
 def _scenario(tmp_path: Path, extra: str, loss: str = "softmax",

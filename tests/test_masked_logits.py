@@ -31,7 +31,7 @@ from xentcheck.pipelines import select, textbook
 from xentcheck.precision import Precision, precisions_for
 from xentcheck.stages import StageRunner
 
-mpmath.mp.dps = 50
+MPMATH_DPS = 50  # this module's tests run at it (conftest.py)
 INF = math.inf
 FIXTURE = Path(__file__).parent / "fixtures" / "torch_masked.json"
 

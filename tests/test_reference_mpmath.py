@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from xentcheck import reference as ref
 
-mpmath.mp.dps = 50
+MPMATH_DPS = 50  # this module's tests run at it (conftest.py)
 
 
 def mp_softmax(x: list[float], a: list[float]) -> mpmath.mpf:

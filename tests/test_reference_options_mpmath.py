@@ -18,7 +18,7 @@ from xentcheck.case_validation import make_case
 from xentcheck.evaluator import reference_block
 from xentcheck.execution import blocks
 
-mpmath.mp.dps = 60
+MPMATH_DPS = 60  # this module's tests run at it (conftest.py)
 
 
 def mp_transformed(x: list[float], options: dict[str, float]) -> list[mpmath.mpf]:

@@ -32,7 +32,7 @@ from xentcheck.precision import FloatArray, Precision, precisions_for
 from xentcheck.report_json import render_json
 from xentcheck.stages import StageRunner
 
-mpmath.mp.dps = 50
+MPMATH_DPS = 50  # this module's tests run at it (conftest.py)
 CHUNK = 64
 CLASSES = 600
 # every dtype, and a running sum in D (sums of a split row carry it from chunk to chunk);

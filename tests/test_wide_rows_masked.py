@@ -26,7 +26,7 @@ from xentcheck.precision import Precision, precisions_for
 from xentcheck.reference_split import split_row_reference
 from xentcheck.report_json import render_json
 
-mpmath.mp.dps = 50
+MPMATH_DPS = 50  # this module's tests run at it (conftest.py)
 CHUNK = 64
 CLASSES = 600
 SPLIT = 128
