@@ -81,8 +81,10 @@ def cli() -> None:
               help="The --logits file holds probabilities (from_logits: false).")
 @click.option("--reduction", type=click.Choice(["none", "sum", "mean"]), default="mean",
               show_default=True, help="Batch reduction for --logits.")
-@click.option("--ignore-index", type=int, default=None, help="Label value that counts nowhere, for --logits.")
-@click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing (softmax), for --logits.")
+@click.option("--ignore-index", type=int, default=None,
+              help="Label value that counts nowhere, for --logits.")
+@click.option("--label-smoothing", type=float, default=0.0,
+              help="Label smoothing (softmax), for --logits.")
 @loss_option_flags
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help=f"Classes per chunk of the chunked formulation, for --logits "
