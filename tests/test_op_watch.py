@@ -134,9 +134,9 @@ def test_a_flush_of_another_pass_is_not_reported_in_this_one() -> None:
     assert forward.events == []
 
 
-def test_log1p_has_its_pole_at_minus_one_and_a_zero_base_power_divides() -> None:
-    """log1p(-1) = log(0) and 0 ** -1 = 1 / 0, in every adapter's names (numpy's ufuncs,
-    aten's, jax's primitives)."""
+def test_log1p_has_its_pole_at_minus_one_and_a_zero_base_power_overflows() -> None:
+    """log1p(-1) = log(0), in every adapter's names (numpy's ufuncs, aten's, jax's
+    primitives); 0 ** -1 is named an overflow in every adapter (torch's and jax's tests)."""
     for op in ("log1p", "aten::log1p"):
         watcher = OpWatcher()
         x = np.array([0.5, -1.0, -1.0])
@@ -150,7 +150,13 @@ def test_log1p_has_its_pole_at_minus_one_and_a_zero_base_power_divides() -> None
         with np.errstate(divide="ignore"):
             _inspect(watcher, op, [base, exponent], np.power(base, exponent))
         (event,) = watcher.events
-        assert (event.kind, event.index) == ("division_by_zero", (1,))
+        assert (event.kind, event.index) == ("overflow", (1,))
+    watcher = OpWatcher()
+    a, b = np.array([1.0, 1.0]), np.array([2.0, 0.0])
+    with np.errstate(invalid="ignore"):
+        _inspect(watcher, "remainder", [a, b], np.remainder(a, b))
+    (event,) = watcher.events
+    assert (event.kind, event.index) == ("division_by_zero", (1,))
 
 
 def test_a_projection_judges_a_reduction_position_by_position() -> None:

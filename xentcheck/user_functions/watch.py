@@ -11,8 +11,8 @@ restated for operations the watcher knows only by name:
 ``log_of_zero``
     a logarithm (``log``, ``log2``, ``log10``) of an exact zero, or ``log1p`` of exactly -1;
 ``division_by_zero``
-    a division (``div``, ``reciprocal``, ``remainder``...; a ``pow`` with base zero) whose
-    divisor is an exact zero, giving inf or NaN;
+    a division (``div``, ``reciprocal``, ``remainder``, ``fmod``) whose divisor is an exact
+    zero, giving inf or NaN;
 ``underflow``
     an operation whose exact result cannot be zero (``exp`` or ``softmax`` of a finite value;
     ``mul``, ``div``, ``pow`` of finite non-zero operands) returned an exact zero, *and that
@@ -42,9 +42,10 @@ from .adapter import OpEvent
 Array = np.ndarray[Any, Any]
 
 LOG_OPS = frozenset({"log", "log2", "log10", "log1p"})
-# operation -> which operand is the divisor (the base of a power: 0 ** -1 is 1 / 0)
+# operation -> which operand is the divisor (a power's 0 ** -1 stays an overflow, as the
+# torch and jax adapters have always named it)
 DIVISION_OPS = {"div": 1, "true_divide": 1, "divide": 1, "reciprocal": 0, "floor_divide": 1,
-                "remainder": 1, "fmod": 1, "pow": 0, "power": 0, "float_power": 0}
+                "remainder": 1, "fmod": 1}
 # where a logarithm's or a division's pole is, when it is not at 0: log1p(-1) = log(0)
 POLES = {"log1p": -1.0}
 # The exact result is positive for any finite operand.
