@@ -1,5 +1,5 @@
-"""The rules by which the torch and jax adapters judge one operation (``OpWatcher``), on numpy
-arrays: what counts as created trouble, where, and when a flush to zero is reported."""
+"""The rules by which every adapter (numpy, torch, jax) judges one operation (``OpWatcher``),
+on numpy arrays: what counts as created trouble, where, and when a flush to zero is reported."""
 
 from __future__ import annotations
 
@@ -132,3 +132,49 @@ def test_a_flush_of_another_pass_is_not_reported_in_this_one() -> None:
                                                                                    flush])
     assert [e.kind for e in backward.events] == ["division_by_zero"]
     assert forward.events == []
+
+
+def test_log1p_has_its_pole_at_minus_one_and_a_zero_base_power_overflows() -> None:
+    """log1p(-1) = log(0), in every adapter's names (numpy's ufuncs, aten's, jax's
+    primitives); 0 ** -1 is named an overflow in every adapter (torch's and jax's tests)."""
+    for op in ("log1p", "aten::log1p"):
+        watcher = OpWatcher()
+        x = np.array([0.5, -1.0, -1.0])
+        with np.errstate(divide="ignore"):
+            _inspect(watcher, op, [x], np.log1p(x))
+        (event,) = watcher.events
+        assert (event.kind, event.index) == ("log_of_zero", (1,))
+    for op in ("power", "pow", "aten::pow"):
+        watcher = OpWatcher()
+        base, exponent = np.array([2.0, 0.0]), np.array([-1.0, -1.0])
+        with np.errstate(divide="ignore"):
+            _inspect(watcher, op, [base, exponent], np.power(base, exponent))
+        (event,) = watcher.events
+        assert (event.kind, event.index) == ("overflow", (1,))
+    watcher = OpWatcher()
+    a, b = np.array([1.0, 1.0]), np.array([2.0, 0.0])
+    with np.errstate(invalid="ignore"):
+        _inspect(watcher, "remainder", [a, b], np.remainder(a, b))
+    (event,) = watcher.events
+    assert (event.kind, event.index) == ("division_by_zero", (1,))
+
+
+def test_a_projection_judges_a_reduction_position_by_position() -> None:
+    """numpy's ``sum(axis=-1)``: a row whose operands were finite and whose sum overflowed is
+    an overflow even when another row already held an inf (the whole-operation rule would
+    miss it)."""
+    x = np.array([[INF, 1.0], [3e38, 3e38]], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        out = x.sum(axis=-1)
+    assert np.isinf(out).all()
+
+    def project(flags: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.broadcast_to(np.logical_or.reduce(flags, axis=-1), shape)
+
+    watcher = OpWatcher()
+    watcher.inspect("sum", [x], [out], [None], _here, project)
+    (event,) = watcher.events
+    assert (event.kind, event.index) == ("overflow", (1,))
+    whole = OpWatcher()
+    _inspect(whole, "sum", [x], out)
+    assert whole.events == []

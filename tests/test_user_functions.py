@@ -210,7 +210,12 @@ def test_log_of_an_underflowed_probability() -> None:
     labels = np.array([2, 0])
     in32 = call(subtle, logits.astype(np.float32), labels)
     assert in32.losses[0] == np.inf
-    (event,) = in32.events
+    # exp(-120) flushes to 0 in float32 (its exact value, about 7.7e-53, is below the
+    # smallest subnormal): the flush is named at the exp line, before the log it broke
+    flush, event = in32.events
+    assert float(np.exp(np.float32(-120.0))) == 0.0 and 0 < mpmath.exp(-120) < 2.0 ** -150
+    assert (flush.op, flush.kind, flush.index) == ("exp", "underflow", (0, 2))
+    assert flush.source == f"{subtle.file}:{line_of(EXAMPLES / 'numpy_subtle.py', 'np.exp(')}"
     assert (event.op, event.kind, event.index) == ("log", "log_of_zero", (0,))
     assert event.source == f"{subtle.file}:{line_of(EXAMPLES / 'numpy_subtle.py', 'np.log(')}"
     in64 = call(subtle, logits, labels)
@@ -219,6 +224,18 @@ def test_log_of_an_underflowed_probability() -> None:
     for row, label, loss in zip(logits, labels, in64.losses, strict=True):
         exact = -(mpmath.mpf(row[label]) - mpmath.log(sum(mpmath.exp(v) for v in row)))
         assert abs(loss - float(exact)) <= 4 * np.finfo(np.float64).eps * float(exact)
+
+
+def test_a_flush_nothing_takes_the_log_of_is_not_an_event() -> None:
+    """In float32 exp(-120) flushes to 0, but at a class that is not the target: the loss
+    (ln 2 + ln(1 + exp(-120)) = ln 2 in float32) is right and nothing is reported."""
+    subtle = load_function(f"{EXAMPLES / 'numpy_subtle.py'}:loss")
+    logits = np.array([[0.0, -120.0, 0.0]], dtype=np.float32)
+    result = call(subtle, logits, np.array([0]))
+    assert result.events == []
+    mpmath.mp.dps = 50
+    exact = mpmath.log(2 + mpmath.exp(-120))
+    assert abs(result.losses[0] - float(exact)) <= np.finfo(np.float32).eps * float(exact)
 
 
 def test_division_by_an_exact_zero(write: Write, tmp_path: Path) -> None:

@@ -6,11 +6,13 @@ Two nets, the first doing almost all the work:
    sees every ufunc call made on them and on what is computed from them (``np.exp(x)``,
    ``x - m``, ``e.sum(-1)``, which is ``np.add.reduce``; scipy's functions too, where they
    keep the array type), with its operands and outputs, as PyTorch's dispatch modes see
-   every aten op. An output is checked as xentcheck's own stages are: NaN from operands
-   that held none (``nan``), ±inf from finite operands (``overflow``), ±inf from a log of,
-   or a division by, an exact zero (``log_of_zero``, ``division_by_zero``). The op is the
-   ufunc (``exp``, ``divide``; a reduction by its numpy name: ``sum``, ``max``), the index
-   the first such position in its output, and the line the innermost frame in the user's
+   every aten op. Each call is judged by the rules every adapter shares
+   (:class:`~.watch.OpWatcher`: ``overflow``, ``nan``, ``log_of_zero``, ``division_by_zero``
+   and the ``underflow`` that later meets a pole, its flush carried on each ``Watched``
+   array and its views as the torch adapter carries it per tensor). The op is the ufunc
+   (``exp``, ``divide``; a reduction by its numpy name: ``sum``, ``max``, judged position by
+   position along its axis; other ufunc methods as whole operations), the index the first
+   such position in its output, and the line the innermost frame in the user's
    file. This also sees what numpy's floating-point flags miss (float16 and ml_dtypes'
    bfloat16 results rounded to inf in a cast inside the loop).
 2. ``np.errstate(over="call", invalid="call", divide="call")`` with ``np.seterrcall``, for
@@ -18,10 +20,6 @@ Two nets, the first doing almost all the work:
    the kind, the innermost frame in the user's file gives the line, and the op is read from
    the expression that line was executing (the name a call calls, the ufunc an operator
    stands for); the position is not known.
-
-Underflow is not an event here: a softmax's exponentials underflow harmlessly everywhere
-but at the target, which a function does not tell; an underflow that matters surfaces as
-the log of, or the division by, the zero it made, on the line that used it.
 
 Gradients: numpy has no autodiff. A function may say how: an attribute ``gradient``
 (``loss.gradient = loss_grad``) called as ``gradient(logits, labels)``, returning d(sum of
@@ -46,12 +44,10 @@ from ..errors import InputError
 from ..precision import FloatArray
 from .adapter import CallResult, LossFunction, OpEvent
 from .loading import describe, same_file, user_line
+from .watch import Flush, OpWatcher
 
 _REDUCTIONS = {"add": "sum", "multiply": "prod", "maximum": "max", "minimum": "min",
                "fmax": "max", "fmin": "min"}
-_LOGS = frozenset({"log", "log2", "log10", "log1p"})
-_DIVISIONS = frozenset({"divide", "true_divide", "floor_divide", "reciprocal", "remainder",
-                        "fmod", "power", "float_power"})
 _OPERATORS: dict[type[ast.AST], str] = {
     ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast.Div: "divide",
     ast.FloorDiv: "floor_divide", ast.Pow: "power", ast.Mod: "remainder",
@@ -71,22 +67,21 @@ def _plain(value: Any) -> Any:
 
 
 class _Watch:
-    """What one call of a user's function found, in execution order."""
+    """What one call of a user's function found: a :class:`~.watch.OpWatcher` (the rules
+    every adapter shares) and where the user's file is."""
 
     def __init__(self, user_file: Path | None) -> None:
         self.user_file = user_file
-        self.events: list[OpEvent] = []
-        self._seen: set[tuple[str, str]] = set()
+        self.watcher = OpWatcher()
         self._files: dict[str, bool] = {}
 
-    def record(self, op: str, kind: str, index: tuple[int, ...],
-               shape: tuple[int, ...] | None, frame: FrameType | None) -> None:
-        if (op, kind) in self._seen:
-            return
-        self._seen.add((op, kind))
+    @property
+    def events(self) -> list[OpEvent]:
+        return self.watcher.events
+
+    def source(self, frame: FrameType | None) -> str | None:
         user = self.user_frame(frame)
-        source = None if user is None else f"{self.user_file}:{user.f_lineno}"
-        self.events.append(OpEvent(op, kind, index, source, shape))
+        return None if user is None else f"{self.user_file}:{user.f_lineno}"
 
     def user_frame(self, frame: FrameType | None) -> FrameType | None:
         """The innermost frame at or outside ``frame`` whose code is in the user's file."""
@@ -104,84 +99,66 @@ class _Watch:
 
 
 class Watched(np.ndarray):
-    """An array whose ufunc calls are watched (module docstring, first net)."""
+    """An array whose ufunc calls are watched (module docstring, first net). ``_flush``: the
+    flush to zero its values carry (:class:`~.watch.Flush`), passed on to its views, copies
+    and indexings, as the torch adapter keeps one per tensor."""
 
     _watch: _Watch | None = None
+    _flush: Flush | None = None
 
     def __array_finalize__(self, obj: Any) -> None:
         self._watch = getattr(obj, "_watch", None)
+        self._flush = getattr(obj, "_flush", None)
 
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         watch = next((i._watch for i in inputs if isinstance(i, Watched)
                       and i._watch is not None), self._watch)
+        taints = [i._flush if isinstance(i, Watched) else None for i in inputs]
         operands = [_plain(i) for i in inputs]
         if "out" in kwargs:
             kwargs["out"] = tuple(_plain(o) for o in kwargs["out"])
+        flush: Flush | None = None
         with np.errstate(all="ignore"):  # this net reports what the warnings would
             result = getattr(ufunc, method)(*operands, **kwargs)
             outputs = result if isinstance(result, tuple) else (result,)
             if watch is not None:
-                _check(watch, ufunc, method, operands, kwargs, outputs, sys._getframe(1))
+                flush = _check(watch, ufunc, method, operands, taints, kwargs, outputs,
+                               sys._getframe(1))
 
         def wrap(value: Any) -> Any:
             if isinstance(value, np.ndarray) and not isinstance(value, Watched):
                 value = value.view(Watched)
                 value._watch = watch
+                value._flush = flush
             return value
 
         return tuple(wrap(o) for o in outputs) if isinstance(result, tuple) else wrap(result)
 
 
 def _check(watch: _Watch, ufunc: np.ufunc, method: str, operands: list[Any],
-           kwargs: dict[str, Any], outputs: tuple[Any, ...], frame: FrameType) -> None:
-    """Record what this ufunc call created from clean operands."""
+           taints: list[Flush | None], kwargs: dict[str, Any], outputs: tuple[Any, ...],
+           frame: FrameType) -> Flush | None:
+    """Judge this ufunc call by the rules every adapter shares (:class:`~.watch.OpWatcher`);
+    returns the flush to zero its outputs carry."""
     name = ufunc.__name__
     op = _REDUCTIONS.get(name, f"{name}.{method}") if method == "reduce" else (
         name if method == "__call__" else f"{name}.{method}")
-    floats = [np.asarray(o) for o in operands if _floating(o) or isinstance(o, float)]
-    for out in outputs:
-        if not _floating(out):
-            continue
-        values = np.asarray(out)
-        finite = np.isfinite(values)
-        if bool(finite.all()):
-            continue
-        shape = tuple(values.shape)
-
-        def per_output(flags: FloatArray, shape: tuple[int, ...] = shape) -> FloatArray:
-            # an operand property brought to the output's shape
-            if method == "reduce":
-                reduce: Any = np.logical_or.reduce
-                flags = reduce(flags, axis=kwargs.get("axis", 0),
-                               keepdims=bool(kwargs.get("keepdims", False)))
-            elif method != "__call__":
-                return np.zeros(shape, dtype=bool)  # accumulate, outer, ...: not traced
-            return np.broadcast_to(flags, shape)
-
-        clean_nan = np.ones(shape, dtype=bool)
-        clean_inf = np.ones(shape, dtype=bool)
-        for operand in floats:
-            clean_nan &= ~per_output(np.isnan(operand))
-            clean_inf &= ~per_output(~np.isfinite(operand))
-        _first(watch, op, "nan", np.isnan(values) & clean_nan, frame)
-        new_inf = np.isinf(values) & clean_inf
-        if name in _LOGS or name in _DIVISIONS:
-            pole = "log_of_zero" if name in _LOGS else "division_by_zero"
-            zero_at = operands[0] if name in _LOGS or name == "reciprocal" else (
-                operands[1] if len(operands) > 1 else None)
-            if zero_at is not None and method == "__call__":
-                target = -1.0 if name == "log1p" else 0.0
-                at_pole = new_inf & np.broadcast_to(np.asarray(zero_at) == target, shape)
-                _first(watch, op, pole, at_pole, frame)
-                new_inf &= ~at_pole
-        _first(watch, op, "overflow", new_inf, frame)
-
-
-def _first(watch: _Watch, op: str, kind: str, mask: FloatArray, frame: FrameType) -> None:
-    if not mask.any():
-        return
-    index = np.unravel_index(int(np.argmax(mask.ravel())), mask.shape)
-    watch.record(op, kind, tuple(int(i) for i in index), tuple(mask.shape), frame)
+    project: Callable[[FloatArray, tuple[int, ...]], FloatArray] | None = None
+    if method == "reduce":
+        def project(flags: FloatArray, shape: tuple[int, ...]) -> FloatArray:
+            # a position of the output holds a flag if any position reduced into it did
+            reduce: Any = np.logical_or.reduce
+            return np.broadcast_to(reduce(flags, axis=kwargs.get("axis", 0),
+                                          keepdims=bool(kwargs.get("keepdims", False))), shape)
+    elif method != "__call__":
+        # accumulate, outer, at...: judged as a whole operation
+        def project(flags: FloatArray, shape: tuple[int, ...]) -> FloatArray:
+            return np.full(shape, bool(flags.any()))
+    floats = [np.asarray(o) if _floating(o) or isinstance(o, float) else None
+              for o in operands]
+    judged = [np.asarray(o) for o in outputs if _floating(o)]
+    return watch.watcher.inspect(op, floats, judged, taints, lambda: watch.source(frame),
+                                 project)
 
 
 def _expression_op(frame: FrameType) -> str | None:
@@ -271,7 +248,7 @@ class NumpyAdapter:
             if mapped == "pole":
                 mapped = "log_of_zero" if "log" in op else "division_by_zero"
             if mapped is not None:
-                watch.record(op, mapped, (), None, frame)
+                watch.watcher.record(OpEvent(op, mapped, (), watch.source(frame), None))
 
         shown = str(user_file) if user_file is not None else None
         with _errcall(flagged), np.errstate(over="call", invalid="call", divide="call",

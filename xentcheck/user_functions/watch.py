@@ -1,7 +1,7 @@
 """Watching a framework's operations one at a time: which one first *created* trouble.
 
-The torch and jax adapters hand every operation they see to one :class:`OpWatcher`, as numpy
-views of its floating operands and outputs. The rules are those of :mod:`xentcheck.stages`,
+The numpy, torch and jax adapters hand every operation they see to one :class:`OpWatcher`,
+as numpy views of its floating operands and outputs. The rules are those of :mod:`xentcheck.stages`,
 restated for operations the watcher knows only by name:
 
 ``overflow``
@@ -9,9 +9,10 @@ restated for operations the watcher knows only by name:
 ``nan``
     a NaN output where no operand was NaN;
 ``log_of_zero``
-    a logarithm (``log``, ``log2``, ``log10``) of an exact zero;
+    a logarithm (``log``, ``log2``, ``log10``) of an exact zero, or ``log1p`` of exactly -1;
 ``division_by_zero``
-    a division (``div``, ``reciprocal``) whose divisor is an exact zero, giving inf or NaN;
+    a division (``div``, ``reciprocal``, ``remainder``, ``fmod``) whose divisor is an exact
+    zero, giving inf or NaN;
 ``underflow``
     an operation whose exact result cannot be zero (``exp`` or ``softmax`` of a finite value;
     ``mul``, ``div``, ``pow`` of finite non-zero operands) returned an exact zero, *and that
@@ -24,6 +25,8 @@ restated for operations the watcher knows only by name:
 Where an operand has the output's shape or broadcasts to it (an elementwise operation), the
 rules hold position by position. Otherwise (a reduction, an index, a matrix product) they
 hold for the operation as a whole: an output is "created" trouble when no operand held any.
+An adapter that knows better (numpy's reductions along an axis) says how an operand's flags
+map to the output's positions (``project``).
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ from .adapter import OpEvent
 
 Array = np.ndarray[Any, Any]
 
-LOG_OPS = frozenset({"log", "log2", "log10"})
-# operation -> which operand is the divisor
-DIVISION_OPS = {"div": 1, "true_divide": 1, "divide": 1, "reciprocal": 0}
+LOG_OPS = frozenset({"log", "log2", "log10", "log1p"})
+# operation -> which operand is the divisor (a power's 0 ** -1 stays an overflow, as the
+# torch and jax adapters have always named it)
+DIVISION_OPS = {"div": 1, "true_divide": 1, "divide": 1, "reciprocal": 0, "floor_divide": 1,
+                "remainder": 1, "fmod": 1}
+# where a logarithm's or a division's pole is, when it is not at 0: log1p(-1) = log(0)
+POLES = {"log1p": -1.0}
 # The exact result is positive for any finite operand.
 POSITIVE_OPS = frozenset({"exp", "exp2", "softmax", "_softmax", "sigmoid", "logistic"})
 # The exact result is non-zero for finite, non-zero operands.
@@ -102,12 +109,15 @@ class OpWatcher:
         outputs: Sequence[Array],
         taints: Sequence[Flush | None],
         locate: Callable[[], str | None],
+        project: Callable[[Array, tuple[int, ...]], Array] | None = None,
     ) -> Flush | None:
         """Check one operation. ``operands``: the floating operands as numpy arrays (None for
         a non-floating or non-array operand, kept so positions match the operation's own);
         ``taints``: for each operand, the flush to zero it carries (what this method
         returned for the operation that produced it); ``locate``: the user's ``FILE:LINE``,
-        asked only when there is an event. Returns the flush the outputs carry on."""
+        asked only when there is an event; ``project``: maps an operand's boolean flags to
+        an output's shape (a reduction: any flag along the reduced axes), replacing the
+        elementwise-or-whole choice. Returns the flush the outputs carry on."""
         self._order += 1
         order = self._order
         name = base_name(op)
@@ -133,14 +143,18 @@ class OpWatcher:
                 combined = np.zeros(shape, dtype=bool)
                 for o in present:
                     f = flags(o)
-                    combined |= np.broadcast_to(f, shape) if elementwise else bool(f.any())
+                    if project is not None:
+                        combined |= project(f, shape)
+                    else:
+                        combined |= np.broadcast_to(f, shape) if elementwise else bool(f.any())
                 return combined
 
             nonfinite_out = ~np.isfinite(out)
             if nonfinite_out.any():
                 new_nan = np.isnan(out) & ~per_output(np.isnan)
                 new_inf = np.isinf(out) & ~per_output(lambda o: ~np.isfinite(o))
-                pole_kind, at_pole, pole_operand = self._pole(name, operands, out.shape)
+                pole_kind, at_pole, pole_operand = self._pole(name, operands, out.shape) \
+                    if project is None else (None, np.zeros(out.shape, dtype=bool), -1)
                 if pole_kind is not None:
                     hit = (new_inf | new_nan) & at_pole
                     index = _first(hit)
@@ -171,6 +185,12 @@ class OpWatcher:
                 result = carried  # the zero travels on (an index, a view, a copy)
         return result
 
+    def record(self, event: OpEvent) -> None:
+        """An event found outside :meth:`inspect` (numpy's floating-point flags), in the
+        order it was found."""
+        self._order += 1
+        self._emit(self._order, event)
+
     @staticmethod
     def _pole(name: str, operands: Sequence[Array | None],
               shape: tuple[int, ...]) -> tuple[str | None, Array, int]:
@@ -185,7 +205,7 @@ class OpWatcher:
         operand = operands[which] if which < len(operands) else None
         if operand is None or not _broadcasts(np.shape(operand), shape):
             return None, np.zeros(shape, dtype=bool), -1
-        return kind, np.broadcast_to(_as_array(operand) == 0, shape), which
+        return kind, np.broadcast_to(_as_array(operand) == POLES.get(name, 0.0), shape), which
 
 
 def _broadcasts(operand: tuple[int, ...], out: tuple[int, ...]) -> bool:
