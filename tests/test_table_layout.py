@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from frameworks import require
 from rich.cells import cell_len
 from rich.console import Console
 
@@ -288,3 +289,18 @@ def test_without_columns_a_pipe_gets_the_wide_table() -> None:
     assert len(headers) == 1
     assert " loss " in headers[0] and "safe spread ≤" in headers[0]
     assert max(cell_len(line) for line in result.stdout.splitlines()) <= 180
+
+
+EXAMPLES = sorted(p.relative_to(ROOT) for p in (ROOT / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("width", [40, 80])
+@pytest.mark.parametrize("example", EXAMPLES, ids=str)
+def test_user_function_tables_fit(example: Path, width: int) -> None:
+    """A user's function's row carries its SPEC and the FILE:LINE where it broke: both
+    long, neither cut."""
+    if "torch" in example.name or "jax" in example.name:
+        require("torch" if "torch" in example.name else "jax")
+    text = invoke("run", str(example), width=width)
+    assert_fits(text, width)
+    assert_whole(f"{example.stem}.py:loss", text.replace("\n", " "))
