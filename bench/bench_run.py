@@ -164,7 +164,7 @@ def diagnostic(logits: Path, labels: Path, dtype: str, pipeline: str) -> None:
 # The child reports its own peak, VmHWM of its address space: getrusage's ru_maxrss (self
 # or children) keeps the high-water mark across exec, so it would count the pages a forked
 # child shared with this large parent before it exec'd.
-_CHILD = """
+CHILD = """
 import resource, runpy, sys
 sys.argv = ["xentcheck", *sys.argv[1:]]
 try:
@@ -184,7 +184,7 @@ def full_matrix(logits: Path, labels: Path, *options: str) -> tuple[float, float
     say): (seconds, peak RSS in MiB)."""
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, "run", "--logits", str(logits), "--labels",
+        [sys.executable, "-c", CHILD, "run", "--logits", str(logits), "--labels",
          str(labels), "--format", "json", "--output", "/dev/null", *options],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )

@@ -27,33 +27,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_run import CHILD
 
-_CHILD = """
-import resource, runpy, sys
-no_limits = sys.argv.pop(1) == "1"
-if no_limits:
+# The child is bench_run's (it reports its own peak), after an optional patch: with
+# --no-limits, the limit bisection runs for at most 1,024 classes.
+_NO_LIMITS = """
+import sys
+if sys.argv.pop(1) == "1":
     import xentcheck.evaluator as evaluator
     from xentcheck.limits import pipeline_limit
 
-    def small_limit(pipeline, precision, classes, label_smoothing=0.0):
-        return pipeline_limit(pipeline, precision, min(classes, 1024), label_smoothing)
+    def small_limit(pipeline, precision, classes, *args, **kwargs):
+        return pipeline_limit(pipeline, precision, min(classes, 1024), *args, **kwargs)
 
-    def no_prefetch(pairs, classes, label_smoothing=0.0):
+    def no_prefetch(*args, **kwargs):
         return None
 
     evaluator.pipeline_limit = small_limit
     evaluator.prefetch_limits = no_prefetch
-sys.argv = ["xentcheck", *sys.argv[1:]]
-try:
-    runpy.run_module("xentcheck", run_name="__main__")
-finally:
-    try:
-        with open("/proc/self/status") as status:
-            peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(peak, file=sys.stderr)
 """
+_CHILD = _NO_LIMITS + CHILD
 
 
 def write_row(folder: Path, classes: int) -> tuple[Path, Path]:
