@@ -24,6 +24,7 @@ How a call fits the evaluator:
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from functools import cache
 from typing import Any, ClassVar
 
@@ -164,9 +165,7 @@ class UserPipeline(Pipeline):
         """Per-example losses of a function that returns a scalar: one call per example,
         on a batch of one."""
         parts = []
-        for row in range(len(block.labels)):
-            one = Block(block.case, block.logits[row:row + 1], block.labels[row:row + 1],
-                        block.start + row)
+        for one in _examples(block):
             logits, labels, expected, leading = self._inputs(run.precision, one)
             result = self._call(logits, labels, None)
             if np.ndim(result.losses) != 0:
@@ -194,9 +193,7 @@ class UserPipeline(Pipeline):
     def _backward_one_by_one(self, run: StageRunner, block: Block,
                              upstream: float) -> FloatArray | None:
         parts = []
-        for row in range(len(block.labels)):
-            one = Block(block.case, block.logits[row:row + 1], block.labels[row:row + 1],
-                        block.start + row)
+        for one in _examples(block):
             logits, labels, _, leading = self._inputs(run.precision, one)
             result = self._call(logits, labels, upstream)
             if result.gradient is None:
@@ -214,6 +211,14 @@ class UserPipeline(Pipeline):
         whole = Block(case, case.logits_rows(), case.labels_rows())
         logits, labels, _, _ = self._inputs(run.precision, whole)
         return np.asarray(self._call(logits, labels, None).losses, dtype=np.float64)
+
+
+def _examples(block: Block) -> Iterator[Block]:
+    """The block's rows as blocks of one example each (a function that returns a scalar is
+    called on each, where per-example values are needed)."""
+    for row in range(len(block.labels)):
+        yield Block(block.case, block.logits[row:row + 1], block.labels[row:row + 1],
+                    block.start + row)
 
 
 def _rows(block: Block, losses: FloatArray) -> FloatArray:
